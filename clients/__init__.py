@@ -1,0 +1,1 @@
+"""Clients: Python SDK and CLI, browser demo page, load-testing harness."""

@@ -1,0 +1,41 @@
+"""What crosses the engine boundary for one session slot per micro-turn.
+
+The server fills a `SlotInput` per active session each tick and gets a
+`SlotOutput` back. Plain numpy/python data only: the server never touches
+tensors, and the engine never sees clocks, sockets or protocol events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SAMPLE_RATE = 16_000  # engine audio rate, in and out
+TURN_SAMPLES = 3_200  # 200 ms at 16 kHz: one micro-turn of audio
+
+
+@dataclass
+class SamplingParams:
+    text_temperature: float = 0.8  # 0 = greedy
+    text_top_k: int = 50  # 0 = whole vocabulary
+    audio_temperature: float = 0.8  # 0 = greedy
+    audio_top_k: int = 8  # over the 16 bins of each (frame, channel); 0 = all
+    seed: int = 0  # per-session seed: same seed + same inputs = same output bytes
+
+
+@dataclass
+class SlotInput:
+    audio: np.ndarray  # (TURN_SAMPLES,) float32 in [-1, 1] at 16 kHz; silence if the user sent none
+    image: np.ndarray | None = None  # (H, W, 3) uint8 RGB latest camera frame, or None = keep previous
+    text_in: list[int] = field(default_factory=list)  # token ids for the text-in slots (source marker incl.)
+    text_in_background: bool = False  # True when text_in carries a background result
+
+
+@dataclass
+class SlotOutput:
+    audio: np.ndarray  # (TURN_SAMPLES,) float32 at 16 kHz, after the vocoder
+    text_tokens: list[int]  # the text-out tokens sampled this micro-turn (PAD included)
+    text: str  # printable text decoded from text_tokens (specials dropped)
+    turn_index: int  # micro-turns this slot has run since join (0-based)
+    error: str | None = None  # set when this slot's row failed this step; others unaffected

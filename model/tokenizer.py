@@ -1,0 +1,73 @@
+"""Byte-level text tokenizer with special tokens.
+
+Ids 0..255 are raw UTF-8 bytes; specials follow. A `tokenizers` JSON
+vocabulary is a later option (the vocab size is a config field).
+Decoding is streaming-safe: `ByteStreamDecoder` holds back an incomplete
+UTF-8 sequence until its last byte arrives. This module knows nothing about
+tensors or the micro-turn layout beyond the special ids it names.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+
+SPECIALS = (
+    "PAD",  # nothing in this slot (empty text-in, silent text-out)
+    "EPAD",  # end of a text span: the text stream goes quiet after this
+    "BOS",  # start of the session (first CTRL of the conversation)
+    "CTRL",  # start of every micro-turn
+    "TASK_START",  # the model opens a background task description
+    "TASK_END",  # the model closes a background task description
+    "SRC_USER",  # text-in source: typed by the user
+    "SRC_BACKGROUND",  # text-in source: a background result
+    "INSTR",  # start of the pinned instructions prefix
+)
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    PAD: int
+    EPAD: int
+    BOS: int
+    CTRL: int
+    TASK_START: int
+    TASK_END: int
+    SRC_USER: int
+    SRC_BACKGROUND: int
+    INSTR: int
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, specials from 256."""
+
+    n_bytes = 256
+
+    def __init__(self) -> None:
+        self.special = SpecialIds(**{name: self.n_bytes + i for i, name in enumerate(SPECIALS)})
+        self.vocab_size = self.n_bytes + len(SPECIALS)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < self.n_bytes).decode("utf-8", errors="replace")
+
+    def is_special(self, token: int) -> bool:
+        return token >= self.n_bytes
+
+    def special_name(self, token: int) -> str | None:
+        if self.n_bytes <= token < self.vocab_size:
+            return SPECIALS[token - self.n_bytes]
+        return None
+
+
+class ByteStreamDecoder:
+    """Incremental UTF-8 decoding of byte ids; specials are skipped."""
+
+    def __init__(self) -> None:
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, ids: list[int]) -> str:
+        return self._dec.decode(bytes(i for i in ids if i < ByteTokenizer.n_bytes))
+

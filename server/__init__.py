@@ -1,0 +1,1 @@
+"""The realtime server: protocol, sessions and clocks, tick loop, operations (policy, no tensors)."""
