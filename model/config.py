@@ -106,7 +106,7 @@ def tiny() -> ModelConfig:
 
 
 def small() -> ModelConfig:
-    """~300M params: one GPU, hundreds of sessions."""
+    """~750M total, ~150M active params: one GPU, hundreds of sessions."""
     return ModelConfig(
         d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, n_experts=16, top_k=2,
         d_expert=1536, n_shared_experts=1, d_shared=1536, video_patches=16, image_size=128,
@@ -115,7 +115,7 @@ def small() -> ModelConfig:
 
 
 def base() -> ModelConfig:
-    """~2.5B params: a real product model on one large GPU."""
+    """~7.9B total, ~1.5B active params: a product-size model on one large GPU."""
     return ModelConfig(
         d_model=1536, n_layers=24, n_heads=16, n_kv_heads=4, n_experts=32, top_k=4,
         d_expert=2048, n_shared_experts=1, d_shared=4096, video_patches=16, image_size=128,

@@ -1,0 +1,162 @@
+"""The `microturn` command line: one entry point, one subcommand per tool.
+
+Flags are declared here (DESIGN.md section 7); the work is done by a target
+function `main(args: argparse.Namespace) -> int | None` in another module,
+imported only when its subcommand runs, so `microturn params` never imports
+torch, FastAPI or the server. To add a subcommand: write its flags function and
+add one line to `COMMANDS`. This module knows nothing about what the targets do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_PRESET = "tiny"
+DEFAULT_URL = f"ws://{DEFAULT_HOST}:{DEFAULT_PORT}/v1/realtime"
+EXIT_UNAVAILABLE = 2  # a subcommand whose module is not installed (argparse also uses 2 for usage errors)
+
+
+def _device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+
+
+def _params_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("preset", help="model preset name, e.g. tiny or interaction-small")
+    parser.add_argument("--kv-bytes", type=int, default=2, help="bytes per KV-cache element (bf16 = 2)")
+
+
+def _serve_flags(parser: argparse.ArgumentParser) -> None:
+    # No argparse defaults: an unset flag is None so MICROTURN_* settings (server/settings.py) apply.
+    parser.add_argument("--host", default=None, help=f"interface to bind (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=None, help=f"TCP port (default {DEFAULT_PORT})")
+    parser.add_argument("--preset", default=None, help=f"model preset (default {DEFAULT_PRESET})")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: random weights)")
+    parser.add_argument("--device", default=None, help="auto (default: CUDA if present), cpu, cuda, cuda:N")
+
+
+def _bench_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=DEFAULT_PRESET)
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured duration after warm-up")
+    parser.add_argument("--max-sessions", type=int, default=None, help="cap on the session counts tried")
+    parser.add_argument("--checkpoint", default=None)
+    _device(parser)
+
+
+def _loadtest_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help="realtime WebSocket URL")
+    parser.add_argument("--sessions", type=int, default=4, help="concurrent real-time sessions")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds each session streams")
+    parser.add_argument("--ramp", type=float, default=1.0, help="seconds over which starts are staggered")
+    parser.add_argument("--wav", default=None, help="input speech file (default: generated)")
+    parser.add_argument("--sweep", action="store_true", help="raise the session count to find capacity")
+    parser.add_argument("--plot", default=None, help="write a PNG plot of tick and latency here")
+
+
+def _talk_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help="realtime WebSocket URL")
+    parser.add_argument("--wav", default=None, help="speech to stream in real time")
+    parser.add_argument("--out", default=None, help="write the spoken reply here (WAV)")
+    parser.add_argument("--text", default=None, help="text to send as the user's message")
+
+
+def _train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=DEFAULT_PRESET)
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--checkpoint", default=None, help="resume from this checkpoint")
+    parser.add_argument("--steps", type=int, default=1000)
+    _device(parser)
+
+
+def _eval_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True)
+    _device(parser)
+
+
+def params_main(args: argparse.Namespace) -> int:
+    from microturn.model import params
+    from microturn.model.config import preset
+
+    try:
+        config = preset(args.preset)
+    except ValueError as exc:
+        print(f"microturn params: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    report = params.report(config, bytes_per_element=args.kv_bytes)
+    rows = [(name, f"{count:,}") for name, count in params.param_breakdown(config).items()]
+    rows += [
+        ("total params", f"{report.total_params:,} ({report.total_params / 1e9:.2f} B)"),
+        ("active params / token", f"{report.active_params:,} ({report.active_params / 1e9:.2f} B)"),
+        ("KV bytes / token", f"{report.kv_bytes_per_token:,}"),
+        ("KV bytes / session", f"{report.kv_bytes_per_session:,} (window {config.window})"),
+        ("positions / micro-turn", str(report.positions_per_turn)),
+        ("GFLOP / micro-turn / session", f"{report.flops_per_turn / 1e9:,.2f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"preset {args.preset}")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    print(json.dumps({"preset": args.preset, **report.to_dict()}))
+    return 0
+
+
+# (subcommand path, "module:function" or in-module function, flags, help)
+Target = str | Callable[[argparse.Namespace], int | None]
+COMMANDS: list[tuple[tuple[str, ...], Target, Callable[[argparse.ArgumentParser], None], str]] = [
+    (("params",), params_main, _params_flags, "parameter, KV-memory and FLOP arithmetic of a preset"),
+    (("serve",), "microturn.server.cli:serve_main", _serve_flags, "run the realtime server"),
+    (("bench", "engine"), "microturn.model.bench:main", _bench_engine_flags, "sessions held in real time"),
+    (("loadtest",), "microturn.clients.loadtest.cli:main", _loadtest_flags, "real-time sessions vs a server"),
+    (("talk",), "microturn.clients.python.cli:talk_main", _talk_flags, "stream a WAV file, record the reply"),
+    (("train",), "microturn.model.train:main", _train_flags, "train a model and write a checkpoint"),
+    (("eval",), "microturn.model.evaluate:main", _eval_flags, "evaluate a checkpoint"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="microturn", description=__doc__.splitlines()[0])
+    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command")}
+    groups[()].required = True
+    for path, target, flags, help_text in COMMANDS:
+        for depth in range(1, len(path)):
+            prefix = path[:depth]
+            if prefix not in groups:
+                group_parser = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} tools")
+                groups[prefix] = group_parser.add_subparsers(dest="_".join(prefix) + "_tool", required=True)
+        sub = groups[path[:-1]].add_parser(path[-1], help=help_text, description=help_text)
+        flags(sub)
+        sub.set_defaults(_target=target, _name=" ".join(path))
+    return parser
+
+
+def _resolve(target: Target, name: str) -> Callable[[argparse.Namespace], int | None] | None:
+    if callable(target):
+        return target
+    module_name, _, function = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only the target module itself being absent means "not implemented"; a missing
+        # dependency inside it is a real error and must surface with its traceback.
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise
+        print(f"microturn {name}: not available ({module_name} is not installed)", file=sys.stderr)
+        return None
+    return getattr(module, function)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    function = _resolve(args._target, args._name)
+    if function is None:
+        return EXIT_UNAVAILABLE
+    return int(function(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The resident engine: one model, a static batch of session slots, one step per tick.
+
+Contract
+- `join(instructions, sampling) -> slot` takes a free slot (raises `EngineFull`),
+  resets its state and prefills its pinned prefix; `leave(slot)` frees it.
+- `step(inputs) -> outputs` runs one micro-turn for every joined slot in one
+  batched forward: dMel-encode each slot's 200 ms of input audio, prefill the
+  input positions (plus the previous turn's last output token), decode the
+  text-out then audio-out tokens one position at a time, vocode the audio.
+  Slots missing from `inputs` get silence. Bad input in one slot (wrong
+  shape, non-finite samples, bad token ids) is replaced by silence and
+  reported in that slot's `SlotOutput.error`; other slots are untouched.
+- join/leave/step are not thread-safe against each other: the caller runs
+  them on one thread (the tick thread), never on an asyncio loop.
+
+Rows: joined slots always occupy rows [0, n) of every per-slot tensor, so a
+step computes exactly n rows; `leave` moves the last row into the hole.
+Slot ids are stable handles mapped to rows.
+
+This module knows nothing about clocks, sockets, protocol events or
+background work. Legend: B rows (active slots), A audio tokens per turn,
+k frames per audio token, C dMel channels, F = A*k dMel frames per turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, preset
+from .dmel import DMel
+from .kv_cache import KVCache
+from .layout import embed_inputs, embed_output, image_patches, patch_indices
+from .sampling import sample
+from .slots import TURN_SAMPLES, SamplingParams, SlotInput, SlotOutput
+from .tokenizer import ByteStreamDecoder, ByteTokenizer
+from .transformer import InteractionModel, build_model
+from .vocoder import GriffinLimVocoder, Vocoder
+
+log = logging.getLogger(__name__)
+
+DRAWS_PER_TURN = 64  # counter stride per micro-turn for the sampling hash (> output slots)
+
+
+class EngineFull(RuntimeError):
+    """Every slot is taken."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclasses.dataclass
+class _SlotMeta:
+    """Host-side bookkeeping of one joined slot."""
+
+    slot: int
+    decoder: ByteStreamDecoder
+    joined_at: float
+
+
+def _take_rows(state, n: int):
+    return dataclasses.replace(state, **{
+        f.name: getattr(state, f.name)[:n] for f in dataclasses.fields(state)
+    })
+
+
+def _put_rows(full, part, n: int) -> None:
+    for f in dataclasses.fields(full):
+        getattr(full, f.name)[:n] = getattr(part, f.name)
+
+
+def _copy_row(state, src: int, dst: int) -> None:
+    for f in dataclasses.fields(state):
+        t = getattr(state, f.name)
+        t[dst] = t[src]
+
+
+class Engine:
+    def __init__(
+        self,
+        model: InteractionModel,
+        max_slots: int = 64,
+        device: str = "auto",
+        vocoder: Vocoder | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.config: ModelConfig = model.cfg
+        self.model = model.to(self.device, self.dtype).eval()
+        self.model.inv_freq = self.model.inv_freq.to(torch.float64)
+        if self.device.type == "cuda":
+            self.model.set_moe_backend("bmm")
+        self.max_slots = max_slots
+        self.tokenizer = ByteTokenizer()
+        self.dmel = DMel(device=self.device)
+        self.vocoder = vocoder or GriffinLimVocoder(device=self.device)
+        cfg = self.config
+        if cfg.dmel_frames_per_turn != self.dmel.cfg.frames_per_chunk:
+            raise ValueError("model's audio tokens per turn do not cover one 200 ms dMel chunk")
+        self.chunk = 1 + cfg.input_positions  # carried last output + this turn's inputs
+        self.cache = KVCache(cfg, max_slots, self.chunk, self.device, self.dtype)
+        dev, S = self.device, max_slots
+        grid = (cfg.image_size // cfg.patch_size) ** 2
+        self.next_pos = torch.zeros(S, dtype=torch.long, device=dev)  # next conversation position
+        self.turn = torch.zeros(S, dtype=torch.long, device=dev)  # micro-turns run since join
+        self.carry = torch.zeros(S, cfg.frames_per_audio_token, cfg.dmel_channels, dtype=torch.long, device=dev)
+        self.has_carry = torch.zeros(S, dtype=torch.bool, device=dev)
+        self.patches = torch.zeros(S, grid, cfg.patch_dim, dtype=self.dtype, device=dev)
+        self.text_temp = torch.zeros(S, device=dev)
+        self.text_top_k = torch.zeros(S, dtype=torch.long, device=dev)
+        self.audio_temp = torch.zeros(S, device=dev)
+        self.audio_top_k = torch.zeros(S, dtype=torch.long, device=dev)
+        self.seed = torch.zeros(S, dtype=torch.long, device=dev)
+        self.dmel_state = self.dmel.init_stream(S)
+        self.voc_state = self.vocoder.init_state(S, dev)
+        self._per_row = [self.next_pos, self.turn, self.carry, self.has_carry, self.patches, self.text_temp,
+                         self.text_top_k, self.audio_temp, self.audio_top_k, self.seed]
+        self._rows: list[_SlotMeta] = []  # row -> slot
+        self._row_of: dict[int, int] = {}  # slot -> row
+        self.last_step_ms = 0.0
+
+    @classmethod
+    def from_preset(cls, name: str = "tiny", max_slots: int = 64, device: str = "auto", seed: int = 0,
+                    **kw) -> Engine:
+        return cls(build_model(preset(name), seed=seed), max_slots=max_slots, device=device, **kw)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, max_slots: int = 64, device: str = "auto", **kw) -> Engine:
+        from .checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(path, lambda cfg: InteractionModel(cfg), "cpu")
+        return cls(model, max_slots=max_slots, device=device, **kw)
+
+    # --- slots ---
+    @property
+    def active_slots(self) -> list[int]:
+        return [m.slot for m in self._rows]
+
+    def join(self, instructions: str = "", sampling: SamplingParams | None = None) -> int:
+        if len(self._rows) >= self.max_slots:
+            raise EngineFull(f"all {self.max_slots} slots are taken")
+        slot = min(set(range(self.max_slots)) - set(self._row_of))
+        row = len(self._rows)
+        self._rows.append(_SlotMeta(slot, ByteStreamDecoder(), time.monotonic()))
+        self._row_of[slot] = row
+        mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
+        mask[row] = True
+        self.cache.reset(mask)
+        self.dmel_state.reset(mask)
+        self.vocoder.reset(self.voc_state, mask)
+        for t in (self.turn, self.has_carry, self.patches):
+            t[row] = 0
+        self.next_pos[row] = self.config.prefix_len
+        self.set_sampling(slot, sampling or SamplingParams())
+        self.set_instructions(slot, instructions)
+        return slot
+
+    def leave(self, slot: int) -> None:
+        row = self._row_of.pop(slot)
+        last = len(self._rows) - 1
+        if row != last:
+            self.cache.copy_row(last, row)
+            for t in self._per_row:
+                t[row] = t[last]
+            _copy_row(self.dmel_state, last, row)
+            _copy_row(self.voc_state, last, row)
+            self._rows[row] = self._rows[last]
+            self._row_of[self._rows[row].slot] = row
+        self._rows.pop()
+
+    def set_sampling(self, slot: int, p: SamplingParams) -> None:
+        row = self._row_of[slot]
+        self.text_temp[row], self.text_top_k[row] = p.text_temperature, p.text_top_k
+        self.audio_temp[row], self.audio_top_k[row] = p.audio_temperature, p.audio_top_k
+        self.seed[row] = p.seed
+
+    @torch.inference_mode()
+    def set_instructions(self, slot: int, instructions: str) -> None:
+        """Prefill the pinned prefix: INSTR + instruction bytes, truncated to prefix_len."""
+        row = self._row_of[slot]
+        cfg, cache = self.config, self.cache
+        cache.cell_pos[row, : cfg.prefix_len] = -1
+        ids = [self.tokenizer.special.INSTR, *self.tokenizer.encode(instructions)][: cfg.prefix_len]
+        tokens = torch.tensor([ids], device=self.device)
+        pos = torch.arange(len(ids), device=self.device)[None]  # prefix cells are their positions
+        rows = slice(row, row + 1)
+        cache.claim(rows, pos, pos)
+        self.model(self.model.embed_text(tokens), pos, cache.mask(rows, pos), cache, rows, pos)
+
+    # --- the tick ---
+    def _validate(self, inp: SlotInput | None) -> tuple[SlotInput, str | None]:
+        silence = SlotInput(audio=np.zeros(TURN_SAMPLES, np.float32))
+        if inp is None:
+            return silence, None
+        audio = np.asarray(inp.audio)
+        if audio.shape != (TURN_SAMPLES,) or not np.isfinite(audio).all():
+            return silence, f"audio must be {TURN_SAMPLES} finite samples, got shape {audio.shape}"
+        if len(inp.text_in) > self.config.text_in_slots or any(
+            not 0 <= t < self.tokenizer.vocab_size for t in inp.text_in
+        ):
+            return silence, f"text_in must be at most {self.config.text_in_slots} valid token ids"
+        if inp.image is not None:
+            img = inp.image
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
+                return silence, "image must be an (H, W, 3) uint8 RGB array"
+        return inp, None
+
+    @torch.inference_mode()
+    def step(self, inputs: dict[int, SlotInput]) -> dict[int, SlotOutput]:
+        t0 = time.perf_counter()
+        B = len(self._rows)
+        if B == 0:
+            return {}
+        cfg, dev, model = self.config, self.device, self.model
+        sp = self.tokenizer.special
+        checked = [self._validate(inputs.get(m.slot)) for m in self._rows]
+        audio = torch.from_numpy(np.stack([c[0].audio for c in checked]).astype(np.float32)).to(dev)
+        text_in = torch.full((B, cfg.text_in_slots), sp.PAD, dtype=torch.long)
+        source = torch.zeros((B, cfg.text_in_slots), dtype=torch.long)
+        for b, (inp, _) in enumerate(checked):
+            text_in[b, : len(inp.text_in)] = torch.tensor(inp.text_in, dtype=torch.long)
+            source[b] = int(inp.text_in_background)
+            if inp.image is not None:
+                self.patches[b] = torch.from_numpy(image_patches(inp.image, cfg)).to(dev, self.dtype)
+        text_in, source = text_in.to(dev), source.to(dev)
+
+        dstate = _take_rows(self.dmel_state, B)
+        codes = self.dmel.encode_chunk(audio, dstate)  # (B, F, C)
+        _put_rows(self.dmel_state, dstate, B)
+        audio_in = codes.view(B, cfg.audio_tokens, cfg.frames_per_audio_token, cfg.dmel_channels)
+
+        text_out, audio_out = self._generate(B, text_in, source, audio_in)  # (B, To), (B, A, k, C)
+
+        logmel = self.dmel.decode(audio_out.reshape(B, -1, cfg.dmel_channels))  # (B, F, C)
+        vstate = _take_rows(self.voc_state, B)
+        pcm = self.vocoder.decode_chunk(logmel.float(), vstate)  # (B, TURN_SAMPLES)
+        _put_rows(self.voc_state, vstate, B)
+
+        pcm_host = pcm.float().clamp(-1, 1).cpu().numpy()
+        text_host = text_out.cpu().tolist()
+        turns = self.turn[:B].cpu().tolist()
+        outputs = {}
+        for b, meta in enumerate(self._rows):
+            outputs[meta.slot] = SlotOutput(
+                audio=pcm_host[b], text_tokens=text_host[b], text=meta.decoder.feed(text_host[b]),
+                turn_index=turns[b] - 1, error=checked[b][1],
+            )
+        self.last_step_ms = (time.perf_counter() - t0) * 1e3
+        return outputs
+
+    def _generate(
+        self, B: int, text_in: torch.Tensor, source: torch.Tensor, audio_in: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill the inputs, decode every output slot. Updates cache, positions, carry, turn."""
+        cfg, dev, model, cache = self.config, self.device, self.model, self.cache
+        sp = self.tokenizer.special
+        rows = slice(0, B)
+        exec_mask = torch.ones(B, dtype=torch.bool, device=dev)
+        turn, next_pos = self.turn[:B], self.next_pos[:B]
+        ctrl = torch.where(turn == 0, sp.BOS, sp.CTRL)
+        pidx = patch_indices(turn, cfg)  # (B, V)
+        patches = self.patches[:B].gather(1, pidx[..., None].expand(-1, -1, cfg.patch_dim))
+        x = torch.cat([
+            embed_output(model, cfg.output_positions - 1, self.carry[:B, None]),
+            embed_inputs(model, ctrl, patches, pidx, audio_in, text_in, source),
+        ], dim=1)  # (B, 1 + Pin, D)
+        pos = next_pos[:, None] - 1 + torch.arange(self.chunk, device=dev)  # (B, 1 + Pin)
+        cells = cache.conversation_cells(pos, exec_mask)
+        cells[:, 0] = torch.where(self.has_carry[:B], cells[:, 0], cache.trash)
+        h = self._forward(x, pos, cells, rows)[:, -1]  # (B, D)
+
+        counter = turn * DRAWS_PER_TURN
+        text_out, audio_out = [], []
+        for o in range(cfg.output_positions):
+            if o < cfg.text_out_slots:
+                tok = sample(model.text_logits(h), self.text_temp[:B], self.text_top_k[:B],
+                             self.seed[:B], counter + o)
+                text_out.append(tok)
+                tok_in = tok[:, None]
+            else:
+                tok = sample(model.audio_logits(h), self.audio_temp[:B], self.audio_top_k[:B],
+                             self.seed[:B], counter + o)
+                audio_out.append(tok)
+                tok_in = tok[:, None]
+            if o == cfg.output_positions - 1:
+                break  # the last token's position is written with the next turn's prefill
+            opos = next_pos[:, None] + cfg.input_positions + o  # (B, 1)
+            h = self._forward(embed_output(model, o, tok_in), opos,
+                              cache.conversation_cells(opos, exec_mask), rows)[:, -1]
+        self.carry[:B] = audio_out[-1]
+        self.has_carry[:B] = True
+        self.next_pos[:B] += cfg.positions_per_turn
+        self.turn[:B] += 1
+        return torch.stack(text_out, dim=1), torch.stack(audio_out, dim=1)
+
+    def _forward(self, x: torch.Tensor, pos: torch.Tensor, cells: torch.Tensor, rows: slice) -> torch.Tensor:
+        self.cache.claim(rows, cells, pos)
+        h, _ = self.model(x.to(self.dtype), pos, self.cache.mask(rows, pos), self.cache, rows, cells)
+        return h
+
+    def warmup(self, turns: int = 2) -> None:
+        """Run a throwaway slot so first-call costs (allocations, kernels) are paid before serving."""
+        slot = self.join("warmup")
+        try:
+            for _ in range(turns):
+                self.step({})
+        finally:
+            self.leave(slot)

@@ -1,0 +1,91 @@
+"""The one map from error conditions to protocol error codes, error types and close codes.
+
+Every `error` event and every server-initiated close goes through `ErrorCode`: its
+value is the wire `code`, `ERROR_TYPES` the OpenAI-style `type`, `CLOSE_CODES` the
+WebSocket close code when the condition ends the session (absent = the session lives on),
+`HTTP_STATUS` the status of a handshake refusal. `ProtocolError` carries one up from
+parsing to the session loop. This module knows nothing about sockets or sessions.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    INVALID_JSON = "invalid_json"  # a text frame that is not a JSON object
+    UNKNOWN_EVENT = "unknown_event"  # a `type` this server does not know
+    INVALID_EVENT = "invalid_event"  # missing fields or wrong field types
+    INVALID_AUDIO = "invalid_audio"  # base64 that does not decode, or odd-length PCM16
+    UNSUPPORTED_SAMPLE_RATE = "unsupported_sample_rate"  # input audio not 16 or 24 kHz
+    INVALID_FRAME = "invalid_frame"  # binary frame too short or of an unknown kind
+    INVALID_IMAGE = "invalid_image"  # an image that does not decode
+    TEXT_TOO_LONG = "text_too_long"  # one message over max_text_chars, or the text queue full
+    INPUT_RATE_EXCEEDED = "input_rate_exceeded"  # audio arriving faster than real time beyond the bound
+    UNSUPPORTED = "unsupported"  # a known event whose feature is not available here
+    SERVER_BUSY = "server_busy"  # every engine slot is taken
+    SERVER_DRAINING = "server_draining"  # the server is shutting down
+    SLOW_CONSUMER = "slow_consumer"  # the client does not read its output
+    IDLE_TIMEOUT = "idle_timeout"  # no client message for idle_timeout_s
+    SESSION_EXPIRED = "session_expired"  # max_session_s reached
+    UNAUTHORIZED = "unauthorized"  # no, wrong, expired or replayed credential
+    FORBIDDEN_ORIGIN = "forbidden_origin"  # browser Origin not on the allowlist
+    ENGINE_ERROR = "engine_error"  # the engine failed this session's row
+    INTERNAL_ERROR = "internal_error"  # a bug; the session is closed
+
+
+ERROR_TYPES: dict[ErrorCode, str] = {
+    ErrorCode.SERVER_BUSY: "server_error",
+    ErrorCode.SERVER_DRAINING: "server_error",
+    ErrorCode.ENGINE_ERROR: "server_error",
+    ErrorCode.INTERNAL_ERROR: "server_error",
+    ErrorCode.SLOW_CONSUMER: "server_error",
+    ErrorCode.UNAUTHORIZED: "authentication_error",
+    ErrorCode.FORBIDDEN_ORIGIN: "authentication_error",
+    ErrorCode.INPUT_RATE_EXCEEDED: "rate_limit_error",
+}
+DEFAULT_ERROR_TYPE = "invalid_request_error"
+
+# 1008 policy violation, 1011 internal error, 1013 try again later, 1001 going away, 1000 normal.
+CLOSE_CODES: dict[ErrorCode, int] = {
+    ErrorCode.SERVER_BUSY: 1013,
+    ErrorCode.SERVER_DRAINING: 1001,
+    ErrorCode.SLOW_CONSUMER: 1008,
+    ErrorCode.IDLE_TIMEOUT: 1000,
+    ErrorCode.SESSION_EXPIRED: 1000,
+    ErrorCode.INTERNAL_ERROR: 1011,
+}
+MESSAGE_TOO_BIG_CLOSE = 1009  # sent by the WebSocket layer itself (max_message_bytes)
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN_ORIGIN: 403,
+    ErrorCode.SERVER_DRAINING: 503,
+}
+
+
+class ProtocolError(Exception):
+    """A client mistake answered by an `error` event naming the offending event."""
+
+    def __init__(self, code: ErrorCode, message: str, event_id: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.event_id = event_id
+        self.param = param
+
+
+def error_payload(code: ErrorCode, message: str, event_id: str | None = None, param: str | None = None) -> dict:
+    """The `error` object of an OpenAI-style error event."""
+    return {
+        "type": ERROR_TYPES.get(code, DEFAULT_ERROR_TYPE),
+        "code": code.value,
+        "message": message,
+        "param": param,
+        "event_id": event_id,
+    }
+
+
+def close_code(code: ErrorCode) -> int | None:
+    """The WebSocket close code for a fatal condition, or None when the session lives on."""
+    return CLOSE_CODES.get(code)

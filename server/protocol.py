@@ -1,0 +1,321 @@
+"""The wire protocol: pydantic models of every client and server event, and the binary frame codec.
+
+JSON events follow the OpenAI Realtime GA names (`session.update`,
+`input_audio_buffer.append`, `response.output_audio.delta`, ...); a connection that
+asks for the beta protocol (`OpenAI-Beta: realtime=v1`) gets the beta spellings of
+server events (`BETA_NAMES`), and beta `session.update` fields are accepted.
+Binary media frames are `[kind u8][flags u8][seq u32 BE][pts_ms u32 BE][payload]`.
+Parsing raises `ProtocolError` with the offending `event_id`. This module knows
+nothing about sessions, clocks or the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from .errors import ErrorCode, ProtocolError
+
+# --- binary frames ---
+FRAME_HEADER = struct.Struct(">BBII")  # kind, flags, seq, pts_ms
+KIND_INPUT_PCM16 = 0x01  # payload: PCM16 LE mono; rate from flags
+KIND_INPUT_JPEG = 0x02  # payload: one JPEG image (the latest camera frame)
+KIND_OUTPUT_PCM16 = 0x81  # payload: one micro-turn of PCM16 LE mono at 16 kHz
+KIND_OUTPUT_OPUS = 0x82  # reserved: Opus-coded micro-turn
+FLAG_RATE_24K = 0x01  # on KIND_INPUT_PCM16: samples are at 24 kHz (else 16 kHz)
+INPUT_KINDS = (KIND_INPUT_PCM16, KIND_INPUT_JPEG)
+PCM_RATES = (16_000, 24_000)  # accepted input rates
+PTS_WRAP = 1 << 32
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int  # one of the KIND_* constants
+    flags: int  # kind-specific bits
+    seq: int  # sender's frame counter (u32, wraps)
+    pts_ms: int  # sender's presentation time in ms (u32, wraps)
+    payload: bytes
+
+
+def encode_frame(kind: int, seq: int, pts_ms: int, payload: bytes, flags: int = 0) -> bytes:
+    return FRAME_HEADER.pack(kind, flags, seq % PTS_WRAP, pts_ms % PTS_WRAP) + payload
+
+
+def decode_frame(data: bytes) -> Frame:
+    """Parse a client binary frame; only input kinds are accepted."""
+    if len(data) < FRAME_HEADER.size:
+        raise ProtocolError(ErrorCode.INVALID_FRAME, f"binary frame shorter than its {FRAME_HEADER.size}-byte header")
+    kind, flags, seq, pts_ms = FRAME_HEADER.unpack_from(data)
+    if kind not in INPUT_KINDS:
+        raise ProtocolError(ErrorCode.INVALID_FRAME, f"unknown binary frame kind 0x{kind:02x}")
+    if kind == KIND_INPUT_PCM16 and flags & ~FLAG_RATE_24K:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_SAMPLE_RATE, f"unknown PCM16 frame flags 0x{flags:02x}")
+    return Frame(kind, flags, seq, pts_ms, data[FRAME_HEADER.size :])
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+# --- client events ---
+class _Loose(BaseModel):
+    """Client objects: unknown fields ignored (OpenAI clients send many we do not use)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class AudioFormat(_Loose):
+    type: str = "audio/pcm"  # only audio/pcm (PCM16 LE mono) is supported
+    rate: int = 24_000  # input: 16000 or 24000; output: 16000 or 24000
+
+
+class AudioInput(_Loose):
+    format: AudioFormat | None = None
+
+
+class AudioOutput(_Loose):
+    format: AudioFormat | None = None
+    transport: Literal["json", "binary"] | None = None  # microturn extension: audio as binary 0x81 frames
+
+
+class AudioConfig(_Loose):
+    input: AudioInput | None = None
+    output: AudioOutput | None = None
+
+
+class SessionConfig(_Loose):
+    type: str | None = None
+    instructions: str | None = None
+    audio: AudioConfig | None = None
+    output_modalities: list[str] | None = None
+    input_audio_format: str | None = None  # beta: "pcm16" = 24 kHz PCM16
+    output_audio_format: str | None = None  # beta
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # beta; both streams' sampling temperature
+    seed: int | None = None  # microturn extension: sampling seed (same seed + inputs = same output)
+
+
+class _ClientEvent(_Loose):
+    event_id: str | None = None
+
+
+class SessionUpdate(_ClientEvent):
+    type: Literal["session.update"]
+    session: SessionConfig
+
+
+class InputAudioBufferAppend(_ClientEvent):
+    type: Literal["input_audio_buffer.append"]
+    audio: str  # base64 PCM16 LE mono at the session's input rate
+
+
+class InputAudioBufferCommit(_ClientEvent):
+    type: Literal["input_audio_buffer.commit"]
+
+
+class InputAudioBufferClear(_ClientEvent):
+    type: Literal["input_audio_buffer.clear"]
+
+
+class InputText(_Loose):
+    type: Literal["input_text", "text"]
+    text: str
+
+
+class InputImage(_Loose):
+    type: Literal["input_image"]
+    image_url: str  # data:image/jpeg;base64,... (the latest camera frame)
+
+
+class InputAudio(_Loose):
+    type: Literal["input_audio"]
+    audio: str  # base64 PCM16 at the session's input rate
+
+
+ContentPart = Annotated[InputText | InputImage | InputAudio, Field(discriminator="type")]
+
+
+class Item(_Loose):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system"] = "user"
+    content: list[ContentPart]
+
+
+class ConversationItemCreate(_ClientEvent):
+    type: Literal["conversation.item.create"]
+    item: Item
+
+
+class ResponseCreate(_ClientEvent):
+    type: Literal["response.create"]
+
+
+class ResponseCancel(_ClientEvent):
+    type: Literal["response.cancel"]
+
+
+class OutputAudioBufferClear(_ClientEvent):
+    type: Literal["output_audio_buffer.clear"]
+
+
+class TaskSpec(_Loose):
+    input: str
+    scheduling: Literal["interrupt", "when_idle", "silent"] = "when_idle"
+    tool: str | None = None
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class TaskCreate(_ClientEvent):
+    type: Literal["task.create"]
+    task: TaskSpec
+
+
+class TaskCancel(_ClientEvent):
+    type: Literal["task.cancel"]
+    task_id: str
+
+
+CLIENT_EVENTS = (
+    SessionUpdate, InputAudioBufferAppend, InputAudioBufferCommit, InputAudioBufferClear,
+    ConversationItemCreate, ResponseCreate, ResponseCancel, OutputAudioBufferClear, TaskCreate, TaskCancel,
+)
+ClientEvent = Annotated[Union[CLIENT_EVENTS], Field(discriminator="type")]  # noqa: UP007
+_CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ClientEvent)
+CLIENT_EVENT_TYPES = frozenset(get_args(model.model_fields["type"].annotation)[0] for model in CLIENT_EVENTS)
+
+
+def parse_client_event(text: str | bytes) -> BaseModel:
+    """Parse one JSON text frame into its event model; ProtocolError names the event_id."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.INVALID_JSON, "an event must be a JSON object")
+    event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.INVALID_EVENT, "missing string field 'type'", event_id, "type")
+    if kind not in CLIENT_EVENT_TYPES:
+        raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event type {kind!r}", event_id, "type")
+    try:
+        return _CLIENT_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        raise ProtocolError(ErrorCode.INVALID_EVENT, f"{param}: {first['msg']}", event_id, param) from None
+
+
+# --- server events ---
+class ServerEvent(BaseModel):
+    event_id: str = Field(default_factory=lambda: new_id("event"))
+    type: str
+
+
+class SessionCreated(ServerEvent):
+    type: str = "session.created"
+    session: dict
+
+
+class SessionUpdated(ServerEvent):
+    type: str = "session.updated"
+    session: dict
+
+
+class ResponseCreated(ServerEvent):
+    type: str = "response.created"
+    response: dict
+
+
+class ResponseDone(ServerEvent):
+    type: str = "response.done"
+    response: dict
+
+
+class _ResponsePart(ServerEvent):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+
+
+class OutputAudioDelta(_ResponsePart):
+    type: str = "response.output_audio.delta"
+    delta: str  # base64 PCM16 LE mono at the session's output rate
+    seq: int  # microturn: micro-turn number in this session (0-based)
+    pts_ms: int  # microturn: session time of this audio's first sample
+
+
+class OutputTextDelta(_ResponsePart):
+    type: str = "response.output_text.delta"
+    delta: str
+    seq: int
+
+
+class OutputAudioTranscriptDelta(_ResponsePart):
+    type: str = "response.output_audio_transcript.delta"
+    delta: str
+    seq: int
+
+
+class OutputAudioBufferCleared(ServerEvent):
+    type: str = "output_audio_buffer.cleared"
+    response_id: str
+
+
+class InputAudioBufferCommitted(ServerEvent):
+    type: str = "input_audio_buffer.committed"
+    item_id: str
+    previous_item_id: str | None = None
+
+
+class InputAudioBufferCleared(ServerEvent):
+    type: str = "input_audio_buffer.cleared"
+
+
+class InputAudioBufferSpeechStarted(ServerEvent):
+    type: str = "input_audio_buffer.speech_started"
+    audio_start_ms: int
+    item_id: str
+
+
+class ConversationItemAdded(ServerEvent):
+    type: str = "conversation.item.added"
+    item: dict
+    previous_item_id: str | None = None
+
+
+class ErrorEvent(ServerEvent):
+    type: str = "error"
+    error: dict  # errors.error_payload(...)
+
+
+class SessionGoAway(ServerEvent):
+    type: str = "session.go_away"
+    time_left_ms: int  # how long the session may go on before the server closes it
+
+
+class TaskEvent(ServerEvent):
+    """task.created / task.delta / task.done / task.error / task.cancelled (server/background fills these)."""
+
+    model_config = ConfigDict(extra="allow")
+    task_id: str
+
+
+BETA_NAMES = {
+    "response.output_audio.delta": "response.audio.delta",
+    "response.output_text.delta": "response.text.delta",
+    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
+    "conversation.item.added": "conversation.item.created",
+}
+
+
+def dump_event(event: ServerEvent, beta: bool = False) -> str:
+    data = event.model_dump(mode="json")
+    if beta:
+        data["type"] = BETA_NAMES.get(data["type"], data["type"])
+    return json.dumps(data, separators=(",", ":"))

@@ -1,0 +1,101 @@
+"""Server settings: every limit and knob, from `MICROTURN_*` environment variables or code.
+
+`ServerSettings` is a pydantic-settings model; `microturn serve` flags override the
+model/host fields. Each field's description is the README's settings table (keep them
+in step). This module knows nothing about sockets, engines or sessions.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MICROTURN_", extra="ignore")
+
+    # --- where and what to serve ---
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, description="TCP port to bind")
+    preset: str = Field("tiny", description="model preset used when no checkpoint is given (seeded weights)")
+    checkpoint: str | None = Field(None, description="checkpoint directory to load instead of a preset")
+    device: str = Field("auto", description="engine device: auto, cpu, cuda or cuda:N")
+    seed: int = Field(0, description="seed of the preset's random weights")
+    max_sessions: int = Field(64, ge=1, description="engine slots = concurrent sessions; more get server_busy")
+
+    # --- auth ---
+    api_keys: CommaList = Field(
+        default_factory=list, description="comma-separated API keys; auth is on when any is set"
+    )
+    allowed_origins: CommaList = Field(
+        default_factory=list,
+        description="comma-separated browser Origins allowed besides same-origin; `*` allows any",
+    )
+    client_secret_ttl_s: float = Field(
+        60.0, gt=0, description="default lifetime of a minted client secret (single use)"
+    )
+    max_client_secret_ttl_s: float = Field(600.0, gt=0, description="longest lifetime a client may ask for")
+    max_client_secrets: int = Field(10_000, ge=1, description="unused secrets held at once; oldest dropped")
+
+    # --- per-message and per-session input limits ---
+    max_message_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="largest WebSocket message; larger closes the session 1009"
+    )
+    max_text_chars: int = Field(4096, ge=1, description="longest text in one conversation.item.create")
+    max_text_queue_tokens: int = Field(
+        16_384, ge=1, description="queued text-in tokens per session before text is refused"
+    )
+    max_input_ahead_ms: int = Field(
+        2000, ge=200, description="input audio buffered ahead of the clock; beyond it audio is refused"
+    )
+    jitter_ms: int = Field(
+        100, ge=0, description="audio buffered before a stream starts; later gaps are padded (underrun)"
+    )
+
+    # --- output ---
+    max_output_queue_turns: int = Field(
+        25, ge=1, description="unsent micro-turns per session; a client this far behind is closed (1008)"
+    )
+    output_audio: Literal["json", "binary"] = Field(
+        "json", description="default audio transport: json deltas (OpenAI) or binary 0x81 frames"
+    )
+    output_rate: Literal[16_000, 24_000] = Field(
+        24_000, description="default sample rate of JSON audio deltas (OpenAI clients expect 24000)"
+    )
+
+    # --- barge-in (energy voice activity on the input) ---
+    barge_in: bool = Field(True, description="user speech over model speech bumps the epoch and flushes")
+    vad_threshold_dbfs: float = Field(-35.0, description="input chunk level counted as speech")
+    speaking_threshold_dbfs: float = Field(-45.0, description="output chunk level counted as model speech")
+
+    # --- connection lifetime ---
+    ping_interval_s: float = Field(20.0, gt=0, description="WebSocket ping period")
+    ping_timeout_s: float = Field(20.0, gt=0, description="close when a ping is not answered this fast")
+    idle_timeout_s: float = Field(600.0, ge=0, description="close after this long with no client message; 0 = never")
+    max_session_s: float = Field(0.0, ge=0, description="longest session in seconds; 0 = unlimited")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: time live sessions get after go_away")
+
+    @field_validator("api_keys", "allowed_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from the field descriptions."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for name, field in ServerSettings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        shown = ",".join(default) if isinstance(default, list) else default
+        rows.append(f"| `MICROTURN_{name.upper()}` | `{shown}` | {field.description} |")
+    return "\n".join(rows)
