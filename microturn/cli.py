@@ -45,6 +45,7 @@ def _bench_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured duration after warm-up")
     parser.add_argument("--max-sessions", type=int, default=None, help="cap on the session counts tried")
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--wav", default=None, help="16 kHz mono PCM16 speech to feed (default: espeak-ng)")
     _device(parser)
 
 

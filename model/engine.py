@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, preset
+from .cuda_graphs import GraphedGenerate
 from .dmel import DMel
 from .kv_cache import KVCache
 from .layout import embed_inputs, embed_output, image_patches, patch_indices
@@ -111,7 +112,8 @@ class Engine:
         grid = (cfg.image_size // cfg.patch_size) ** 2
         self.next_pos = torch.zeros(S, dtype=torch.long, device=dev)  # next conversation position
         self.turn = torch.zeros(S, dtype=torch.long, device=dev)  # micro-turns run since join
-        self.carry = torch.zeros(S, cfg.frames_per_audio_token, cfg.dmel_channels, dtype=torch.long, device=dev)
+        token_shape = (cfg.frames_per_audio_token, cfg.dmel_channels)
+        self.carry = torch.zeros(S, *token_shape, dtype=torch.long, device=dev)  # last audio-out token
         self.has_carry = torch.zeros(S, dtype=torch.bool, device=dev)
         self.patches = torch.zeros(S, grid, cfg.patch_dim, dtype=self.dtype, device=dev)
         self.text_temp = torch.zeros(S, device=dev)
@@ -126,6 +128,12 @@ class Engine:
         self._rows: list[_SlotMeta] = []  # row -> slot
         self._row_of: dict[int, int] = {}  # slot -> row
         self.last_step_ms = 0.0
+        self.graphs: GraphedGenerate | None = None  # CUDA graphs of `_generate` per batch bucket
+        # Per-stage times of the last step (ms); filled only when `profile` is on (it adds device syncs).
+        self.profile = False
+        self.stage_ms: dict[str, float] = {}
+        # Debug trace: when a list, each step appends its inputs, outputs and logits (host copies).
+        self.trace: list[dict] | None = None
 
     @classmethod
     def from_preset(cls, name: str = "tiny", max_slots: int = 64, device: str = "auto", seed: int = 0,
@@ -219,7 +227,7 @@ class Engine:
         B = len(self._rows)
         if B == 0:
             return {}
-        cfg, dev, model = self.config, self.device, self.model
+        cfg, dev = self.config, self.device
         sp = self.tokenizer.special
         checked = [self._validate(inputs.get(m.slot)) for m in self._rows]
         audio = torch.from_numpy(np.stack([c[0].audio for c in checked]).astype(np.float32)).to(dev)
@@ -232,17 +240,29 @@ class Engine:
                 self.patches[b] = torch.from_numpy(image_patches(inp.image, cfg)).to(dev, self.dtype)
         text_in, source = text_in.to(dev), source.to(dev)
 
+        marks = [time.perf_counter()]
         dstate = _take_rows(self.dmel_state, B)
         codes = self.dmel.encode_chunk(audio, dstate)  # (B, F, C)
         _put_rows(self.dmel_state, dstate, B)
+        self._mark(marks)
         audio_in = codes.view(B, cfg.audio_tokens, cfg.frames_per_audio_token, cfg.dmel_channels)
 
-        text_out, audio_out = self._generate(B, text_in, source, audio_in)  # (B, To), (B, A, k, C)
+        if self.graphs is not None and self.trace is None:
+            text_out, audio_out = self.graphs.run(B, text_in, source, audio_in)
+        else:
+            exec_mask = torch.ones(B, dtype=torch.bool, device=dev)
+            # (B, To), (B, A, k, C)
+            text_out, audio_out = self._generate(B, exec_mask, text_in, source, audio_in)
+        self._mark(marks)
 
         logmel = self.dmel.decode(audio_out.reshape(B, -1, cfg.dmel_channels))  # (B, F, C)
         vstate = _take_rows(self.voc_state, B)
         pcm = self.vocoder.decode_chunk(logmel.float(), vstate)  # (B, TURN_SAMPLES)
         _put_rows(self.voc_state, vstate, B)
+        self._mark(marks)
+        if self.profile:
+            self.stage_ms = {name: (b - a) * 1e3 for name, a, b in
+                             zip(("prepare", "dmel", "model", "vocoder"), [t0, *marks], marks, strict=False)}
 
         pcm_host = pcm.float().clamp(-1, 1).cpu().numpy()
         text_host = text_out.cpu().tolist()
@@ -257,13 +277,21 @@ class Engine:
         return outputs
 
     def _generate(
-        self, B: int, text_in: torch.Tensor, source: torch.Tensor, audio_in: torch.Tensor
+        self,
+        B: int,
+        exec_mask: torch.Tensor,  # (B,)
+        text_in: torch.Tensor,  # (B, Ti)
+        source: torch.Tensor,  # (B, Ti)
+        audio_in: torch.Tensor,  # (B, A, k, C)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill the inputs, decode every output slot. Updates cache, positions, carry, turn."""
+        """Prefill the inputs, decode every output slot for rows [0, B); update cache, positions, carry, turn.
+
+        Pure tensor work with static shapes and no host sync, so CUDA graphs can capture it; rows whose
+        exec_mask (B,) is off (graph padding) write only to the trash cell.
+        """
         cfg, dev, model, cache = self.config, self.device, self.model, self.cache
         sp = self.tokenizer.special
         rows = slice(0, B)
-        exec_mask = torch.ones(B, dtype=torch.bool, device=dev)
         turn, next_pos = self.turn[:B], self.next_pos[:B]
         ctrl = torch.where(turn == 0, sp.BOS, sp.CTRL)
         pidx = patch_indices(turn, cfg)  # (B, V)
@@ -278,36 +306,54 @@ class Engine:
         h = self._forward(x, pos, cells, rows)[:, -1]  # (B, D)
 
         counter = turn * DRAWS_PER_TURN
-        text_out, audio_out = [], []
+        text_out, audio_out, logits = [], [], []
         for o in range(cfg.output_positions):
             if o < cfg.text_out_slots:
-                tok = sample(model.text_logits(h), self.text_temp[:B], self.text_top_k[:B],
-                             self.seed[:B], counter + o)
+                lg = model.text_logits(h)  # (B, vocab)
+                tok = sample(lg, self.text_temp[:B], self.text_top_k[:B], self.seed[:B], counter + o)
                 text_out.append(tok)
-                tok_in = tok[:, None]
             else:
-                tok = sample(model.audio_logits(h), self.audio_temp[:B], self.audio_top_k[:B],
-                             self.seed[:B], counter + o)
+                lg = model.audio_logits(h)  # (B, k, C, L)
+                tok = sample(lg, self.audio_temp[:B], self.audio_top_k[:B], self.seed[:B], counter + o)
                 audio_out.append(tok)
-                tok_in = tok[:, None]
+            tok_in = tok[:, None]
+            if self.trace is not None:
+                logits.append(lg.float().cpu())
             if o == cfg.output_positions - 1:
                 break  # the last token's position is written with the next turn's prefill
             opos = next_pos[:, None] + cfg.input_positions + o  # (B, 1)
             h = self._forward(embed_output(model, o, tok_in), opos,
                               cache.conversation_cells(opos, exec_mask), rows)[:, -1]
+        if self.trace is not None:
+            self.trace.append({
+                "slots": self.active_slots, "ctrl": ctrl.cpu(), "patches": patches.float().cpu(),
+                "patch_idx": pidx.cpu(), "audio_in": audio_in.cpu(), "text_in": text_in.cpu(),
+                "source": source.cpu(), "text_out": torch.stack(text_out, 1).cpu(),
+                "audio_out": torch.stack(audio_out, 1).cpu(),
+                "text_logits": torch.stack(logits[: cfg.text_out_slots], 1),
+                "audio_logits": torch.stack(logits[cfg.text_out_slots :], 1),
+            })
         self.carry[:B] = audio_out[-1]
         self.has_carry[:B] = True
         self.next_pos[:B] += cfg.positions_per_turn
         self.turn[:B] += 1
         return torch.stack(text_out, dim=1), torch.stack(audio_out, dim=1)
 
+    def _mark(self, marks: list[float]) -> None:
+        if self.profile:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            marks.append(time.perf_counter())
+
     def _forward(self, x: torch.Tensor, pos: torch.Tensor, cells: torch.Tensor, rows: slice) -> torch.Tensor:
         self.cache.claim(rows, cells, pos)
         h, _ = self.model(x.to(self.dtype), pos, self.cache.mask(rows, pos), self.cache, rows, cells)
         return h
 
-    def warmup(self, turns: int = 2) -> None:
-        """Run a throwaway slot so first-call costs (allocations, kernels) are paid before serving."""
+    def warmup(self, turns: int = 2, cuda_graphs: bool = True) -> None:
+        """Pay first-call costs before serving; on CUDA, capture the tick per batch bucket."""
+        if cuda_graphs and self.device.type == "cuda" and self.graphs is None and not self._rows:
+            self.graphs = GraphedGenerate(self)
         slot = self.join("warmup")
         try:
             for _ in range(turns):

@@ -66,7 +66,7 @@ def embed_inputs(
 
 
 def embed_output(model: InteractionModel, slot: int, token: torch.Tensor) -> torch.Tensor:
-    """The token in output slot `slot` (0..To+A-1): text ids (B, T) or audio codes (B, T, k, C) -> (B, T, D)."""
+    """Token in output slot `slot` (0..To+A-1): text ids (B, T) or audio codes (B, T, k, C) -> (B, T, D)."""
     cfg = model.cfg
     e = model.embed_text(token) if slot < cfg.text_out_slots else model.embed_audio(token)
     return e + model.slot_embed[cfg.input_positions + slot]

@@ -114,7 +114,8 @@ class InteractionModel(nn.Module):
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.text_head = nn.Linear(D, cfg.text_vocab, bias=False)
         self.audio_head = nn.Linear(D, cfg.audio_logits, bias=False)
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+        half = torch.arange(0, cfg.head_dim, 2, dtype=torch.float64)
+        inv_freq = 1.0 / cfg.rope_theta ** (half / cfg.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("channel_offset", torch.arange(C) * L, persistent=False)
 

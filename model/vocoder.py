@@ -7,11 +7,12 @@ concatenated chunk outputs equal, up to the phase-freezing at chunk edges, `voco
 whole sequence delayed by `latency_samples` (the pre-roll is near-silence).
 
 `GriffinLimVocoder` needs no weights: mel -> linear magnitude by the pseudo-inverse of the
-mel basis refined with projected-gradient NNLS, then Griffin-Lim. Streaming freezes the
-phase of every frame already emitted (its windowed contribution is carried in an
-overlap-add tail) and iterates only on the new chunk's frames against that frozen tail.
-Initial phases are a fixed hash of (absolute frame index, bin) so streaming and offline
-start from the same point. Every slot is a row of the same tensor ops.
+mel basis refined with projected-gradient NNLS, then fast Griffin-Lim (Perraudin et al.,
+plain Griffin-Lim plus momentum). Streaming freezes the phase of every frame already
+emitted (its windowed contribution is carried in an overlap-add tail) and iterates only on
+the new chunk's frames against that frozen tail. Initial phases are a fixed function of
+(absolute frame index, bin), so streaming and offline start from the same point. Every
+slot is a row of the same tensor ops.
 
 This module does not know about codes, tokens or sessions; a trained vocoder can plug in
 by implementing `Vocoder`.
@@ -34,6 +35,8 @@ PHASE_EPS = 1e-12  # |STFT| below which a bin's phase is taken as-is (it is ~0 a
 class Vocoder(ABC):
     """Batched streaming log-mel vocoder. One state holds every slot's stream."""
 
+    latency_samples: int  # output lags the input frames by this many samples (a multiple of hop)
+
     @abstractmethod
     def init_state(self, batch: int, device: torch.device | str = "cpu") -> Any:
         """State for `batch` slots, all at stream start."""
@@ -55,6 +58,7 @@ class Vocoder(ABC):
 class GriffinLimConfig:
     n_iter: int = 8  # Griffin-Lim iterations per chunk (and for the whole sequence offline)
     nnls_steps: int = 4  # projected-gradient steps refining the pseudo-inverse magnitude
+    momentum: float = 0.5  # fast Griffin-Lim extrapolation; 0 = plain GL, 0.99 drifts further from offline
     wsum_floor: float = 1e-3  # floor on the squared-window overlap sum before dividing by it
 
 
@@ -81,6 +85,8 @@ def _initial_phase(frame_idx: torch.Tensor, n_fft: int, hop: int) -> torch.Tenso
 
 
 class GriffinLimVocoder(Vocoder):
+    """Weight-free default vocoder; tensors live on `device`, and so must states and inputs."""
+
     def __init__(
         self,
         dmel_cfg: DMelConfig = DEFAULT_CONFIG,
@@ -92,7 +98,9 @@ class GriffinLimVocoder(Vocoder):
         self.device = torch.device(device)
         self.window = analysis_window(dmel_cfg, self.device)
         basis = torch.from_numpy(
-            slaney_mel_filterbank(dmel_cfg.sample_rate, dmel_cfg.n_fft, dmel_cfg.n_mels, dmel_cfg.fmin, dmel_cfg.fmax)
+            slaney_mel_filterbank(
+                dmel_cfg.sample_rate, dmel_cfg.n_fft, dmel_cfg.n_mels, dmel_cfg.fmin, dmel_cfg.fmax
+            )
         ).to(torch.float64)
         self.mel_basis = basis.T.contiguous().to(self.device, torch.float32)  # (n_freq, n_mels)
         self.mel_pinv = torch.linalg.pinv(basis.T).to(self.device, torch.float32)  # (n_mels, n_freq)
@@ -114,7 +122,10 @@ class GriffinLimVocoder(Vocoder):
         b, t, n_fft = frames.shape
         hop = self.dcfg.hop
         out = torch.nn.functional.fold(
-            frames.transpose(1, 2), output_size=(1, (t - 1) * hop + n_fft), kernel_size=(1, n_fft), stride=(1, hop)
+            frames.transpose(1, 2),
+            output_size=(1, (t - 1) * hop + n_fft),
+            kernel_size=(1, n_fft),
+            stride=(1, hop),
         )
         return out.reshape(b, -1)
 
@@ -141,10 +152,14 @@ class GriffinLimVocoder(Vocoder):
         spec = torch.polar(mag, 2 * math.pi * _initial_phase(idx, self.dcfg.n_fft, self.dcfg.hop))
         pad = (0, t * self.dcfg.hop + self.context - tail.shape[-1])
         frozen = torch.nn.functional.pad(tail, pad)
+        previous = torch.zeros_like(spec)
+        blend = self.cfg.momentum / (1.0 + self.cfg.momentum)
         for _ in range(self.cfg.n_iter):
             ola = frozen + self._overlap_add(torch.fft.irfft(spec, n=self.dcfg.n_fft) * self.window)
             rebuilt = torch.fft.rfft(self._frame(ola / wsum) * self.window)
-            spec = rebuilt * (mag / torch.clamp(rebuilt.abs(), min=PHASE_EPS))
+            extrapolated = rebuilt - blend * previous
+            spec = extrapolated * (mag / torch.clamp(extrapolated.abs(), min=PHASE_EPS))
+            previous = rebuilt
         return frozen + self._overlap_add(torch.fft.irfft(spec, n=self.dcfg.n_fft) * self.window)
 
     def init_state(self, batch: int, device: torch.device | str | None = None) -> GriffinLimState:

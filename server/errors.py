@@ -75,7 +75,9 @@ class ProtocolError(Exception):
         self.param = param
 
 
-def error_payload(code: ErrorCode, message: str, event_id: str | None = None, param: str | None = None) -> dict:
+def error_payload(
+    code: ErrorCode, message: str, event_id: str | None = None, param: str | None = None
+) -> dict:
     """The `error` object of an OpenAI-style error event."""
     return {
         "type": ERROR_TYPES.get(code, DEFAULT_ERROR_TYPE),

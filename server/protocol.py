@@ -46,15 +46,25 @@ def encode_frame(kind: int, seq: int, pts_ms: int, payload: bytes, flags: int = 
     return FRAME_HEADER.pack(kind, flags, seq % PTS_WRAP, pts_ms % PTS_WRAP) + payload
 
 
+def frame_event_id(seq: int) -> str:
+    """How errors name a binary frame (frames carry no event_id): by its seq."""
+    return f"frame:{seq}"
+
+
 def decode_frame(data: bytes) -> Frame:
     """Parse a client binary frame; only input kinds are accepted."""
     if len(data) < FRAME_HEADER.size:
-        raise ProtocolError(ErrorCode.INVALID_FRAME, f"binary frame shorter than its {FRAME_HEADER.size}-byte header")
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME, f"binary frame shorter than its {FRAME_HEADER.size}-byte header"
+        )
     kind, flags, seq, pts_ms = FRAME_HEADER.unpack_from(data)
     if kind not in INPUT_KINDS:
-        raise ProtocolError(ErrorCode.INVALID_FRAME, f"unknown binary frame kind 0x{kind:02x}")
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME, f"unknown binary frame kind 0x{kind:02x}", frame_event_id(seq)
+        )
     if kind == KIND_INPUT_PCM16 and flags & ~FLAG_RATE_24K:
-        raise ProtocolError(ErrorCode.UNSUPPORTED_SAMPLE_RATE, f"unknown PCM16 frame flags 0x{flags:02x}")
+        message = f"unknown PCM16 frame flags 0x{flags:02x}"
+        raise ProtocolError(ErrorCode.UNSUPPORTED_SAMPLE_RATE, message, frame_event_id(seq))
     return Frame(kind, flags, seq, pts_ms, data[FRAME_HEADER.size :])
 
 
@@ -180,8 +190,16 @@ class TaskCancel(_ClientEvent):
 
 
 CLIENT_EVENTS = (
-    SessionUpdate, InputAudioBufferAppend, InputAudioBufferCommit, InputAudioBufferClear,
-    ConversationItemCreate, ResponseCreate, ResponseCancel, OutputAudioBufferClear, TaskCreate, TaskCancel,
+    SessionUpdate,
+    InputAudioBufferAppend,
+    InputAudioBufferCommit,
+    InputAudioBufferClear,
+    ConversationItemCreate,
+    ResponseCreate,
+    ResponseCancel,
+    OutputAudioBufferClear,
+    TaskCreate,
+    TaskCancel,
 )
 ClientEvent = Annotated[Union[CLIENT_EVENTS], Field(discriminator="type")]  # noqa: UP007
 _CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ClientEvent)

@@ -25,7 +25,9 @@ class ServerSettings(BaseSettings):
     checkpoint: str | None = Field(None, description="checkpoint directory to load instead of a preset")
     device: str = Field("auto", description="engine device: auto, cpu, cuda or cuda:N")
     seed: int = Field(0, description="seed of the preset's random weights")
-    max_sessions: int = Field(64, ge=1, description="engine slots = concurrent sessions; more get server_busy")
+    max_sessions: int = Field(
+        64, ge=1, description="engine slots = concurrent sessions; more get server_busy"
+    )
 
     # --- auth ---
     api_keys: CommaList = Field(
@@ -75,7 +77,9 @@ class ServerSettings(BaseSettings):
     # --- connection lifetime ---
     ping_interval_s: float = Field(20.0, gt=0, description="WebSocket ping period")
     ping_timeout_s: float = Field(20.0, gt=0, description="close when a ping is not answered this fast")
-    idle_timeout_s: float = Field(600.0, ge=0, description="close after this long with no client message; 0 = never")
+    idle_timeout_s: float = Field(
+        600.0, ge=0, description="close after this long with no client message; 0 = never"
+    )
     max_session_s: float = Field(0.0, ge=0, description="longest session in seconds; 0 = unlimited")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: time live sessions get after go_away")
 

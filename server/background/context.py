@@ -35,7 +35,9 @@ Origin = Literal["client", "model", "tool_call"]
 class ConversationItem(BaseModel):
     """One entry of the conversation, in the order it happened."""
 
-    role: Role = Field(description="who produced it: the user, the interaction model, a background task, the server")
+    role: Role = Field(
+        description="who produced it: the user, the interaction model, a background task, the server"
+    )
     text: str = Field(description="the text of the entry; a model turn is its text-out deltas joined")
     source: str = Field(
         description="how it arrived: 'text' (typed by the user), 'model_text' (interaction model "
@@ -49,7 +51,9 @@ class ConversationItem(BaseModel):
 class MediaRef(BaseModel):
     """A reference to a recent input chunk the session holds; the bytes stay in the session."""
 
-    kind: Literal["audio", "image"] = Field(description="'audio': a 200 ms input chunk; 'image': a camera frame")
+    kind: Literal["audio", "image"] = Field(
+        description="'audio': a 200 ms input chunk; 'image': a camera frame"
+    )
     ref_id: str = Field(description="session-local id the session can resolve to bytes while it keeps them")
     pts_ms: int = Field(description="presentation timestamp from the client's binary frame, in milliseconds")
     received_at: float = Field(description="wall-clock seconds when the server received it")
@@ -75,11 +79,14 @@ class TaskSpec(BaseModel):
         description="how results join the live stream: 'interrupt' next micro-turn, 'when_idle' after the "
         "model stops speaking, 'silent' context only"
     )
-    tool: str | None = Field(default=None, description="a tool the task must use directly, or None to let the "
-                             "backend choose")
+    tool: str | None = Field(
+        default=None, description="a tool the task must use directly, or None to let the backend choose"
+    )
     arguments: dict[str, Any] | None = Field(default=None, description="arguments for `tool`, when given")
-    origin: Origin = Field(description="who started it: the client (task.create), the model (task marker), or "
-                           "a background tool call")
+    origin: Origin = Field(
+        description="who started it: the client (task.create), the model (task marker), or "
+        "a background tool call"
+    )
     created_at: float = Field(description="wall-clock seconds when the task was created")
 
 
@@ -92,7 +99,9 @@ class ContextPackage(BaseModel):
     conversation: list[ConversationItem] = Field(
         default_factory=list, description="the conversation so far, oldest first, both sides and task results"
     )
-    media: list[MediaRef] = Field(default_factory=list, description="recent audio chunks and frames, oldest first")
+    media: list[MediaRef] = Field(
+        default_factory=list, description="recent audio chunks and frames, oldest first"
+    )
     task: TaskSpec = Field(description="the task to do")
     tools: list[ToolSpec] = Field(default_factory=list, description="the tools declared for this task")
     created_at: float = Field(description="wall-clock seconds when the package was built")
@@ -112,7 +121,9 @@ class ConversationRecord:
         """A user message (typed text or a transcript); it also closes any open model turn."""
         self._model_turn_open = False
         now = self._clock()
-        self._items.append(ConversationItem(role="user", text=text, source=source, started_at=now, ended_at=now))
+        self._items.append(
+            ConversationItem(role="user", text=text, source=source, started_at=now, ended_at=now)
+        )
 
     def add_model_text(self, delta: str) -> None:
         """A text-out delta of the interaction model, merged into the current model turn."""
@@ -124,8 +135,9 @@ class ConversationRecord:
             last.text += delta
             last.ended_at = now
             return
-        self._items.append(ConversationItem(role="model", text=delta, source="model_text",
-                                            started_at=now, ended_at=now))
+        self._items.append(
+            ConversationItem(role="model", text=delta, source="model_text", started_at=now, ended_at=now)
+        )
         self._model_turn_open = True
 
     def end_model_turn(self) -> None:
@@ -137,8 +149,11 @@ class ConversationRecord:
         self._model_turn_open = False
         now = self._clock()
         source = "task_result" if ok else "task_error"
-        self._items.append(ConversationItem(role="task", text=text, source=source, started_at=now,
-                                            ended_at=now, task_id=task_id))
+        self._items.append(
+            ConversationItem(
+                role="task", text=text, source=source, started_at=now, ended_at=now, task_id=task_id
+            )
+        )
 
     def add_media(self, kind: Literal["audio", "image"], ref_id: str, pts_ms: int) -> None:
         """Remember that an input chunk or frame arrived (reference only)."""

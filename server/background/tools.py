@@ -48,14 +48,20 @@ class Tool:
     background: bool = False  # a call from the live model runs as a background task
 
     def spec(self) -> ToolSpec:
-        return ToolSpec(name=self.name, description=self.description, parameters=self.parameters,
-                        background=self.background)
+        return ToolSpec(
+            name=self.name,
+            description=self.description,
+            parameters=self.parameters,
+            background=self.background,
+        )
 
 
 def openai_tool(spec: ToolSpec) -> dict[str, Any]:
     """The chat-completions `tools` entry for a tool spec."""
-    return {"type": "function",
-            "function": {"name": spec.name, "description": spec.description, "parameters": spec.parameters}}
+    return {
+        "type": "function",
+        "function": {"name": spec.name, "description": spec.description, "parameters": spec.parameters},
+    }
 
 
 def output_text(value: Any) -> str:
@@ -78,12 +84,15 @@ class ToolRegistry:
         self._tools[tool.name] = tool
         return tool
 
-    def tool(self, name: str, description: str, parameters: dict[str, Any],
-             background: bool = False) -> Callable[[ToolFn], ToolFn]:
+    def tool(
+        self, name: str, description: str, parameters: dict[str, Any], background: bool = False
+    ) -> Callable[[ToolFn], ToolFn]:
         """Decorator form of `register` for an async function."""
+
         def wrap(fn: ToolFn) -> ToolFn:
             self.register(Tool(name, description, parameters, fn, background))
             return fn
+
         return wrap
 
     def __contains__(self, name: object) -> bool:
@@ -130,7 +139,9 @@ async def _clock(timezone: str = "UTC") -> str:
     try:
         now = datetime.now(ZoneInfo(timezone))
     except (ZoneInfoNotFoundError, ValueError):
-        raise ToolError(f"clock: unknown time zone {timezone!r} (use an IANA name like 'Europe/Paris')") from None
+        raise ToolError(
+            f"clock: unknown time zone {timezone!r} (use an IANA name like 'Europe/Paris')"
+        ) from None
     return now.strftime(f"%A %Y-%m-%d %H:%M:%S ({timezone}, UTC%z)")
 
 
@@ -139,6 +150,7 @@ def _knowledge_tool(knowledge: KnowledgeBase) -> ToolFn:
         # embedding the query is CPU work: keep it off the event loop
         hits = await asyncio.to_thread(knowledge.search, query, k)
         return [hit.as_dict() for hit in hits]
+
     return knowledge_search
 
 
@@ -167,10 +179,23 @@ KNOWLEDGE_SCHEMA: dict[str, Any] = {
 def default_registry(knowledge: KnowledgeBase | None = None) -> ToolRegistry:
     """A registry with the built-in tools; `knowledge` defaults to the bundled markdown folder."""
     registry = ToolRegistry()
-    registry.register(Tool("calculator", "Evaluate an arithmetic expression exactly (+ - * / // % ** and "
-                           "parentheses).", CALCULATOR_SCHEMA, _calculator))
-    registry.register(Tool("clock", "The current date, weekday and time in a time zone.", CLOCK_SCHEMA, _clock))
-    registry.register(Tool("knowledge_search", "Search the local knowledge base (markdown documents) and "
-                           "return the best matching passages.", KNOWLEDGE_SCHEMA,
-                           _knowledge_tool(knowledge or default_knowledge())))
+    registry.register(
+        Tool(
+            "calculator",
+            "Evaluate an arithmetic expression exactly (+ - * / // % ** and parentheses).",
+            CALCULATOR_SCHEMA,
+            _calculator,
+        )
+    )
+    registry.register(
+        Tool("clock", "The current date, weekday and time in a time zone.", CLOCK_SCHEMA, _clock)
+    )
+    registry.register(
+        Tool(
+            "knowledge_search",
+            "Search the local knowledge base (markdown documents) and return the best matching passages.",
+            KNOWLEDGE_SCHEMA,
+            _knowledge_tool(knowledge or default_knowledge()),
+        )
+    )
     return registry

@@ -4,5 +4,12 @@ from .base import Backend, TaskDelta, TaskEvent, TaskResult
 from .local import LocalBackend
 from .openai_backend import OpenAIBackend, OpenAIBackendConfig
 
-__all__ = ["Backend", "LocalBackend", "OpenAIBackend", "OpenAIBackendConfig", "TaskDelta", "TaskEvent",
-           "TaskResult"]
+__all__ = [
+    "Backend",
+    "LocalBackend",
+    "OpenAIBackend",
+    "OpenAIBackendConfig",
+    "TaskDelta",
+    "TaskEvent",
+    "TaskResult",
+]

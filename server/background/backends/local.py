@@ -26,9 +26,20 @@ MAX_ANSWER_CHARS = 400  # knowledge passages are cut to this in the spoken answe
 
 # word forms of operators, applied in order (longest phrases first)
 _WORD_OPERATORS: list[tuple[str, str]] = [
-    (r"to the power of", "**"), (r"multiplied by", "*"), (r"divided by", "/"), (r"\bsquared\b", "**2"),
-    (r"\bcubed\b", "**3"), (r"\btimes\b", "*"), (r"\bplus\b", "+"), (r"\bminus\b", "-"), (r"\bover\b", "/"),
-    (r"\bmodulo\b", "%"), (r"\bmod\b", "%"), (r"(?<=\d)\s*x\s*(?=\d)", "*"), ("×", "*"), ("÷", "/"),
+    (r"to the power of", "**"),
+    (r"multiplied by", "*"),
+    (r"divided by", "/"),
+    (r"\bsquared\b", "**2"),
+    (r"\bcubed\b", "**3"),
+    (r"\btimes\b", "*"),
+    (r"\bplus\b", "+"),
+    (r"\bminus\b", "-"),
+    (r"\bover\b", "/"),
+    (r"\bmodulo\b", "%"),
+    (r"\bmod\b", "%"),
+    (r"(?<=\d)\s*x\s*(?=\d)", "*"),
+    ("×", "*"),
+    ("÷", "/"),
     (r"\^", "**"),
 ]
 _ARITHMETIC = re.compile(r"[-+(\s]*[\d.]+(?:\s*(?:\*\*|//|[-+*/%()])\s*[-+(\s]*[\d.]*\)*)+")
@@ -106,8 +117,11 @@ class LocalBackend:
             tool, why = _route(task.input)
         yield TaskDelta(f"Thinking: {why}.\n")
         spec = self.registry.get(tool)
-        arguments = task.arguments if task.arguments is not None else _default_arguments(
-            tool, spec.parameters, task.input)
+        arguments = (
+            task.arguments
+            if task.arguments is not None
+            else _default_arguments(tool, spec.parameters, task.input)
+        )
         yield TaskDelta(f"Calling {_call_text(tool, arguments)}.\n")
         output = await self.registry.call(tool, arguments)
         answer = _answer(tool, arguments, output)

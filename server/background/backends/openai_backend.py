@@ -57,8 +57,12 @@ class OpenAIBackend:
     def __init__(self, config: OpenAIBackendConfig, registry: ToolRegistry) -> None:
         self.config = config
         self.registry = registry
-        self.client = AsyncOpenAI(base_url=config.base_url, api_key=config.api_key,
-                                  timeout=config.request_timeout_s, max_retries=config.max_retries)
+        self.client = AsyncOpenAI(
+            base_url=config.base_url,
+            api_key=config.api_key,
+            timeout=config.request_timeout_s,
+            max_retries=config.max_retries,
+        )
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -85,25 +89,39 @@ class OpenAIBackend:
                 yield TaskResult(text="".join(content), data={"tool_calls": calls_made})
                 return
             ordered = [calls[i] for i in sorted(calls)]
-            messages.append({
-                "role": "assistant",
-                "content": "".join(round_text) or None,
-                "tool_calls": [{"id": c["id"], "type": "function",
-                                "function": {"name": c["name"], "arguments": c["arguments"]}} for c in ordered],
-            })
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": "".join(round_text) or None,
+                    "tool_calls": [
+                        {
+                            "id": c["id"],
+                            "type": "function",
+                            "function": {"name": c["name"], "arguments": c["arguments"]},
+                        }
+                        for c in ordered
+                    ],
+                }
+            )
             for call in ordered:
                 output = await self._call_tool(call["name"], call["arguments"])
                 calls_made.append({"name": call["name"], "arguments": call["arguments"], "output": output})
                 messages.append({"role": "tool", "tool_call_id": call["id"], "content": output})
         raise RuntimeError(f"the model asked for tools more than {self.config.max_tool_rounds} times")
 
-    async def _stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
-                      ) -> AsyncIterator[tuple[str, Any]]:
+    async def _stream(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> AsyncIterator[tuple[str, Any]]:
         """('text', str) for content chunks and ('call', fragment) for tool-call fragments."""
         extra: dict[str, Any] = {"tools": tools} if tools else {}
         stream = await self.client.chat.completions.create(
-            model=self.config.model, messages=messages, stream=True, temperature=self.config.temperature,
-            max_tokens=self.config.max_tokens, **extra)
+            model=self.config.model,
+            messages=messages,
+            stream=True,
+            temperature=self.config.temperature,
+            max_tokens=self.config.max_tokens,
+            **extra,
+        )
         async with stream:
             async for chunk in stream:
                 if not chunk.choices:
@@ -144,15 +162,20 @@ def _system_text(ctx: ContextPackage) -> str:
 def _user_text(ctx: ContextPackage) -> str:
     lines = ["Conversation so far (UTC times):"]
     for item in ctx.conversation:
-        who = f"task {item.task_id} {'result' if item.source == 'task_result' else 'error'}" \
-            if item.role == "task" else item.role
+        who = (
+            f"task {item.task_id} {'result' if item.source == 'task_result' else 'error'}"
+            if item.role == "task"
+            else item.role
+        )
         lines.append(f"[{_clock_text(item.started_at)}] {who}: {item.text}")
     if not ctx.conversation:
         lines.append("(nothing yet)")
     audio = [m for m in ctx.media if m.kind == "audio"]
     images = [m for m in ctx.media if m.kind == "image"]
     if audio or images:
-        lines.append(f"Recent media held by the session: {len(audio)} audio chunks, {len(images)} camera frames "
-                     f"(ids: {', '.join(m.ref_id for m in ctx.media)}).")
+        lines.append(
+            f"Recent media held by the session: {len(audio)} audio chunks, {len(images)} camera frames "
+            f"(ids: {', '.join(m.ref_id for m in ctx.media)})."
+        )
     lines += ["", f"Task: {ctx.task.input}"]
     return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The FastAPI application: routes, engine start-up, and the graceful drain.
+
+`create_app(settings, engine=None)` builds the app; with no engine given, the lifespan
+builds one from the settings (preset with seeded weights, or a checkpoint) off the
+event loop and warms it up. Routes: `GET /` (the web demo from clients/web when it is
+there, else a placeholder), `WS /v1/realtime`, `POST /v1/realtime/client_secrets`,
+`/healthz`, `/readyz`, `/metrics`. `drain(app, timeout)` is the SIGTERM path: not ready,
+refuse new sessions, `session.go_away` to live ones, wait, close the rest. This module
+knows nothing about the protocol's events beyond go_away, or about tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from . import protocol as p
+from .auth import Authenticator
+from .connection import ServerState, serve_websocket
+from .errors import ErrorCode, error_payload
+from .metrics import Metrics
+from .settings import ServerSettings
+from .tick_loop import TickLoop
+
+log = logging.getLogger(__name__)
+
+DRAIN_POLL_S = 0.05
+CLOSE_GRACE_S = 2.0  # after the drain timeout: time for the last sessions to close
+PLACEHOLDER_PAGE = """<!doctype html><meta charset="utf-8"><title>microturn</title>
+<h1>microturn</h1><p>The realtime server is up. Connect a client to <code>/v1/realtime</code>.
+The browser demo page (clients/web) is not installed.</p>"""
+
+
+def web_dir() -> Path | None:
+    """clients/web of this install, found by package path (the server never imports the clients)."""
+    spec = importlib.util.find_spec("microturn.clients")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "web"
+    return path if (path / "index.html").is_file() else None
+
+
+def build_engine(settings: ServerSettings) -> Any:
+    from microturn.model.engine import Engine
+
+    if settings.checkpoint:
+        engine = Engine.from_checkpoint(
+            settings.checkpoint, max_slots=settings.max_sessions, device=settings.device
+        )
+    else:
+        engine = Engine.from_preset(
+            settings.preset, max_slots=settings.max_sessions, device=settings.device, seed=settings.seed
+        )
+    engine.warmup()
+    return engine
+
+
+class ExpiresAfter(BaseModel):
+    anchor: str = "created_at"
+    seconds: float = Field(gt=0)
+
+
+class ClientSecretRequest(BaseModel):
+    expires_after: ExpiresAfter | None = None
+    session: p.SessionConfig | None = None
+
+
+def create_app(settings: ServerSettings | None = None, engine: Any = None, task_hooks: Any = None) -> FastAPI:
+    """`task_hooks(session) -> TaskHooks` plugs background work into every session (server/background)."""
+    settings = settings or ServerSettings()
+    state = ServerState(settings, Authenticator(settings), Metrics(), task_hooks=task_hooks)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
+        state.tick = TickLoop(eng, state.metrics, asyncio.get_running_loop())
+        state.capacity = min(settings.max_sessions, eng.max_slots)
+        state.tick.start()
+        state.ready = True
+        try:
+            yield
+        finally:
+            await drain(app, 0.0)
+            await asyncio.to_thread(state.tick.stop)
+
+    app = FastAPI(title="microturn", lifespan=lifespan)
+    app.state.server = state
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready = state.ready and not state.draining
+        body = {
+            "ready": ready,
+            "draining": state.draining,
+            "sessions": len(state.connections),
+            "capacity": state.capacity,
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.post("/v1/realtime/client_secrets")
+    async def client_secrets(request: Request, body: ClientSecretRequest | None = None) -> JSONResponse:
+        if not state.auth.http_allowed(request.headers.get("authorization")):
+            state.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
+            return JSONResponse({"error": error_payload(ErrorCode.UNAUTHORIZED, "API key required")}, 401)
+        body = body or ClientSecretRequest()
+        session = body.session.model_dump(exclude_none=True) if body.session else None
+        ttl = body.expires_after.seconds if body.expires_after else None
+        return JSONResponse(state.auth.mint(ttl, session))
+
+    @app.websocket("/v1/realtime")
+    async def realtime(ws: WebSocket) -> None:
+        await serve_websocket(ws, state)
+
+    web = web_dir()
+    if web is not None:
+        app.mount("/", StaticFiles(directory=web, html=True), name="web")
+    else:
+
+        @app.get("/", response_class=HTMLResponse)
+        async def index() -> str:
+            return PLACEHOLDER_PAGE
+
+    return app
+
+
+async def drain(app: FastAPI, timeout_s: float) -> None:
+    """Stop admitting, tell live sessions to go away, wait up to `timeout_s`, then close the rest."""
+    state: ServerState = app.state.server
+    state.draining = True
+    for conn in list(state.connections):
+        conn.session.send(p.SessionGoAway(time_left_ms=int(timeout_s * 1000)))
+    deadline = time.monotonic() + timeout_s
+    while state.connections and time.monotonic() < deadline:
+        await asyncio.sleep(DRAIN_POLL_S)
+    for conn in list(state.connections):
+        conn.request_close(ErrorCode.SERVER_DRAINING, "server shutting down")
+    deadline = time.monotonic() + CLOSE_GRACE_S
+    while state.connections and time.monotonic() < deadline:
+        await asyncio.sleep(DRAIN_POLL_S)
+    if state.connections:
+        log.warning("%d session(s) did not close during the drain", len(state.connections))

@@ -1,0 +1,345 @@
+"""One realtime WebSocket from handshake to close: checks, admission, event dispatch, sending.
+
+`serve_websocket` refuses bad handshakes (Origin, credential, draining) with an HTTP
+status before any model work, admits or refuses (`server_busy`, close 1013), then runs
+a `Connection`: a receive loop dispatching client events into the `Session`, a send
+loop draining the session's outbox, and the lifetime limits. Client mistakes are
+answered with `error` events and the session lives on. `ServerState` is what every
+connection shares. This module knows nothing about tensors or how the engine steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import cv2
+import numpy as np
+from fastapi import WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from . import protocol as p
+from .auth import Authenticator, Grant
+from .errors import HTTP_STATUS, ErrorCode, ProtocolError, close_code, error_payload
+from .metrics import Metrics
+from .session import Session, pcm16_to_float
+from .settings import ServerSettings
+from .tick_loop import TickLoop
+
+log = logging.getLogger(__name__)
+
+CLOSE_SEND_TIMEOUT_S = 1.0  # how long a closing error event may take to go out
+DATA_URL_MARK = ";base64,"
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    auth: Authenticator
+    metrics: Metrics
+    tick: TickLoop | None = None  # set once the engine is up
+    capacity: int = 0  # concurrent sessions admitted
+    ready: bool = False
+    draining: bool = False
+    connections: set[Connection] = field(default_factory=set)
+    task_hooks: Any = None  # Callable[[Session], TaskHooks] from server/background, or None
+
+
+async def serve_websocket(ws: WebSocket, state: ServerState) -> None:
+    headers = ws.headers
+    if not state.auth.origin_allowed(headers.get("origin"), headers.get("host")):
+        return await _deny(ws, state, ErrorCode.FORBIDDEN_ORIGIN, "Origin not allowed")
+    grant = state.auth.authorize(
+        headers.get("authorization"),
+        ws.query_params.get("client_secret"),
+        list(ws.scope.get("subprotocols", [])),
+    )
+    if grant is None:
+        return await _deny(ws, state, ErrorCode.UNAUTHORIZED, "missing, wrong, expired or used credential")
+    if state.draining:
+        return await _deny(ws, state, ErrorCode.SERVER_DRAINING, "server is shutting down")
+    await ws.accept(subprotocol=grant.subprotocol)
+    if not state.ready or state.tick is None or len(state.connections) >= state.capacity:
+        return await _refuse(
+            ws, state, ErrorCode.SERVER_BUSY, f"all {state.capacity} session slots are taken"
+        )
+    beta = "realtime=v1" in headers.get("openai-beta", "")
+    await Connection(ws, state, beta).run(grant)
+
+
+async def _deny(ws: WebSocket, state: ServerState, code: ErrorCode, message: str) -> None:
+    state.metrics.errors.labels(code.value).inc()
+    body = {"type": "error", "error": error_payload(code, message)}
+    await ws.send_denial_response(JSONResponse(body, status_code=HTTP_STATUS[code]))
+
+
+async def _refuse(ws: WebSocket, state: ServerState, code: ErrorCode, message: str) -> None:
+    state.metrics.errors.labels(code.value).inc()
+    await ws.send_text(p.dump_event(p.ErrorEvent(error=error_payload(code, message))))
+    await ws.close(close_code(code) or 1011, code.value)
+
+
+def decode_jpeg(data: bytes) -> np.ndarray | None:
+    """RGB uint8 (H, W, 3), or None when the bytes are not a decodable image."""
+    if not data:
+        return None
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def b64decode(data: str, code: ErrorCode, event_id: str | None) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(code, "field is not valid base64", event_id) from None
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, state: ServerState, beta: bool) -> None:
+        self.ws = ws
+        self.state = state
+        self.settings = state.settings
+        engine = state.tick.engine
+        self.session = Session(
+            self.settings,
+            engine.tokenizer,
+            engine.config.text_in_slots,
+            on_overflow=lambda _: self.request_close(
+                ErrorCode.SLOW_CONSUMER, "client is not reading its output"
+            ),
+            beta=beta,
+        )
+        self._closing: asyncio.Future[tuple[ErrorCode, str]] = asyncio.get_running_loop().create_future()
+        self._last_message = time.monotonic()
+        self._rate_error_sent = False
+
+    def request_close(self, code: ErrorCode, message: str) -> None:
+        if not self._closing.done():
+            self._closing.set_result((code, message))
+
+    async def run(self, grant: Grant) -> None:
+        state, session = self.state, self.session
+        state.connections.add(self)
+        state.metrics.sessions.inc()
+        state.metrics.active_sessions.set(len(state.connections))
+        tasks: list[asyncio.Task] = []
+        try:
+            if grant.session:
+                await self._configure(p.SessionConfig.model_validate(grant.session), None)
+            if self.ws.query_params.get("audio") == "binary":
+                session.output_transport = "binary"
+            try:
+                await state.tick.join(session)
+            except RuntimeError:  # EngineFull: slots held by sessions still leaving
+                return await _refuse(self.ws, state, ErrorCode.SERVER_BUSY, "no free engine slot")
+            if state.task_hooks is not None:
+                session.tasks = state.task_hooks(session)
+            session.send(p.SessionCreated(session=session.session_dict()))
+            session.send(
+                p.ResponseCreated(response=session.response_dict(session.response_id, "in_progress"))
+            )
+            tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._send_loop())]
+            if self.settings.max_session_s or self.settings.idle_timeout_s:
+                tasks.append(asyncio.create_task(self._watch_limits()))
+            await asyncio.wait([*tasks, self._closing], return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.error("session %s failed", session.id, exc_info=task.exception())
+                    self.request_close(ErrorCode.INTERNAL_ERROR, "internal error")
+            if self._closing.done():
+                await self._close(*self._closing.result())
+        finally:
+            session.closed = True
+            for task in tasks:
+                task.cancel()
+            if session.tasks is not None:
+                await session.tasks.close(session)
+            await state.tick.leave(session)
+            state.connections.discard(self)
+            state.metrics.active_sessions.set(len(state.connections))
+
+    async def _close(self, code: ErrorCode, message: str) -> None:
+        self.state.metrics.errors.labels(code.value).inc()
+        if self.ws.application_state != WebSocketState.CONNECTED:
+            return
+        try:
+            event = p.dump_event(p.ErrorEvent(error=error_payload(code, message)), self.session.beta)
+            await asyncio.wait_for(self.ws.send_text(event), CLOSE_SEND_TIMEOUT_S)
+            await asyncio.wait_for(self.ws.close(close_code(code) or 1000, code.value), CLOSE_SEND_TIMEOUT_S)
+        except (TimeoutError, RuntimeError, WebSocketDisconnect):
+            pass  # the peer is gone or stuck; the socket is dropped either way
+
+    async def _send_loop(self) -> None:
+        session = self.session
+        try:
+            while True:
+                await session.outbox_ready.wait()
+                message = session.pop_message()
+                if message is None:
+                    continue
+                if isinstance(message, bytes):
+                    await self.ws.send_bytes(message)
+                else:
+                    await self.ws.send_text(message)
+        except WebSocketDisconnect:
+            return  # the peer left; the receive loop sees it too
+
+    async def _watch_limits(self) -> None:
+        limit, idle = self.settings.max_session_s, self.settings.idle_timeout_s
+        while True:
+            now = time.monotonic()
+            if limit and now - self.session.created_at >= limit:
+                return self.request_close(ErrorCode.SESSION_EXPIRED, f"session reached {limit} s")
+            if idle and now - self._last_message >= idle:
+                return self.request_close(ErrorCode.IDLE_TIMEOUT, f"no client message for {idle} s")
+            await asyncio.sleep(min(x for x in (limit, idle, 1.0) if x))
+
+    async def _receive_loop(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            self._last_message = time.monotonic()
+            try:
+                if message.get("bytes") is not None:
+                    await self._on_binary(message["bytes"])
+                elif message.get("text") is not None:
+                    await self._on_event(p.parse_client_event(message["text"]))
+            except ProtocolError as exc:
+                self._error(exc)
+
+    def _error(self, exc: ProtocolError) -> None:
+        if exc.code == ErrorCode.INPUT_RATE_EXCEEDED:
+            if self._rate_error_sent:
+                return  # one error per burst, not one per dropped packet
+            self._rate_error_sent = True
+        self.state.metrics.errors.labels(exc.code.value).inc()
+        self.session.send(p.ErrorEvent(error=error_payload(exc.code, exc.message, exc.event_id, exc.param)))
+
+    def _append_audio(self, pcm: bytes, rate: int, event_id: str | None) -> None:
+        self.session.audio_in.append(pcm16_to_float(pcm, event_id), rate, event_id)
+        self._rate_error_sent = False
+
+    async def _on_binary(self, data: bytes) -> None:
+        frame = p.decode_frame(data)
+        event_id = p.frame_event_id(frame.seq)
+        if frame.kind == p.KIND_INPUT_PCM16:
+            self._append_audio(frame.payload, 24_000 if frame.flags & p.FLAG_RATE_24K else 16_000, event_id)
+        else:
+            await self._set_image(frame.payload, event_id)
+
+    async def _set_image(self, data: bytes, event_id: str | None) -> None:
+        rgb = await asyncio.to_thread(decode_jpeg, data)  # big images must not stall the loop
+        if rgb is None:
+            raise ProtocolError(ErrorCode.INVALID_IMAGE, "image does not decode", event_id)
+        self.session.set_image(rgb)
+
+    async def _on_event(self, event: Any) -> None:
+        session, eid = self.session, event.event_id
+        if isinstance(event, p.SessionUpdate):
+            await self._configure(event.session, eid)
+            session.send(p.SessionUpdated(session=session.session_dict()))
+        elif isinstance(event, p.InputAudioBufferAppend):
+            self._append_audio(b64decode(event.audio, ErrorCode.INVALID_AUDIO, eid), session.input_rate, eid)
+        elif isinstance(event, p.InputAudioBufferCommit):
+            session.audio_in.commit()
+            session.send(p.InputAudioBufferCommitted(item_id=p.new_id("item")))
+        elif isinstance(event, p.InputAudioBufferClear):
+            session.audio_in.clear()
+            session.send(p.InputAudioBufferCleared())
+        elif isinstance(event, p.ConversationItemCreate):
+            await self._add_item(event.item, eid)
+        elif isinstance(event, p.ResponseCreate):
+            session.send(
+                p.ResponseCreated(response=session.response_dict(session.response_id, "in_progress"))
+            )
+        elif isinstance(event, p.ResponseCancel | p.OutputAudioBufferClear):
+            session.barge_in()
+        elif isinstance(event, p.TaskCreate | p.TaskCancel):
+            if session.tasks is None:
+                raise ProtocolError(ErrorCode.UNSUPPORTED, "background tasks are not enabled", eid)
+            handler = session.tasks.create if isinstance(event, p.TaskCreate) else session.tasks.cancel
+            await handler(session, event)
+
+    async def _add_item(self, item: p.Item, eid: str | None) -> None:
+        if item.role != "user":
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED,
+                "only user items; set instructions with session.update",
+                eid,
+                "item.role",
+            )
+        text = "".join(part.text for part in item.content if isinstance(part, p.InputText))
+        if len(text) > self.settings.max_text_chars:
+            raise ProtocolError(
+                ErrorCode.TEXT_TOO_LONG,
+                f"text over {self.settings.max_text_chars} characters",
+                eid,
+                "item.content",
+            )
+        for part in item.content:
+            if isinstance(part, p.InputImage):
+                _, mark, payload = part.image_url.partition(DATA_URL_MARK)
+                if not mark:
+                    raise ProtocolError(ErrorCode.INVALID_IMAGE, "image_url must be a base64 data URL", eid)
+                await self._set_image(b64decode(payload, ErrorCode.INVALID_IMAGE, eid), eid)
+            elif isinstance(part, p.InputAudio):
+                self._append_audio(
+                    b64decode(part.audio, ErrorCode.INVALID_AUDIO, eid), self.session.input_rate, eid
+                )
+        if text:
+            self.session.queue_text(text, eid)
+        added = {
+            "id": p.new_id("item"),
+            "type": "message",
+            "role": "user",
+            "status": "completed",
+            "content": [part.model_dump() for part in item.content if isinstance(part, p.InputText)],
+        }
+        self.session.send(p.ConversationItemAdded(item=added))
+
+    async def _configure(self, cfg: p.SessionConfig, eid: str | None) -> None:
+        """Apply a session config all-or-nothing; a new prefix or sampling re-joins the slot."""
+        session = self.session
+        in_fmt = cfg.audio.input.format if cfg.audio and cfg.audio.input else None
+        out = cfg.audio.output if cfg.audio else None
+        in_rate = _format_rate(in_fmt, cfg.input_audio_format, p.PCM_RATES, eid, "audio.input.format")
+        out_rate = _format_rate(
+            out.format if out else None, cfg.output_audio_format, p.PCM_RATES, eid, "audio.output.format"
+        )
+        sampling = session.sampling
+        if cfg.temperature is not None:
+            sampling = replace(sampling, text_temperature=cfg.temperature, audio_temperature=cfg.temperature)
+        if cfg.seed is not None:
+            sampling = replace(sampling, seed=cfg.seed)
+        instructions = cfg.instructions if cfg.instructions is not None else session.instructions
+        restart = instructions != session.instructions or sampling != session.sampling
+        session.instructions, session.sampling = instructions, sampling
+        if in_rate is not None:
+            session.input_rate = in_rate
+        session.set_output_format(out_rate or session.output_rate, out.transport if out else None)
+        if restart and session.slot is not None:
+            await self.state.tick.rejoin(session)
+
+
+def _format_rate(
+    fmt: p.AudioFormat | None, beta: str | None, rates: tuple[int, ...], eid: str | None, param: str
+) -> int | None:
+    """The sample rate a (GA or beta) audio format asks for; None = unchanged."""
+    if beta is not None:
+        if beta != "pcm16":
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"audio format {beta!r}: only pcm16", eid, param)
+        return 24_000
+    if fmt is None:
+        return None
+    if fmt.type != "audio/pcm":
+        raise ProtocolError(ErrorCode.UNSUPPORTED, f"audio format {fmt.type!r}: only audio/pcm", eid, param)
+    if fmt.rate not in rates:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_SAMPLE_RATE, f"rate {fmt.rate} not in {rates}", eid, param)
+    return fmt.rate

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one server instance (its own registry, so several apps can coexist in tests).
+
+Written from the tick thread (tick time, batch size, missed ticks, underruns, input
+queue) and the event loop (sessions, output queue, errors); prometheus-client
+metrics are thread-safe. This module knows nothing about sessions or the engine.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+TICK_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.3, 0.5, 1.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.tick_seconds = Histogram(
+            "microturn_tick_seconds", "engine step time per tick", buckets=TICK_BUCKETS, registry=r
+        )
+        self.ticks = Counter("microturn_ticks_total", "ticks stepped with at least one session", registry=r)
+        self.missed_ticks = Counter(
+            "microturn_missed_ticks_total", "tick deadlines skipped because a step overran", registry=r
+        )
+        self.active_sessions = Gauge(
+            "microturn_active_sessions", "sessions holding an engine slot", registry=r
+        )
+        self.sessions = Counter("microturn_sessions_total", "sessions admitted", registry=r)
+        self.batch_size = Gauge("microturn_batch_size", "sessions in the last engine step", registry=r)
+        self.input_queue_ms = Gauge(
+            "microturn_input_queue_ms", "input audio buffered, summed over sessions", registry=r
+        )
+        self.output_queue_turns = Gauge(
+            "microturn_output_queue_turns", "unsent output micro-turns, summed over sessions", registry=r
+        )
+        self.underruns = Counter(
+            "microturn_underruns_total", "ticks a streaming session's audio was late", registry=r
+        )
+        self.errors = Counter(
+            "microturn_errors_total", "error events and refusals by code", ["code"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,166 @@
+"""The tick loop: one dedicated thread owns the engine and steps it once per 200 ms tick.
+
+Ticks sit on an absolute grid (t0 + n * 200 ms), so every session's clock is
+phase-locked to it. Between ticks the thread runs queued engine calls (join, leave,
+re-join) submitted from the event loop with `call`; the event loop never touches the
+engine and never waits on a step. Each tick it takes every session's input, steps the
+engine once for all of them, and hands the outputs back to the event loop with
+`loop.call_soon_threadsafe`. A step that overruns by more than a whole tick skips the
+missed grid points and counts them. This module knows nothing about sockets or protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .metrics import Metrics
+from .session import TURN_MS, Session
+
+log = logging.getLogger(__name__)
+
+TICK_S = TURN_MS / 1000.0
+STOP_TIMEOUT_S = 10.0  # longest wait for the thread to finish its step on shutdown
+
+
+class TickLoop:
+    def __init__(self, engine: Any, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self._metrics = metrics
+        self._loop = loop
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future] | None] = queue.SimpleQueue()
+        self._sessions: dict[int, Session] = {}  # slot -> session; tick thread only
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="microturn-tick", daemon=True)
+        self.ticks = 0  # ticks stepped (with sessions)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Leave every slot and end the thread (call from the event loop at shutdown)."""
+        self._stop.set()
+        self._calls.put(None)
+        self._thread.join(STOP_TIMEOUT_S)
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the tick thread between steps; returns its result or raises its exception."""
+        future = self._loop.create_future()
+        self._calls.put((fn, future))
+        return await future
+
+    async def join(self, session: Session) -> int:
+        def op() -> int:
+            slot = self.engine.join(instructions=session.instructions, sampling=session.sampling)
+            self._sessions[slot] = session
+            return slot
+
+        session.slot = await self.call(op)
+        return session.slot
+
+    async def rejoin(self, session: Session) -> None:
+        """New prefix or sampling: restart the slot's conversation without giving the slot up."""
+        slot = session.slot
+
+        def op() -> int:
+            self.engine.leave(slot)
+            del self._sessions[slot]
+            new = self.engine.join(instructions=session.instructions, sampling=session.sampling)
+            self._sessions[new] = session
+            return new
+
+        session.slot = await self.call(op)
+
+    async def leave(self, session: Session) -> None:
+        slot, session.slot = session.slot, None
+        if slot is None:
+            return
+
+        def op() -> None:
+            if self._sessions.pop(slot, None) is not None:
+                self.engine.leave(slot)
+
+        await self.call(op)
+
+    # --- the thread ---
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        n = 0
+        while not self._stop.is_set():
+            self._serve_calls(until=t0 + n * TICK_S)
+            if self._stop.is_set():
+                break
+            self._tick()
+            n += 1
+            behind = time.monotonic() - (t0 + n * TICK_S)
+            if behind > TICK_S:
+                missed = math.floor(behind / TICK_S)
+                n += missed
+                self._metrics.missed_ticks.inc(missed)
+                log.warning("tick overran: %d tick(s) missed", missed)
+        for slot in list(self._sessions):
+            self.engine.leave(slot)
+        self._sessions.clear()
+
+    def _serve_calls(self, until: float) -> None:
+        while True:
+            remaining = until - time.monotonic()
+            try:
+                item = self._calls.get(timeout=remaining) if remaining > 0 else self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                return
+            fn, future = item
+            try:
+                result, error = fn(), None
+            except Exception as exc:  # handed to the awaiting coroutine
+                result, error = None, exc
+            self._loop.call_soon_threadsafe(_resolve, future, result, error)
+
+    def _tick(self) -> None:
+        sessions = list(self._sessions.items())
+        self._metrics.batch_size.set(len(sessions))
+        if not sessions:
+            return
+        now = time.monotonic()
+        inputs, underruns, queued_ms = {}, 0, 0
+        for slot, session in sessions:
+            inputs[slot], underrun = session.take_input(now)
+            underruns += underrun
+            queued_ms += session.audio_in.buffered_ms
+        started = time.perf_counter()
+        try:
+            outputs = self.engine.step(inputs)
+        except Exception:
+            log.exception("engine step failed; this tick's output is dropped")
+            return
+        self._metrics.tick_seconds.observe(time.perf_counter() - started)
+        self._metrics.ticks.inc()
+        self._metrics.underruns.inc(underruns)
+        self._metrics.input_queue_ms.set(queued_ms)
+        self.ticks += 1
+        batch = [
+            (session, outputs[slot], inputs[slot].audio) for slot, session in sessions if slot in outputs
+        ]
+        self._loop.call_soon_threadsafe(self._deliver, batch)
+
+    def _deliver(self, batch: list) -> None:
+        for session, out, audio in batch:
+            session.deliver(out, audio)
+        self._metrics.output_queue_turns.set(sum(s.queued_turns for s, _, _ in batch))
+
+
+def _resolve(future: asyncio.Future, result: Any, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

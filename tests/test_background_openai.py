@@ -1,0 +1,195 @@
+"""The OpenAI backend against a real local chat-completions SSE server, through the real `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from microturn.server.background.backends import OpenAIBackend, OpenAIBackendConfig, TaskDelta, TaskResult
+from microturn.server.background.context import ConversationRecord, TaskSpec
+from microturn.server.background.pool import WorkerPool
+from microturn.server.background.tools import ToolRegistry, default_registry
+
+API_KEY = "sk-test-key"
+START_WAIT_S = 10.0  # bound on waiting for uvicorn to come up
+
+
+def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> str:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _tool_call_stream(model: str) -> Iterator[str]:
+    yield _chunk(model, {"role": "assistant", "content": "Let me compute. "})
+    yield _chunk(
+        model,
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "calculator", "arguments": ""},
+                }
+            ]
+        },
+    )
+    yield _chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": '{"expression":'}}]})
+    yield _chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": ' "17*23"}'}}]})
+    yield _chunk(model, {}, finish="tool_calls")
+    yield "data: [DONE]\n\n"
+
+
+def _text_stream(model: str, parts: list[str]) -> Iterator[str]:
+    yield _chunk(model, {"role": "assistant", "content": ""})
+    for part in parts:
+        yield _chunk(model, {"content": part})
+    yield _chunk(model, {}, finish="stop")
+    yield "data: [DONE]\n\n"
+
+
+def make_app(requests: list[dict[str, Any]]) -> FastAPI:
+    """A tiny OpenAI-compatible endpoint: a tool call first, then an answer built from the tool result."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> Any:
+        body = await request.json()
+        requests.append({"body": body, "auth": request.headers.get("authorization")})
+        model = body["model"]
+        if model == "broken":
+            return JSONResponse(
+                {"error": {"message": "model exploded", "type": "server_error"}}, status_code=500
+            )
+        last = body["messages"][-1]
+        if last["role"] == "tool":
+            stream = _text_stream(model, [f"17 times 23 is {last['content']}", "."])
+        elif body.get("tools"):
+            stream = _tool_call_stream(model)
+        else:
+            stream = _text_stream(model, ["plain ", "answer"])
+        return StreamingResponse(stream, media_type="text/event-stream")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    requests: list[dict[str, Any]] = []
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(make_app(requests), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_WAIT_S
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}/v1", requests
+    server.should_exit = True
+    thread.join(START_WAIT_S)
+    sock.close()
+
+
+def _ctx(registry: ToolRegistry, text: str, tools: bool = True):
+    record = ConversationRecord("s1")
+    record.add_user_text("hi, can you help me with some math?")
+    record.add_model_text("Sure, ")
+    record.add_model_text("go ahead.")
+    record.add_task_result("task_0", "It is Monday.")
+    record.add_media("audio", "a7", pts_ms=1400)
+    spec = TaskSpec(task_id="task_1", input=text, scheduling="when_idle", origin="client", created_at=0.0)
+    return record.build(spec, registry.specs() if tools else [], instructions="Speak like a pirate.")
+
+
+def _backend(url: str, registry: ToolRegistry, model: str = "test-model") -> OpenAIBackend:
+    return OpenAIBackend(
+        OpenAIBackendConfig(base_url=url, model=model, api_key=API_KEY, max_retries=0), registry
+    )
+
+
+async def test_streamed_tool_call_round_trip(endpoint: tuple[str, list]) -> None:
+    url, requests = endpoint
+    requests.clear()
+    registry = default_registry()
+    backend = _backend(url, registry)
+    events = [e async for e in backend.run(_ctx(registry, "what is 17 times 23?"))]
+    await backend.aclose()
+    deltas = [e.text for e in events if isinstance(e, TaskDelta)]
+    assert deltas == ["Let me compute. ", "17 times 23 is 391", "."]
+    result = events[-1]
+    assert isinstance(result, TaskResult) and result.text == "Let me compute. 17 times 23 is 391."
+    assert result.data == {
+        "tool_calls": [{"name": "calculator", "arguments": '{"expression": "17*23"}', "output": "391"}]
+    }
+
+    first, second = (r["body"] for r in requests)
+    assert all(r["auth"] == f"Bearer {API_KEY}" for r in requests)
+    assert first["stream"] is True and first["model"] == "test-model"
+    assert {t["function"]["name"] for t in first["tools"]} == {"calculator", "clock", "knowledge_search"}
+    system, user = first["messages"]
+    assert system["role"] == "system" and "Speak like a pirate." in system["content"]
+    assert user["role"] == "user" and user["content"].endswith("Task: what is 17 times 23?")
+    for seen in (
+        "user: hi, can you help me",
+        "model: Sure, go ahead.",
+        "task task_0 result: It is Monday.",
+        "1 audio chunks",
+    ):
+        assert seen in user["content"]
+    assistant, tool = second["messages"][2:]
+    assert assistant["tool_calls"] == [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "calculator", "arguments": '{"expression": "17*23"}'},
+        }
+    ]
+    assert tool == {"role": "tool", "tool_call_id": "call_1", "content": "391"}
+
+
+async def test_plain_streaming_without_tools(endpoint: tuple[str, list]) -> None:
+    url, requests = endpoint
+    requests.clear()
+    registry = default_registry()
+    backend = _backend(url, registry)
+    events = [e async for e in backend.run(_ctx(registry, "say something", tools=False))]
+    await backend.aclose()
+    assert [e.text for e in events] == ["plain ", "answer", "plain answer"]
+    assert "tools" not in requests[0]["body"]
+
+
+async def test_endpoint_failure_fails_the_task_through_the_pool(endpoint: tuple[str, list]) -> None:
+    url, _ = endpoint
+    registry = default_registry()
+    backend = _backend(url, registry, model="broken")
+    done = asyncio.Event()
+    events: list[dict[str, Any]] = []
+
+    def sink(event: dict[str, Any]) -> None:
+        events.append(event)
+        if event["type"] != "task.created":
+            done.set()
+
+    WorkerPool(backend).submit(_ctx(registry, "anything"), sink)
+    await asyncio.wait_for(done.wait(), START_WAIT_S)
+    await backend.aclose()
+    error = events[-1]["error"]
+    assert error["code"] == "backend_error" and "model exploded" in error["message"]

@@ -1,0 +1,174 @@
+"""The engine's contract: streaming == offline, batch invariance, wrap-around, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from microturn.model.config import tiny
+from microturn.model.engine import Engine, EngineFull
+from microturn.model.layout import Turns, sequence_logits
+from microturn.model.slots import TURN_SAMPLES, SamplingParams, SlotInput
+from microturn.model.transformer import build_model
+
+INSTR = "You are a helpful voice assistant."
+
+
+def _engine(cfg=None, max_slots: int = 8, seed: int = 0) -> Engine:
+    return Engine(build_model(cfg or tiny(), seed=seed), max_slots=max_slots, device="cpu")
+
+
+def _inputs(rng: np.random.Generator, speech: np.ndarray, turn: int, with_text: bool = True) -> SlotInput:
+    start = (turn * TURN_SAMPLES) % max(1, len(speech) - TURN_SAMPLES)
+    audio = speech[start : start + TURN_SAMPLES].astype(np.float32)
+    text = list(b"hi!") if with_text and turn % 3 == 1 else []
+    image = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) if turn % 4 == 0 else None
+    return SlotInput(audio=audio, image=image, text_in=text, text_in_background=turn % 2 == 0)
+
+
+def _row_turns(trace: list[dict], slot: int) -> tuple[Turns, torch.Tensor, torch.Tensor]:
+    """Gather one slot's micro-turns (and the engine's logits for them) out of a trace."""
+    picked = []
+    for step in trace:
+        if slot in step["slots"]:
+            picked.append((step, step["slots"].index(slot)))
+
+    def stack(key: str) -> torch.Tensor:
+        return torch.stack([s[key][r] for s, r in picked])[None]
+
+    turns = Turns(**{f.name: stack(f.name) for f in dataclasses.fields(Turns)})
+    return turns, stack("text_logits")[0], stack("audio_logits")[0]
+
+
+def _offline(engine: Engine, instructions: str, turns: Turns) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = engine.tokenizer
+    prefix = torch.tensor([[tok.special.INSTR, *tok.encode(instructions)]])
+    with torch.no_grad():
+        text, audio, _ = sequence_logits(engine.model, prefix, turns)
+    return text[0], audio[0]
+
+
+def test_streaming_equals_offline(speech_16k: np.ndarray) -> None:
+    engine = _engine()
+    engine.trace = []
+    slot = engine.join(INSTR, SamplingParams(seed=3))
+    rng = np.random.default_rng(0)
+    for t in range(8):
+        engine.step({slot: _inputs(rng, speech_16k, t)})
+    turns, text_stream, audio_stream = _row_turns(engine.trace, slot)
+    text_ref, audio_ref = _offline(engine, INSTR, turns)
+    assert torch.allclose(text_stream, text_ref, atol=1e-4), (text_stream - text_ref).abs().max()
+    assert torch.allclose(audio_stream, audio_ref, atol=1e-4), (audio_stream - audio_ref).abs().max()
+
+
+def test_wrap_around_matches_sliding_window_reference(speech_16k: np.ndarray) -> None:
+    cfg = dataclasses.replace(tiny(), window=64, prefix_len=16)
+    engine = _engine(cfg)
+    engine.trace = []
+    instructions = "short rules."
+    slot = engine.join(instructions)
+    rng = np.random.default_rng(1)
+    turns_needed = 3 * cfg.window // cfg.positions_per_turn + 2  # three windows long
+    for t in range(turns_needed):
+        engine.step({slot: _inputs(rng, speech_16k, t)})
+    turns, text_stream, audio_stream = _row_turns(engine.trace, slot)
+    assert turns.ctrl.shape[1] * cfg.positions_per_turn > 3 * cfg.window
+    text_ref, audio_ref = _offline(engine, instructions, turns)
+    assert torch.allclose(text_stream, text_ref, atol=1e-4), (text_stream - text_ref).abs().max()
+    assert torch.allclose(audio_stream, audio_ref, atol=1e-4), (audio_stream - audio_ref).abs().max()
+
+
+def _run_alone(speech: np.ndarray, turns: int) -> list:
+    engine = _engine()
+    slot = engine.join(INSTR, SamplingParams(seed=11))
+    rng = np.random.default_rng(5)
+    return [engine.step({slot: _inputs(rng, speech, t)})[slot] for t in range(turns)]
+
+
+def test_batch_invariance(speech_16k: np.ndarray) -> None:
+    n_turns = 10
+    alone = _run_alone(speech_16k, n_turns)
+
+    engine = _engine()
+    others: list[int] = [engine.join(f"other {i}", SamplingParams(seed=100 + i)) for i in range(3)]
+    slot = engine.join(INSTR, SamplingParams(seed=11))
+    rng, other_rng = np.random.default_rng(5), np.random.default_rng(9)
+    shared, peak = [], 0
+    for t in range(n_turns):
+        # others join and leave at other times, so the slot's row moves around the batch
+        if t == 2:
+            engine.leave(others.pop(0))
+        if t in (3, 5, 6):
+            others.append(engine.join("late joiner", SamplingParams(seed=200 + t)))
+        if t == 7:
+            engine.leave(others.pop(1))
+        batch = {o: _inputs(other_rng, speech_16k[::-1].copy(), t) for o in others}
+        batch[slot] = _inputs(rng, speech_16k, t)
+        shared.append(engine.step(batch)[slot])
+        assert len(engine.active_slots) == len(others) + 1
+        peak = max(peak, len(engine.active_slots))
+    assert peak >= 5
+    for a, b in zip(alone, shared, strict=True):
+        assert a.text_tokens == b.text_tokens
+        assert np.allclose(a.audio, b.audio, atol=1e-5)
+
+
+def test_determinism_same_seed_same_bytes(speech_16k: np.ndarray) -> None:
+    first = [o.audio.tobytes() for o in _run_alone(speech_16k, 5)]
+    second = [o.audio.tobytes() for o in _run_alone(speech_16k, 5)]
+    assert first == second
+
+
+def test_different_seeds_differ(speech_16k: np.ndarray) -> None:
+    engine = _engine()
+    a = engine.join(INSTR, SamplingParams(seed=1))
+    b = engine.join(INSTR, SamplingParams(seed=2))
+    rng = np.random.default_rng(0)
+    inp = _inputs(rng, speech_16k, 0)
+    out = engine.step({a: inp, b: inp})
+    assert out[a].audio.tobytes() != out[b].audio.tobytes()
+
+
+def test_bad_row_input_isolated(speech_16k: np.ndarray) -> None:
+    engine = _engine()
+    good, bad = engine.join(INSTR), engine.join(INSTR)
+    rng = np.random.default_rng(0)
+    out = engine.step({
+        good: _inputs(rng, speech_16k, 0),
+        bad: SlotInput(audio=np.full(TURN_SAMPLES, np.nan, np.float32), text_in=[999999]),
+    })
+    assert out[good].error is None
+    assert out[bad].error and "audio" in out[bad].error
+    assert out[bad].audio.shape == (TURN_SAMPLES,)
+    assert np.isfinite(out[good].audio).all() and np.isfinite(out[bad].audio).all()
+
+
+def test_join_leave_full_and_reuse() -> None:
+    engine = _engine(max_slots=2)
+    a, b = engine.join(), engine.join()
+    with pytest.raises(EngineFull):
+        engine.join()
+    engine.leave(a)
+    c = engine.join()
+    assert c == a and sorted(engine.active_slots) == sorted([b, c])
+    out = engine.step({})
+    assert set(out) == {b, c} and out[c].turn_index == 0 and out[b].turn_index == 0
+
+
+def test_rejoined_slot_matches_fresh_session(speech_16k: np.ndarray) -> None:
+    fresh = _run_alone(speech_16k, 3)
+    engine = _engine()
+    old = engine.join("something else entirely", SamplingParams(seed=4))
+    rng = np.random.default_rng(2)
+    for t in range(4):
+        engine.step({old: _inputs(rng, speech_16k, t)})
+    engine.leave(old)
+    slot = engine.join(INSTR, SamplingParams(seed=11))
+    rng = np.random.default_rng(5)
+    reused = [engine.step({slot: _inputs(rng, speech_16k, t)})[slot] for t in range(3)]
+    for a, b in zip(fresh, reused, strict=True):
+        assert a.text_tokens == b.text_tokens
+        assert np.allclose(a.audio, b.audio, atol=1e-5)

@@ -1,0 +1,385 @@
+"""End-to-end: real uvicorn on loopback (in a thread), real WebSocket and `openai` clients, espeak speech.
+
+One tiny engine (seeded random weights) is shared by the servers of this module; each
+test starts the server configuration it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+import websockets
+from openai import AsyncOpenAI
+
+from microturn.model.engine import Engine
+from microturn.model.espeak import speak
+from microturn.model.resample import resample
+from microturn.model.slots import TURN_SAMPLES
+from microturn.server import protocol as p
+from microturn.server.app import create_app
+from microturn.server.cli import uvicorn_config
+from microturn.server.settings import ServerSettings
+
+PACKET_MS = 20  # client packet size when streaming in real time
+MAX_SLOTS = 8
+
+
+class ServerThread:
+    """uvicorn serving `create_app(settings, engine)` on a free loopback port, in a thread."""
+
+    def __init__(self, settings: ServerSettings, engine: Engine) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.app = create_app(settings, engine)
+        self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/realtime"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(f"{self.http_url}/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    eng = Engine.from_preset("tiny", max_slots=MAX_SLOTS, device="cpu", seed=0)
+    eng.warmup()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    return speak("Hello there. The quick brown fox jumps over the lazy dog.", rate=16_000)
+
+
+@pytest.fixture
+def server(engine) -> Iterator[ServerThread]:
+    with ServerThread(ServerSettings(max_sessions=MAX_SLOTS), engine) as srv:
+        yield srv
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+async def stream_binary(ws, audio: np.ndarray, rate: int, seconds: float | None = None) -> None:
+    """Send `audio` (looped up to `seconds`) as 0x01 frames in real time on an absolute clock."""
+    step = rate * PACKET_MS // 1000
+    total = int((seconds or len(audio) / rate) * rate)
+    flags = p.FLAG_RATE_24K if rate == 24_000 else 0
+    start = time.monotonic()
+    for i, offset in enumerate(range(0, total, step)):
+        idx = np.arange(offset, offset + step) % len(audio)
+        await ws.send(p.encode_frame(p.KIND_INPUT_PCM16, i, i * PACKET_MS, pcm16(audio[idx]), flags=flags))
+        await asyncio.sleep(max(0.0, start + (i + 1) * PACKET_MS / 1000 - time.monotonic()))
+
+
+async def collect(ws, seconds: float) -> tuple[list[p.Frame], list[dict]]:
+    """Binary output frames and JSON events received for `seconds`."""
+    frames, events = [], []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            message = await asyncio.wait_for(ws.recv(), left)
+        except TimeoutError:
+            break
+        if isinstance(message, bytes):
+            kind, flags, seq, pts = p.FRAME_HEADER.unpack_from(message)
+            frames.append(p.Frame(kind, flags, seq, pts, message[p.FRAME_HEADER.size :]))
+        else:
+            events.append(json.loads(message))
+    return frames, events
+
+
+def assert_every_turn(frames: list[p.Frame], first_seq: int = 0) -> None:
+    assert frames, "no output"
+    assert [f.seq for f in frames] == list(range(first_seq, first_seq + len(frames)))
+    for f in frames:
+        assert f.kind == p.KIND_OUTPUT_PCM16 and f.pts_ms == f.seq * 200
+        assert np.frombuffer(f.payload, "<i2").shape == (TURN_SAMPLES,)
+
+
+@pytest.mark.parametrize("rate", [16_000, 24_000])
+async def test_stream_speech_gets_one_turn_per_tick(server, speech, rate):
+    audio = resample(speech, 16_000, rate)
+    async with websockets.connect(server.ws_url + "?audio=binary") as ws:
+        sender = asyncio.create_task(stream_binary(ws, audio, rate))
+        frames, events = await collect(ws, len(audio) / rate + 0.6)
+        await sender
+    assert [e["type"] for e in events[:2]] == ["session.created", "response.created"]
+    assert not [e for e in events if e["type"] == "error"]
+    assert_every_turn(frames)
+    assert len(frames) >= len(audio) / rate / 0.2 / 2  # the stream lasted, not just a few turns
+    assert any(e["type"] == "input_audio_buffer.speech_started" for e in events)
+
+
+async def test_openai_client_sends_audio_and_text_gets_deltas(server, speech):
+    client = AsyncOpenAI(base_url=server.http_url + "/v1", api_key="unused-locally")
+    audio24 = pcm16(resample(speech[:16_000], 16_000, 24_000))  # one second at 24 kHz
+    async with client.realtime.connect(model="microturn-tiny") as conn:
+        await conn.session.update(session={"type": "realtime", "instructions": "Be brief."})
+        await conn.conversation.item.create(
+            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi!"}]}
+        )
+        for i in range(0, len(audio24), 9600):
+            await conn.input_audio_buffer.append(audio=base64.b64encode(audio24[i : i + 9600]).decode())
+        seen: dict[str, int] = {}
+        pcm = bytearray()
+        async for event in conn:
+            seen[event.type] = seen.get(event.type, 0) + 1
+            assert event.type != "error", event
+            if event.type == "response.output_audio.delta":
+                pcm += base64.b64decode(event.delta)
+            if seen.get("response.output_audio.delta", 0) >= 8 and seen.get("response.output_text.delta"):
+                break
+    assert seen["session.created"] == seen["session.updated"] == 1 and seen["conversation.item.added"] == 1
+    assert seen["response.output_audio_transcript.delta"] >= 1
+    turns = seen["response.output_audio.delta"]
+    assert len(pcm) % 2 == 0 and abs(len(pcm) // 2 - turns * 4800) < 4800  # 24 kHz by default
+
+
+@pytest.mark.slow
+async def test_eight_sessions_for_twenty_seconds(server, speech):
+    seconds = 20.0
+
+    async def one(i: int) -> list[p.Frame]:
+        async with websockets.connect(server.ws_url + "?audio=binary") as ws:
+            sender = asyncio.create_task(stream_binary(ws, np.roll(speech, i * 1600), 16_000, seconds))
+            frames, events = await collect(ws, seconds + 0.4)
+            await sender
+        assert not [e for e in events if e["type"] == "error"]
+        return frames
+
+    results = await asyncio.gather(*(one(i) for i in range(MAX_SLOTS)))
+    for frames in results:
+        assert_every_turn(frames)
+        assert len(frames) >= seconds / 0.2 * 0.9
+    assert server.metric("microturn_missed_ticks_total") == 0
+
+
+def _jpeg() -> bytes:
+    ok, data = cv2.imencode(".jpg", np.full((48, 64, 3), 128, np.uint8))
+    assert ok
+    return data.tobytes()
+
+
+async def test_bad_input_matrix(engine, speech):
+    settings = ServerSettings(max_sessions=MAX_SLOTS, max_text_chars=1000, max_message_bytes=1 << 20)
+    with ServerThread(settings, engine) as srv:
+        async with (
+            websockets.connect(srv.ws_url + "?audio=binary") as victim,
+            websockets.connect(srv.ws_url + "?audio=binary") as bystander,
+        ):
+            bystander_feed = asyncio.create_task(stream_binary(bystander, speech, 16_000))
+            bystander_out = asyncio.create_task(collect(bystander, len(speech) / 16_000 + 0.4))
+
+            def append(eid: str, raw: bytes | str) -> str:
+                audio = raw if isinstance(raw, str) else base64.b64encode(raw).decode()
+                return json.dumps({"type": "input_audio_buffer.append", "event_id": eid, "audio": audio})
+
+            bad = [
+                ("{not json", "invalid_json", None),
+                (json.dumps({"type": "no.such.event", "event_id": "e2"}), "unknown_event", "e2"),
+                (json.dumps({"type": "conversation.item.create", "event_id": "e3"}), "invalid_event", "e3"),
+                (
+                    json.dumps(
+                        {"type": "conversation.item.create", "event_id": "e4", "item": {"content": 7}}
+                    ),
+                    "invalid_event",
+                    "e4",
+                ),
+                (append("e5", "@@not*base64@@"), "invalid_audio", "e5"),
+                (append("e6", b"\x00\x01\x02"), "invalid_audio", "e6"),
+                (
+                    json.dumps(
+                        {
+                            "type": "session.update",
+                            "event_id": "e7",
+                            "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 44100}}}},
+                        }
+                    ),
+                    "unsupported_sample_rate",
+                    "e7",
+                ),
+                (p.encode_frame(0x42, 8, 0, b"xyz"), "invalid_frame", "frame:8"),
+                (p.encode_frame(p.KIND_INPUT_JPEG, 9, 0, b"\xff\xd8 not a jpeg"), "invalid_image", "frame:9"),
+                (
+                    json.dumps(
+                        {
+                            "type": "conversation.item.create",
+                            "event_id": "e10",
+                            "item": {
+                                "type": "message",
+                                "role": "user",
+                                "content": [{"type": "input_text", "text": "x" * 1001}],
+                            },
+                        }
+                    ),
+                    "text_too_long",
+                    "e10",
+                ),
+            ]
+            await collect(victim, 0.3)
+            for message, code, event_id in bad:
+                await victim.send(message)
+                _, events = await collect(victim, 0.15)
+                errors = [e["error"] for e in events if e["type"] == "error"]
+                assert [(e["code"], e["event_id"]) for e in errors] == [(code, event_id)], message[:60]
+            await victim.send(p.encode_frame(p.KIND_INPUT_JPEG, 10, 0, _jpeg()))  # a good frame: no error
+            # 3 s of audio (24 kHz, the session's input rate) sent 10x faster than real time
+            burst = pcm16(resample(np.tile(speech, 2)[: 3 * 16_000], 16_000, 24_000))
+            packet = 2 * 2400  # 100 ms
+            for i in range(30):
+                await victim.send(append(f"fast{i:02d}", burst[i * packet : (i + 1) * packet]))
+                await asyncio.sleep(0.01)
+            frames, events = await collect(victim, 1.0)
+            errors = [e["error"] for e in events if e["type"] == "error"]
+            assert [e["code"] for e in errors] == ["input_rate_exceeded"] and errors[0]["event_id"] > "fast10"
+            assert frames and frames[-1].seq > 5  # the victim lives on
+            await bystander_feed
+            frames, events = await bystander_out
+            assert_every_turn(frames)
+            assert not [e for e in events if e["type"] == "error"]
+        async with websockets.connect(srv.ws_url, max_size=None) as big:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await big.send(b"\x01" * (10 * 1024 * 1024))
+                while True:
+                    await big.recv()
+            assert closed.value.rcvd.code == 1009
+
+
+async def _refused_status(url: str, **kw) -> int:
+    with pytest.raises(websockets.InvalidStatus) as err:
+        async with websockets.connect(url, **kw):
+            pass
+    return err.value.response.status_code
+
+
+async def test_auth_refuses_before_model_work(engine):
+    settings = ServerSettings(max_sessions=MAX_SLOTS, api_keys="k-good")
+    with ServerThread(settings, engine) as srv:
+        url = srv.ws_url
+        good = {"Authorization": "Bearer k-good"}
+        assert await _refused_status(url) == 401
+        assert await _refused_status(url, additional_headers={"Authorization": "Bearer k-bad"}) == 401
+        assert (
+            await _refused_status(url, additional_headers={**good, "Origin": "https://evil.example"}) == 403
+        )
+        async with httpx.AsyncClient(base_url=srv.http_url) as http:
+            assert (await http.post("/v1/realtime/client_secrets")).status_code == 401
+
+            async def mint(seconds: float) -> str:
+                body = {"expires_after": {"anchor": "created_at", "seconds": seconds}}
+                response = await http.post("/v1/realtime/client_secrets", json=body, headers=good)
+                assert response.status_code == 200
+                return response.json()["value"]
+
+            expired = await mint(0.2)
+            await asyncio.sleep(0.4)
+            assert await _refused_status(f"{url}?client_secret={expired}") == 401
+            secret = await mint(30)
+        assert srv.metric("microturn_sessions_total") == 0  # nothing so far reached the engine
+        protocols = ["realtime", f"openai-insecure-api-key.{secret}"]
+        async with websockets.connect(url, subprotocols=protocols) as ws:
+            assert ws.subprotocol == "realtime"
+            assert json.loads(await ws.recv())["type"] == "session.created"
+        assert await _refused_status(url, subprotocols=protocols) == 401  # replayed
+        async with websockets.connect(url, additional_headers=good) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+        assert srv.metric("microturn_sessions_total") == 2
+
+
+async def test_busy_server_refuses_with_1013(engine):
+    with ServerThread(ServerSettings(max_sessions=1), engine) as srv:
+        async with websockets.connect(srv.ws_url) as first:
+            assert json.loads(await first.recv())["type"] == "session.created"
+            async with websockets.connect(srv.ws_url) as second:
+                event = json.loads(await second.recv())
+                assert event["type"] == "error" and event["error"]["code"] == "server_busy"
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await second.recv()
+                assert closed.value.rcvd.code == 1013
+
+
+async def _admitted(url: str):
+    """Connect, retrying while the server is busy (the previous session's slot is being freed)."""
+    for _ in range(50):
+        ws = await websockets.connect(url)
+        event = json.loads(await ws.recv())
+        if event["type"] == "session.created":
+            return ws
+        await ws.close()
+        await asyncio.sleep(0.1)
+    raise AssertionError("never admitted")
+
+
+async def test_disconnect_frees_slot_without_leaking_state(engine, speech):
+    turns = 6
+    with ServerThread(ServerSettings(max_sessions=1, output_audio="binary"), engine) as srv:
+
+        async def fresh_turns() -> list[tuple[bytes, str]]:
+            ws = await _admitted(srv.ws_url)
+            out: list[p.Frame] = []
+            texts: dict[int, str] = {}
+            while len(out) < turns:
+                frames, events = await collect(ws, 0.3)
+                out += frames
+                texts.update(
+                    {e["seq"]: e["delta"] for e in events if e["type"] == "response.output_text.delta"}
+                )
+            await ws.close()
+            assert_every_turn(out)
+            return [(f.payload, texts.get(f.seq, "")) for f in out[:turns]]
+
+        reference = await fresh_turns()
+        ws = await _admitted(srv.ws_url)
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "conversation.item.create",
+                    "item": {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": "remember me"}],
+                    },
+                }
+            )
+        )
+        feed = asyncio.create_task(stream_binary(ws, speech, 16_000))
+        await collect(ws, 1.5)
+        ws.transport.abort()  # mid-stream, no close handshake
+        feed.cancel()
+        assert await fresh_turns() == reference
