@@ -57,6 +57,9 @@ def _loadtest_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wav", default=None, help="input speech file (default: generated)")
     parser.add_argument("--sweep", action="store_true", help="raise the session count to find capacity")
     parser.add_argument("--plot", default=None, help="write a PNG plot of tick and latency here")
+    parser.add_argument("--max-sessions", type=int, default=256, help="--sweep stops at this session count")
+    parser.add_argument("--cushion-ms", type=float, default=200.0, help="client playback cushion (underruns)")
+    parser.add_argument("--api-key", default=None, help="API key (default: $MICROTURN_API_KEY)")
 
 
 def _talk_flags(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +67,9 @@ def _talk_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wav", default=None, help="speech to stream in real time")
     parser.add_argument("--out", default=None, help="write the spoken reply here (WAV)")
     parser.add_argument("--text", default=None, help="text to send as the user's message")
+    parser.add_argument("--task", default=None, help="a background task to start (task.create)")
+    parser.add_argument("--tail", type=float, default=2.0, help="seconds of reply recorded after the input")
+    parser.add_argument("--api-key", default=None, help="API key (default: $MICROTURN_API_KEY)")
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> None:

@@ -44,7 +44,7 @@ class ModelConfig:
     text_out_slots: int = 4  # text tokens generated per micro-turn (before the audio)
     audio_tokens: int = 4  # audio tokens per micro-turn each side (4 x 50 ms = 200 ms)
     # --- attention memory ---
-    window: int = 1024  # sliding attention window in tokens (~9.75 s of micro-turns for tiny)
+    window: int = 512  # sliding attention window in tokens (~4.9 s for tiny; KV reads dominate CPU decode)
     prefix_len: int = 64  # pinned prefix (instructions) capacity in tokens, never evicted
 
     def __post_init__(self) -> None:

@@ -37,20 +37,24 @@ class RouterLosses:
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
-        self.w3 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w13 = nn.Linear(d_model, 2 * d_hidden, bias=False)  # gate and up, fused
         self.w2 = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
-def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, RouterLosses]:
-    """Top-k softmax routing. logits (N, E) -> weights (N, K), experts (N, K), losses."""
+def route(
+    logits: torch.Tensor, top_k: int, with_losses: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, RouterLosses | None]:
+    """Top-k softmax routing. logits (N, E) -> weights (N, K), experts (N, K), losses (None at inference)."""
     logits = logits.float()
     probs = logits.softmax(dim=-1)  # (N, E)
     weights, experts = probs.topk(top_k, dim=-1)  # (N, K)
     weights = weights / weights.sum(dim=-1, keepdim=True)
+    if not with_losses:
+        return weights, experts, None
     n_experts = logits.shape[-1]
     dispatch = F.one_hot(experts, n_experts).float().sum(dim=1)  # (N, E)
     frac_tokens = dispatch.mean(dim=0) / top_k  # (E,)
@@ -69,14 +73,14 @@ class MoE(nn.Module):
         self.top_k = cfg.top_k
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         scale = cfg.d_model**-0.5
-        self.w1 = nn.Parameter(torch.randn(cfg.n_experts, cfg.d_model, cfg.d_expert) * scale)
-        self.w3 = nn.Parameter(torch.randn(cfg.n_experts, cfg.d_model, cfg.d_expert) * scale)
+        # gate (w1) and up (w3) projections fused along the last dim: one matmul instead of two
+        self.w13 = nn.Parameter(torch.randn(cfg.n_experts, cfg.d_model, 2 * cfg.d_expert) * scale)
         self.w2 = nn.Parameter(torch.randn(cfg.n_experts, cfg.d_expert, cfg.d_model) * cfg.d_expert**-0.5)
         self.shared = nn.ModuleList(SwiGLU(cfg.d_model, cfg.d_shared) for _ in range(cfg.n_shared_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterLosses]:
-        """x (N, D) -> (N, D), router losses."""
-        weights, experts, losses = route(self.router(x), self.top_k)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterLosses | None]:
+        """x (N, D) -> (N, D), router losses (only when grads are on: training)."""
+        weights, experts, losses = route(self.router(x), self.top_k, torch.is_grad_enabled())
         weights = weights.to(x.dtype)
         if self.backend == "loop":
             y = self._loop(x, weights, experts)
@@ -88,12 +92,17 @@ class MoE(nn.Module):
             y = y + expert(x)
         return y, losses
 
+    @staticmethod
+    def _swiglu(h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
+        return self._swiglu(x @ self.w13[e]) @ self.w2[e]
 
     def _loop(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         y = torch.zeros_like(x)
-        for e in range(self.w1.shape[0]):
+        for e in range(self.w13.shape[0]):
             tok, slot = (experts == e).nonzero(as_tuple=True)  # host sync: data-dependent shape
             if tok.numel():
                 y.index_add_(0, tok, self._expert(x[tok], e) * weights[tok, slot, None])
@@ -103,9 +112,9 @@ class MoE(nn.Module):
         flat = experts.flatten()  # (M,)
         order = flat.argsort(stable=True)  # (M,) assignments grouped by expert
         tok = order // self.top_k  # (M,) source token of each assignment
-        offs = torch.bincount(flat, minlength=self.w1.shape[0]).cumsum(0).to(torch.int32)  # (E,)
+        offs = torch.bincount(flat, minlength=self.w13.shape[0]).cumsum(0).to(torch.int32)  # (E,)
         xs = x[tok]  # (M, D)
-        h = F.silu(torch._grouped_mm(xs, self.w1, offs=offs)) * torch._grouped_mm(xs, self.w3, offs=offs)
+        h = self._swiglu(torch._grouped_mm(xs, self.w13, offs=offs))  # (M, F)
         out = torch._grouped_mm(h, self.w2, offs=offs)  # (M, D)
         out = out * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, tok, out)
@@ -113,6 +122,6 @@ class MoE(nn.Module):
     def _bmm(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         flat = experts.flatten()  # (M,)
         xs = x.repeat_interleave(self.top_k, dim=0).unsqueeze(1)  # (M, 1, D)
-        h = F.silu(torch.bmm(xs, self.w1[flat])) * torch.bmm(xs, self.w3[flat])  # (M, 1, F)
+        h = self._swiglu(torch.bmm(xs, self.w13[flat]))  # (M, 1, F)
         out = torch.bmm(h, self.w2[flat]).squeeze(1) * weights.flatten()[:, None]  # (M, D)
         return out.view(-1, self.top_k, x.shape[-1]).sum(dim=1)

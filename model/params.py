@@ -16,9 +16,9 @@ C = dmel_channels, B = dmel_bins, E = n_experts):
 - slot-type embedding Parameter(positions_per_turn, d): which slot of the micro-turn a position is
 - source embedding Embedding(2, d): user vs background text-in
 - per layer: two RMSNorm weights (d); attention wq (d, n_heads*hd), wk and wv (d, n_kv_heads*hd),
-  wo (n_heads*hd, d), no biases; router Linear(d, E, bias=False); routed SwiGLU experts w1, w3
-  (E, d, d_expert) and w2 (E, d_expert, d); n_shared_experts shared SwiGLU experts d -> d_shared -> d
-  (w1, w3, w2, no biases)
+  wo (n_heads*hd, d), no biases; router Linear(d, E, bias=False); routed SwiGLU experts w13
+  (E, d, 2*d_expert: gate and up fused) and w2 (E, d_expert, d); n_shared_experts shared SwiGLU
+  experts d -> d_shared -> d (w13 fused, w2, no biases)
 - final RMSNorm weight (d)
 
 Active parameters per token are all of the above except the routed experts a

@@ -7,7 +7,8 @@ and guards it with a lock; everything else is event-loop only.
 Input audio arrives in packets of any size at 16 or 24 kHz, is resampled to 16 kHz
 and sliced into 200 ms micro-turns. A stream starts once `jitter_ms` of audio beyond
 a turn is buffered; a streaming session that runs short at a tick gets what it has
-padded with silence and counts an underrun, then re-buffers. Output is one micro-turn
+padded with silence and counts an underrun, then re-buffers. The audio of ticks the
+engine skipped (overruns) is dropped so latency does not grow. Output is one micro-turn
 per tick, queued (bounded) for the sender, tagged with the epoch so a barge-in drops
 what is stale. This module knows nothing about sockets or the engine's internals.
 """
@@ -67,6 +68,7 @@ class AudioInput:
         self._flush = False
         self._last_arrival = -1e9
         self.underruns = 0
+        self.dropped_samples = 0  # input of ticks the engine skipped (kept, it would add latency for good)
 
     def append(self, samples: np.ndarray, rate: int, event_id: str | None = None) -> None:
         """Add samples at `rate`; refuses audio beyond the real-time bound (nothing is buffered then)."""
@@ -86,6 +88,13 @@ class AudioInput:
                 self._resampler = StreamResampler(rate, SAMPLE_RATE)
             self._buf = np.concatenate([self._buf, self._resampler.process(samples)])
             self._last_arrival = time.monotonic()
+
+    def skip(self, turns: int) -> None:
+        """The clock moved on `turns` ticks without a step: their audio is dropped, not delayed."""
+        with self._lock:
+            drop = min(len(self._buf), turns * TURN_SAMPLES) if self._primed else 0
+            self._buf = self._buf[drop:]
+            self.dropped_samples += drop
 
     def commit(self) -> None:
         """The client says the stream paused: hand over the tail without waiting for jitter."""

@@ -100,6 +100,8 @@ def settings_table() -> str:
     rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
     for name, field in ServerSettings.model_fields.items():
         default = field.default_factory() if field.default_factory else field.default
-        shown = ",".join(default) if isinstance(default, list) else default
-        rows.append(f"| `MICROTURN_{name.upper()}` | `{shown}` | {field.description} |")
+        if isinstance(default, list):
+            default = ",".join(default) or None
+        shown = "none" if default is None else f"`{default}`"
+        rows.append(f"| `MICROTURN_{name.upper()}` | {shown} | {field.description} |")
     return "\n".join(rows)

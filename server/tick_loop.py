@@ -103,6 +103,8 @@ class TickLoop:
                 missed = math.floor(behind / TICK_S)
                 n += missed
                 self._metrics.missed_ticks.inc(missed)
+                for session in self._sessions.values():
+                    session.audio_in.skip(missed)
                 log.warning("tick overran: %d tick(s) missed", missed)
         for slot in list(self._sessions):
             self.engine.leave(slot)

@@ -21,7 +21,7 @@ from microturn.model.transformer import apply_rope, rope_tables
 def test_moe_backends_agree(shared: int, n_tokens: int) -> None:
     torch.manual_seed(0)
     moe = MoE(dataclasses.replace(tiny(), n_shared_experts=shared))
-    x = torch.randn(n_tokens, moe.w1.shape[1])
+    x = torch.randn(n_tokens, moe.w13.shape[1])
     outs = {}
     for backend in BACKENDS:
         moe.backend = backend
@@ -45,7 +45,7 @@ def test_router_renormalises_and_losses() -> None:
 
 def test_moe_gradients_flow_to_router() -> None:
     moe = MoE(tiny(), "loop")
-    y, losses = moe(torch.randn(16, moe.w1.shape[1]))
+    y, losses = moe(torch.randn(16, moe.w13.shape[1]))
     (y.square().mean() + losses.aux + losses.z).backward()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 

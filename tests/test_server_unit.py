@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,17 +73,27 @@ def _pcm(n: int, start: int = 0) -> np.ndarray:
 
 def test_audio_input_slices_packets_of_any_size_in_order():
     audio = AudioInput(jitter_ms=100, max_ahead_ms=2000)
-    sizes = [7, 333, 1600, 1, 999, 4000, 2861, 1399]  # 11200 samples = 3.5 turns
-    sent, pos = [], 0
-    for n in sizes:
-        chunk = _pcm(n, pos)
-        sent.append(chunk)
-        audio.append(chunk, 16_000)
-        pos += n
-    taken = [audio.take(time.monotonic())[0] for _ in range(3)]
+    sizes = [7, 333, 1600, 1, 999, 260, 1861, 1339]  # 6400 samples = two turns per round
+    sent, pos, taken = [], 0, []
+    for _ in range(3):
+        for n in sizes:
+            sent.append(_pcm(n, pos))
+            audio.append(sent[-1], 16_000)
+            pos += n
+        taken += [audio.take(time.monotonic())[0] for _ in range(2)]
     assert all(t.shape == (TURN_SAMPLES,) for t in taken)
-    np.testing.assert_array_equal(np.concatenate(taken), np.concatenate(sent)[: 3 * TURN_SAMPLES])
-    assert audio.underruns == 0
+    np.testing.assert_array_equal(np.concatenate(taken), np.concatenate(sent)[: 6 * TURN_SAMPLES])
+    assert audio.underruns == 0 and audio.dropped_samples == 0
+
+
+def test_audio_input_drops_the_audio_of_skipped_ticks():
+    audio = AudioInput(jitter_ms=100, max_ahead_ms=2000)
+    audio.append(_pcm(5 * TURN_SAMPLES), 16_000)
+    audio.take(time.monotonic())
+    audio.skip(2)  # the engine overran two ticks while the audio kept coming
+    chunk, _ = audio.take(time.monotonic())
+    assert audio.dropped_samples == 2 * TURN_SAMPLES
+    np.testing.assert_array_equal(chunk, _pcm(5 * TURN_SAMPLES)[3 * TURN_SAMPLES : 4 * TURN_SAMPLES])
 
 
 def test_audio_input_waits_for_jitter_then_counts_underruns():
@@ -141,3 +152,8 @@ def test_settings_from_env(monkeypatch):
     settings = ServerSettings()
     assert settings.api_keys == ["a", "b"] and settings.max_sessions == 3 and settings.auth_enabled
     assert all(f"MICROTURN_{name.upper()}" in settings_table() for name in ServerSettings.model_fields)
+
+
+def test_readme_lists_every_setting():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert settings_table() in readme

@@ -1,0 +1,317 @@
+// The demo page: wires the connection, the audio worklets, the camera and the UI.
+// Start opens the audio graph, the mic and the session; model audio goes to the
+// playback worklet, model text to the transcript, task.* events to the task panel,
+// and the HUD shows connection state, round trip, server tick time (from /metrics),
+// playback buffer depth and underruns. Live figures are mirrored in `window.microturnDemo`
+// for tests and curious users. Query parameters prefill the settings: url, key, cushion.
+import { defaultUrl, RealtimeConnection } from "./realtime.js";
+import { AudioEngine, Camera, deviceMessage, WIRE_RATE } from "./media.js";
+
+const RTT_PROBE_MS = 2000; // how often an empty session.update measures the round trip
+const METRICS_POLL_MS = 2000; // how often /metrics is read for the server's tick time
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+$("url").value = params.get("url") || defaultUrl(location);
+$("key").value = params.get("key") || "";
+$("cushion").value = params.get("cushion") || $("cushion").value;
+
+const stats = {
+  state: "idle",
+  micPackets: 0,
+  micLevel: 0,
+  imagesSent: 0,
+  turns: 0,
+  lastSeq: -1,
+  missedSeq: 0,
+  textChars: 0,
+  rttMs: null,
+  tickMs: null,
+  player: null,
+  errors: [],
+};
+window.microturnDemo = { stats };
+
+let conn = null;
+let audio = null;
+let camera = null;
+let cameraTimer = null;
+let timers = [];
+let rttSentAt = null;
+let lastTickSample = null;
+let busy = false;
+let stopping = false;
+let modelLine = null;
+let deviceNotice = ""; // a device problem that should stay on screen once connected
+
+function show(text, kind = "error") {
+  const el = $("message");
+  el.textContent = text;
+  el.className = kind;
+  el.hidden = !text;
+}
+
+function setState(state) {
+  stats.state = state;
+  $("hud-state").textContent = state;
+  $("start").disabled = state === "connecting" || state === "live";
+  $("stop").disabled = !($("start").disabled);
+}
+
+function transcriptLine(cls, text) {
+  const span = document.createElement("span");
+  span.className = cls;
+  span.textContent = text;
+  $("transcript").append(span);
+  $("transcript").scrollTop = $("transcript").scrollHeight;
+  return span;
+}
+
+function appendModelText(delta) {
+  if (!modelLine) modelLine = transcriptLine("model", "");
+  modelLine.textContent += delta;
+  stats.textChars += delta.length;
+  $("transcript").scrollTop = $("transcript").scrollHeight;
+}
+
+function taskCard(taskId, input) {
+  let card = document.querySelector(`.task[data-task-id="${CSS.escape(taskId)}"]`);
+  if (card) return card;
+  card = document.createElement("div");
+  card.className = "task running";
+  card.dataset.taskId = taskId;
+  card.innerHTML =
+    '<div class="head"><span class="id"></span><span class="status">running</span>' +
+    '<button type="button">cancel</button></div><div class="input"></div>' +
+    '<div class="partial"></div><div class="result"></div>';
+  card.querySelector(".id").textContent = taskId;
+  card.querySelector(".input").textContent = input || "";
+  card.querySelector("button").onclick = () => conn && conn.cancelTask(taskId);
+  $("tasks").prepend(card);
+  return card;
+}
+
+function finishTask(card, status, text) {
+  card.className = `task ${status}`;
+  card.querySelector(".status").textContent = status;
+  card.querySelector(".result").textContent = text;
+  card.querySelector("button").remove();
+}
+
+function onTaskEvent(ev) {
+  const card = taskCard(ev.task_id, ev.task && ev.task.input);
+  if (ev.type === "task.delta") {
+    card.querySelector(".partial").textContent += (ev.delta && ev.delta.text) || "";
+  } else if (ev.type === "task.done") {
+    finishTask(card, "done", (ev.result && ev.result.text) || "");
+  } else if (ev.type === "task.error") {
+    finishTask(card, "error", `${ev.error.code}: ${ev.error.message}`);
+  } else if (ev.type === "task.cancelled") {
+    finishTask(card, "cancelled", ev.reason || "cancelled");
+  }
+}
+
+function onEvent(ev) {
+  switch (ev.type) {
+    case "session.created":
+      setState("live");
+      show(deviceNotice, "info");
+      startProbes();
+      break;
+    case "session.updated":
+      if (rttSentAt !== null) {
+        stats.rttMs = performance.now() - rttSentAt;
+        $("hud-rtt").textContent = `${stats.rttMs.toFixed(0)} ms`;
+        rttSentAt = null;
+      }
+      break;
+    case "response.output_text.delta":
+      appendModelText(ev.delta);
+      break;
+    case "output_audio_buffer.cleared":
+      audio.flush();
+      modelLine = null;
+      break;
+    case "session.go_away":
+      show(`The server is shutting down; this session ends within ${Math.ceil(ev.time_left_ms / 1000)} s.`, "info");
+      break;
+    case "error":
+      stats.errors.push(ev.error);
+      if (ev.error.code === "server_busy") {
+        busy = true;
+        show("The server is busy: every session slot is taken. Try again in a moment.");
+      } else {
+        show(`Server error ${ev.error.code}: ${ev.error.message}`);
+      }
+      break;
+    default:
+      if (ev.type.startsWith("task.") && ev.task_id) onTaskEvent(ev);
+  }
+}
+
+function onAudio(frame) {
+  if (frame.kind !== 0x81) return;
+  if (stats.lastSeq >= 0 && frame.seq > stats.lastSeq + 1) stats.missedSeq += frame.seq - stats.lastSeq - 1;
+  stats.lastSeq = frame.seq;
+  stats.turns += 1;
+  $("hud-turns").textContent = stats.turns;
+  audio.play(frame.payload);
+}
+
+function onPlayerStats(s) {
+  stats.player = s;
+  $("hud-buffer").textContent = `${s.bufferedMs.toFixed(0)} ms (${s.state})`;
+  $("hud-underruns").textContent = s.underruns;
+}
+
+function onClose({ code, reason, opened }) {
+  const wasLive = stats.state === "live";
+  teardown();
+  setState("closed");
+  if (stopping || busy) return;
+  if (!opened) show(`Cannot reach the server at ${$("url").value}.`);
+  else if (code === 1013) show("The server is busy: every session slot is taken. Try again in a moment.");
+  else if (wasLive || code !== 1000) show(`The connection to the server was lost (code ${code}${reason ? `: ${reason}` : ""}).`);
+}
+
+function startProbes() {
+  timers.push(
+    setInterval(() => {
+      if (conn && rttSentAt === null) {
+        rttSentAt = performance.now();
+        conn.send({ type: "session.update", session: {} });
+      }
+    }, RTT_PROBE_MS),
+  );
+  timers.push(setInterval(pollMetrics, METRICS_POLL_MS));
+}
+
+async function pollMetrics() {
+  const httpUrl = new URL($("url").value);
+  httpUrl.protocol = httpUrl.protocol === "wss:" ? "https:" : "http:";
+  httpUrl.pathname = "/metrics";
+  httpUrl.search = "";
+  try {
+    const text = await (await fetch(httpUrl)).text();
+    const read = (name) => Number((text.match(new RegExp(`^${name} (\\S+)$`, "m")) || [])[1]);
+    const sample = { sum: read("microturn_tick_seconds_sum"), count: read("microturn_tick_seconds_count") };
+    if (lastTickSample && sample.count > lastTickSample.count) {
+      stats.tickMs = ((sample.sum - lastTickSample.sum) / (sample.count - lastTickSample.count)) * 1000;
+      $("hud-tick").textContent = `${stats.tickMs.toFixed(1)} ms`;
+    }
+    lastTickSample = sample;
+  } catch {
+    $("hud-tick").textContent = "n/a";
+  }
+}
+
+async function toggleCamera() {
+  if (!$("camera").checked) {
+    clearInterval(cameraTimer);
+    if (camera) camera.stop();
+    return;
+  }
+  camera = camera || new Camera($("preview"));
+  try {
+    await camera.start();
+  } catch (err) {
+    $("camera").checked = false;
+    show(deviceMessage("Camera", err));
+    return;
+  }
+  clearInterval(cameraTimer);
+  cameraTimer = setInterval(async () => {
+    const jpeg = await camera.grab();
+    if (jpeg && conn && conn.isOpen && stats.state === "live") {
+      conn.sendImage(jpeg);
+      stats.imagesSent += 1;
+      $("hud-frames").textContent = stats.imagesSent;
+    }
+  }, 1000 / Number($("fps").value));
+}
+
+async function start() {
+  show("");
+  deviceNotice = "";
+  busy = stopping = false;
+  stats.turns = stats.micPackets = stats.imagesSent = stats.missedSeq = 0;
+  stats.lastSeq = -1;
+  lastTickSample = null;
+  modelLine = null;
+  setState("connecting");
+  audio = new AudioEngine(Number($("cushion").value), onMicPacket, onPlayerStats);
+  try {
+    await audio.start();
+  } catch (err) {
+    show(`Audio output could not start (${err.name || err}).`);
+    setState("idle");
+    return;
+  }
+  try {
+    await audio.startMic();
+    $("hud-mic").textContent = `on (${audio.sampleRate} Hz → ${WIRE_RATE} Hz)`;
+  } catch (err) {
+    deviceNotice = `${deviceMessage("Microphone", err)} You can still type.`;
+    show(deviceNotice, "info");
+    $("hud-mic").textContent = "off";
+  }
+  conn = new RealtimeConnection($("url").value, $("key").value.trim(), {
+    onOpen: () => {},
+    onEvent,
+    onAudio,
+    onClose,
+  });
+  if ($("camera").checked) toggleCamera();
+}
+
+function onMicPacket(pcm, level) {
+  stats.micLevel = level;
+  if (!conn || stats.state !== "live") return;
+  conn.sendAudio(pcm, WIRE_RATE);
+  stats.micPackets += 1;
+  if (stats.micPackets % 5 === 0) $("hud-mic").textContent = `on, level ${(20 * Math.log10(level + 1e-9)).toFixed(0)} dBFS`;
+}
+
+function teardown() {
+  timers.forEach(clearInterval);
+  timers = [];
+  clearInterval(cameraTimer);
+  if (camera) camera.stop();
+  $("camera").checked = false;
+  if (audio) audio.stop();
+  rttSentAt = null;
+}
+
+function stop() {
+  stopping = true;
+  if (conn) conn.close();
+  teardown();
+  setState("closed");
+}
+
+function submitText(asTask) {
+  const text = $("text").value.trim();
+  if (!text) return;
+  if (!conn || stats.state !== "live") {
+    show("Start a session first.", "info");
+    return;
+  }
+  if (asTask) conn.createTask(text);
+  else {
+    conn.sendText(text);
+    transcriptLine("you", `you: ${text}`);
+    modelLine = null;
+  }
+  $("text").value = "";
+}
+
+$("start").onclick = start;
+$("stop").onclick = stop;
+$("camera").onchange = toggleCamera;
+$("fps").onchange = () => $("camera").checked && toggleCamera();
+$("compose").onsubmit = (e) => {
+  e.preventDefault();
+  submitText(false);
+};
+$("ask").onclick = () => submitText(true);
+setState("idle");
