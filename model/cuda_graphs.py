@@ -41,6 +41,7 @@ class GraphedGenerate:
         self.audio_in = torch.zeros(
             (S, cfg.audio_tokens, cfg.frames_per_audio_token, cfg.dmel_channels), dtype=torch.long, device=dev
         )
+        self.forced = torch.full((S, cfg.text_out_slots), -1, dtype=torch.long, device=dev)
         self.exec_mask = torch.zeros(S, dtype=torch.bool, device=dev)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
@@ -50,7 +51,7 @@ class GraphedGenerate:
     @torch.inference_mode()
     def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         e = self.engine
-        args = (b, self.exec_mask[:b], self.text_in[:b], self.source[:b], self.audio_in[:b])
+        args = (b, self.exec_mask[:b], self.text_in[:b], self.source[:b], self.audio_in[:b], self.forced[:b])
         stream = torch.cuda.Stream(e.device)
         stream.wait_stream(torch.cuda.current_stream(e.device))
         with torch.cuda.stream(stream):
@@ -63,11 +64,11 @@ class GraphedGenerate:
         return graph, text_out, audio_out
 
     def run(
-        self, B: int, text_in: torch.Tensor, source: torch.Tensor, audio_in: torch.Tensor
+        self, B: int, text_in: torch.Tensor, source: torch.Tensor, audio_in: torch.Tensor, forced: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b = next(k for k in sorted(self.graphs) if k >= B)
         graph, text_out, audio_out = self.graphs[b]
-        self.text_in[:B], self.source[:B], self.audio_in[:B] = text_in, source, audio_in
+        self.text_in[:B], self.source[:B], self.audio_in[:B], self.forced[:B] = text_in, source, audio_in, forced
         self.exec_mask.zero_()
         self.exec_mask[:B] = True
         graph.replay()

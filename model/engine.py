@@ -211,10 +211,13 @@ class Engine:
         audio = np.asarray(inp.audio)
         if audio.shape != (TURN_SAMPLES,) or not np.isfinite(audio).all():
             return silence, f"audio must be {TURN_SAMPLES} finite samples, got shape {audio.shape}"
-        if len(inp.text_in) > self.config.text_in_slots or any(
-            not 0 <= t < self.tokenizer.vocab_size for t in inp.text_in
-        ):
+        vocab = self.tokenizer.vocab_size
+        if len(inp.text_in) > self.config.text_in_slots or any(not 0 <= t < vocab for t in inp.text_in):
             return silence, f"text_in must be at most {self.config.text_in_slots} valid token ids"
+        if len(inp.force_text_out) > self.config.text_out_slots or any(
+            not 0 <= t < vocab for t in inp.force_text_out
+        ):
+            return silence, f"force_text_out must be at most {self.config.text_out_slots} valid token ids"
         if inp.image is not None:
             img = inp.image
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
@@ -233,12 +236,14 @@ class Engine:
         audio = torch.from_numpy(np.stack([c[0].audio for c in checked]).astype(np.float32)).to(dev)
         text_in = torch.full((B, cfg.text_in_slots), sp.PAD, dtype=torch.long)
         source = torch.zeros((B, cfg.text_in_slots), dtype=torch.long)
+        forced = torch.full((B, cfg.text_out_slots), -1, dtype=torch.long)
         for b, (inp, _) in enumerate(checked):
             text_in[b, : len(inp.text_in)] = torch.tensor(inp.text_in, dtype=torch.long)
+            forced[b, : len(inp.force_text_out)] = torch.tensor(inp.force_text_out, dtype=torch.long)
             source[b] = int(inp.text_in_background)
             if inp.image is not None:
                 self.patches[b] = torch.from_numpy(image_patches(inp.image, cfg)).to(dev, self.dtype)
-        text_in, source = text_in.to(dev), source.to(dev)
+        text_in, source, forced = text_in.to(dev), source.to(dev), forced.to(dev)
 
         marks = [time.perf_counter()]
         dstate = _take_rows(self.dmel_state, B)
@@ -248,11 +253,11 @@ class Engine:
         audio_in = codes.view(B, cfg.audio_tokens, cfg.frames_per_audio_token, cfg.dmel_channels)
 
         if self.graphs is not None and self.trace is None:
-            text_out, audio_out = self.graphs.run(B, text_in, source, audio_in)
+            text_out, audio_out = self.graphs.run(B, text_in, source, audio_in, forced)
         else:
             exec_mask = torch.ones(B, dtype=torch.bool, device=dev)
             # (B, To), (B, A, k, C)
-            text_out, audio_out = self._generate(B, exec_mask, text_in, source, audio_in)
+            text_out, audio_out = self._generate(B, exec_mask, text_in, source, audio_in, forced)
         self._mark(marks)
 
         logmel = self.dmel.decode(audio_out.reshape(B, -1, cfg.dmel_channels))  # (B, F, C)
@@ -283,6 +288,7 @@ class Engine:
         text_in: torch.Tensor,  # (B, Ti)
         source: torch.Tensor,  # (B, Ti)
         audio_in: torch.Tensor,  # (B, A, k, C)
+        forced: torch.Tensor,  # (B, To) text-out ids to force, -1 = sample
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill the inputs, decode every output slot for rows [0, B); update cache, positions, carry, turn.
 
@@ -311,6 +317,7 @@ class Engine:
             if o < cfg.text_out_slots:
                 lg = model.text_logits(h)  # (B, vocab)
                 tok = sample(lg, self.text_temp[:B], self.text_top_k[:B], self.seed[:B], counter + o)
+                tok = torch.where(forced[:, o] >= 0, forced[:, o], tok)
                 text_out.append(tok)
             else:
                 lg = model.audio_logits(h)  # (B, k, C, L)

@@ -30,6 +30,9 @@ class SlotInput:
     image: np.ndarray | None = None  # (H, W, 3) uint8 RGB latest camera frame, or None = keep previous
     text_in: list[int] = field(default_factory=list)  # token ids for the text-in slots (source marker incl.)
     text_in_background: bool = False  # True when text_in carries a background result
+    # Constrained decoding: these ids replace the first sampled text-out tokens of this micro-turn
+    # (at most text_out_slots). Used to script the model (tests, demos) through the real model path.
+    force_text_out: list[int] = field(default_factory=list)
 
 
 @dataclass

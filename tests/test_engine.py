@@ -172,3 +172,22 @@ def test_rejoined_slot_matches_fresh_session(speech_16k: np.ndarray) -> None:
     for a, b in zip(fresh, reused, strict=True):
         assert a.text_tokens == b.text_tokens
         assert np.allclose(a.audio, b.audio, atol=1e-5)
+
+
+def test_forced_text_out_goes_through_the_model(speech_16k: np.ndarray) -> None:
+    engine = _engine()
+    engine.trace = []
+    slot = engine.join(INSTR)
+    sp = engine.tokenizer.special
+    forced = [sp.TASK_START, *b"abc"]
+    rng = np.random.default_rng(0)
+    inp = _inputs(rng, speech_16k, 0)
+    inp.force_text_out = forced
+    out = engine.step({slot: inp})[slot]
+    assert out.text_tokens == forced and out.text == "abc"
+    # the forced tokens are part of the sequence the model conditions on: offline agrees
+    engine.step({slot: _inputs(rng, speech_16k, 1)})
+    turns, text_stream, _ = _row_turns(engine.trace, slot)
+    assert turns.text_out[0, 0].tolist() == forced
+    text_ref, _ = _offline(engine, INSTR, turns)
+    assert torch.allclose(text_stream, text_ref, atol=1e-4)

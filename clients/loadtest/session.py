@@ -123,17 +123,15 @@ async def run_session(
                 break
             now = time.monotonic()
             if isinstance(event, AudioChunk):
-                if result.first_audio_ms is None:
-                    result.first_audio_ms = (now - started) * 1000
-                    first_arrival = now
-                else:
-                    gap = now - t0 - result.arrivals[-1]
-                    result.jitter_ms.append(abs(gap - TURN_S) * 1000)
                 if last_seq is not None and event.seq <= last_seq:
                     result.duplicate_seq += 1
                     continue
-                if last_seq is not None:
+                if last_seq is None:
+                    result.first_audio_ms = (now - started) * 1000
+                    first_arrival = now
+                else:
                     result.missed_seq += event.seq - last_seq - 1
+                    result.jitter_ms.append(abs(now - t0 - result.arrivals[-1] - TURN_S) * 1000)
                 last_seq = event.seq
                 result.arrivals.append(now - t0)
                 result.lateness_ms.append((now - first_arrival - len(result.lateness_ms) * TURN_S) * 1000)
