@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import mimetypes
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,9 +31,12 @@ from .connection import ServerState, serve_websocket
 from .errors import ErrorCode, error_payload
 from .metrics import Metrics
 from .settings import ServerSettings
+from .tasks import BackgroundWork
 from .tick_loop import TickLoop
 
 log = logging.getLogger(__name__)
+# Python 3.11 says application/javascript when the OS has no /etc/mime.types (slim images)
+mimetypes.add_type("text/javascript", ".js")
 
 DRAIN_POLL_S = 0.05
 CLOSE_GRACE_S = 2.0  # after the drain timeout: time for the last sessions to close
@@ -76,13 +80,19 @@ class ClientSecretRequest(BaseModel):
 
 
 def create_app(settings: ServerSettings | None = None, engine: Any = None, task_hooks: Any = None) -> FastAPI:
-    """`task_hooks(session) -> TaskHooks` plugs background work into every session (server/background)."""
+    """`task_hooks(session) -> TaskHooks` plugs background work into sessions; default server/tasks.py."""
     settings = settings or ServerSettings()
     state = ServerState(settings, Authenticator(settings), Metrics(), task_hooks=task_hooks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
+        work = None
+        if state.task_hooks is None and settings.background:
+            work = BackgroundWork(settings, eng.tokenizer, eng.config.text_in_slots, state.metrics)
+            state.task_hooks = work
+        if isinstance(state.task_hooks, BackgroundWork) and state.task_hooks.metrics is None:
+            state.task_hooks.metrics = state.metrics
         state.tick = TickLoop(eng, state.metrics, asyncio.get_running_loop())
         state.capacity = min(settings.max_sessions, eng.max_slots)
         state.tick.start()
@@ -92,6 +102,8 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None, task_
         finally:
             await drain(app, 0.0)
             await asyncio.to_thread(state.tick.stop)
+            if work is not None:
+                await work.close()
 
     app = FastAPI(title="microturn", lifespan=lifespan)
     app.state.server = state

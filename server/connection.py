@@ -26,6 +26,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from . import protocol as p
 from .auth import Authenticator, Grant
+from .background import ToolSpec
 from .errors import HTTP_STATUS, ErrorCode, ProtocolError, close_code, error_payload
 from .metrics import Metrics
 from .session import Session, pcm16_to_float
@@ -110,6 +111,7 @@ class Connection:
             self.settings,
             engine.tokenizer,
             engine.config.text_in_slots,
+            engine.config.text_out_slots,
             on_overflow=lambda _: self.request_close(
                 ErrorCode.SLOW_CONSUMER, "client is not reading its output"
             ),
@@ -138,8 +140,12 @@ class Connection:
                 await state.tick.join(session)
             except RuntimeError:  # EngineFull: slots held by sessions still leaving
                 return await _refuse(self.ws, state, ErrorCode.SERVER_BUSY, "no free engine slot")
+            if self.ws.query_params.get("debug") == "1":
+                session.debug = True
             if state.task_hooks is not None:
                 session.tasks = state.task_hooks(session)
+                session.tasks.set_instructions(session.instructions)
+                session.tasks.set_tools(session.tools)
             session.send(p.SessionCreated(session=session.session_dict()))
             session.send(
                 p.ResponseCreated(response=session.response_dict(session.response_id, "in_progress"))
@@ -324,8 +330,26 @@ class Connection:
         if in_rate is not None:
             session.input_rate = in_rate
         session.set_output_format(out_rate or session.output_rate, out.transport if out else None)
+        if cfg.tools is not None:
+            session.tools = [_tool_spec(t, eid) for t in cfg.tools]
+        if session.tasks is not None:
+            session.tasks.set_instructions(session.instructions)
+            session.tasks.set_tools(session.tools)
         if restart and session.slot is not None:
             await self.state.tick.rejoin(session)
+
+
+def _tool_spec(tool: dict, eid: str | None) -> ToolSpec:
+    """An OpenAI-style function tool; `"behavior": "background"` makes the model's call a background task."""
+    try:
+        return ToolSpec(
+            name=tool["name"], description=tool.get("description", ""),
+            parameters=tool.get("parameters") or {"type": "object", "properties": {}},
+            background=tool.get("behavior") == "background" or bool(tool.get("background")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        message = f"bad tool declaration: {exc}"
+        raise ProtocolError(ErrorCode.INVALID_EVENT, message, eid, "session.tools") from exc
 
 
 def _format_rate(

@@ -49,5 +49,13 @@ class Metrics:
             "microturn_errors_total", "error events and refusals by code", ["code"], registry=r
         )
 
+        self.background_text_tokens = Counter(
+            "microturn_background_text_tokens_total",
+            "background result tokens scheduled into sessions' text-in slots", registry=r,
+        )
+        self.background_tasks = Gauge(
+            "microturn_background_tasks", "background tasks waiting or running", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -107,6 +107,7 @@ class SessionConfig(_Loose):
     output_audio_format: str | None = None  # beta
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # beta; both streams' sampling temperature
     seed: int | None = None  # microturn extension: sampling seed (same seed + inputs = same output)
+    tools: list[dict] | None = None  # function tools; `"behavior": "background"` makes one a background task
 
 
 class _ClientEvent(_Loose):
@@ -315,6 +316,16 @@ class ErrorEvent(ServerEvent):
 class SessionGoAway(ServerEvent):
     type: str = "session.go_away"
     time_left_ms: int  # how long the session may go on before the server closes it
+
+
+class DebugTextIn(ServerEvent):
+    """What entered the model's text-in slots this micro-turn (debug_events or ?debug=1 only)."""
+
+    type: str = "debug.text_in"
+    seq: int  # the output micro-turn that answered this input
+    source: Literal["user", "background"]
+    tokens: list[int]
+    text: str
 
 
 class TaskEvent(ServerEvent):

@@ -132,13 +132,21 @@ class AudioInput:
 
 
 class TaskHooks(Protocol):
-    """Where background work plugs in (server/background/ provides it); see `Session.tasks`."""
+    """Where background work plugs in (server/tasks.py provides it); see `Session.tasks`."""
 
     async def create(self, session: Session, event: p.TaskCreate) -> None: ...
 
     async def cancel(self, session: Session, event: p.TaskCancel) -> None: ...
 
     async def close(self, session: Session) -> None: ...
+
+    def set_instructions(self, instructions: str) -> None: ...
+
+    def on_user_text(self, text: str) -> None: ...
+
+    def on_barge_in(self, epoch: int) -> None: ...
+
+    def on_turn(self, out: SlotOutput, model_speaking: bool) -> None: ...
 
 
 class Session:
@@ -147,6 +155,7 @@ class Session:
         settings: ServerSettings,
         tokenizer: ByteTokenizer,
         text_in_slots: int,
+        text_out_slots: int,
         on_overflow: Callable[[Session], None],
         beta: bool = False,
     ) -> None:
@@ -164,8 +173,10 @@ class Session:
         self.input_rate = 24_000  # OpenAI's default for audio/pcm
         self._tokenizer = tokenizer
         self._text_in_slots = text_in_slots
+        self._text_out_slots = text_out_slots
         self._text: deque[int] = deque()
         self._background: deque[tuple[int, int]] = deque()  # (epoch, token)
+        self._scripted: deque[int] = deque()  # text-out tokens to force (constrained decoding)
         self._image: np.ndarray | None = None
         self._image_lock = threading.Lock()
         # output
@@ -185,6 +196,8 @@ class Session:
         self._silent_turns = 0
         self._model_speaking = False
         self.tasks: TaskHooks | None = None
+        self.tools: list = []  # declared tools (server/background ToolSpec), passed to background work
+        self.debug = settings.debug_events  # send debug.text_in events
 
     # --- event loop: input ---
     def queue_text(self, text: str, event_id: str | None = None) -> None:
@@ -192,11 +205,22 @@ class Session:
         if len(self._text) + len(tokens) > self.settings.max_text_queue_tokens:
             raise ProtocolError(ErrorCode.TEXT_TOO_LONG, "text-in queue is full; try again later", event_id)
         self._text.extend(tokens)
+        if self.tasks is not None:
+            self.tasks.on_user_text(text)
+
+    def script_text_out(self, tokens: list[int]) -> None:
+        """Force the model's next text-out tokens (through the real model path): demos and tests."""
+        self._scripted.extend(tokens)
 
     def queue_background_text(self, text: str, epoch: int) -> None:
         """A background result for the text-in slots; dropped at take time if `epoch` is stale."""
         tokens = [self._tokenizer.special.SRC_BACKGROUND, *self._tokenizer.encode(text)]
         self._background.extend((epoch, t) for t in tokens)
+
+    @property
+    def background_queued(self) -> int:
+        """Background tokens waiting for text-in slots."""
+        return len(self._background)
 
     def set_image(self, rgb: np.ndarray) -> None:
         with self._image_lock:
@@ -216,7 +240,11 @@ class Session:
         with self._image_lock:
             image, self._image = self._image, None
         text, background = self._take_text()
-        return SlotInput(audio=audio, image=image, text_in=text, text_in_background=background), underrun
+        forced = [self._scripted.popleft() for _ in range(min(self._text_out_slots, len(self._scripted)))]
+        inp = SlotInput(
+            audio=audio, image=image, text_in=text, text_in_background=background, force_text_out=forced
+        )
+        return inp, underrun
 
     def _take_text(self) -> tuple[list[int], bool]:
         # deque popleft/append are atomic; the loop only appends, this thread only pops
@@ -234,11 +262,18 @@ class Session:
     def send(self, event: p.ServerEvent) -> None:
         self._push(p.dump_event(event, self.beta), turn=False)
 
-    def deliver(self, out: SlotOutput, input_audio: np.ndarray) -> None:
-        """One micro-turn of output (called once per tick on the event loop)."""
+    def deliver(self, out: SlotOutput, inp: SlotInput) -> None:
+        """One micro-turn of output (called once per tick on the event loop) and the input it answered."""
         if self.closed:
             return
-        self._voice_activity(input_audio, out.audio)
+        self._voice_activity(inp.audio, out.audio)
+        if self.debug and inp.text_in:
+            self.send(p.DebugTextIn(
+                seq=self.seq, source="background" if inp.text_in_background else "user",
+                tokens=inp.text_in, text=self._tokenizer.decode(inp.text_in),
+            ))
+        if self.tasks is not None:
+            self.tasks.on_turn(out, self._model_speaking)
         if out.error:
             self.send(
                 p.ErrorEvent(
@@ -307,6 +342,8 @@ class Session:
         """Drop queued output of the current response and tell the client to flush its playback."""
         old = self.response_id
         self.epoch += 1
+        if self.tasks is not None:
+            self.tasks.on_barge_in(self.epoch)
         self.send(p.OutputAudioBufferCleared(response_id=old))
         self.send(p.ResponseDone(response=self.response_dict(old, "cancelled")))
         self.response_id, self.item_id = p.new_id("resp"), p.new_id("item")

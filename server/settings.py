@@ -83,6 +83,29 @@ class ServerSettings(BaseSettings):
     max_session_s: float = Field(0.0, ge=0, description="longest session in seconds; 0 = unlimited")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: time live sessions get after go_away")
 
+    # --- background model (task.create, model task markers) ---
+    background: bool = Field(
+        True, description="enable background tasks (task.create and model task markers)"
+    )
+    background_backend: Literal["local", "openai"] = Field(
+        "local", description="local = offline built-in tools; openai = an OpenAI-compatible endpoint"
+    )
+    background_openai_base_url: str = Field(
+        "http://127.0.0.1:8001/v1", description="chat-completions endpoint root (vLLM, SGLang, llama.cpp)"
+    )
+    background_openai_model: str = Field("default", description="model name at the background endpoint")
+    background_openai_api_key: str = Field("none", description="key for the background endpoint")
+    background_max_concurrent: int = Field(
+        16, ge=1, description="background tasks running at once, all sessions"
+    )
+    background_max_per_session: int = Field(
+        4, ge=1, description="background tasks per session; more get task_limit"
+    )
+    background_timeout_s: float = Field(60.0, gt=0, description="default background task timeout")
+    debug_events: bool = Field(
+        False, description="send debug.text_in events (what entered the model's text-in slots); or ?debug=1"
+    )
+
     @field_validator("api_keys", "allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

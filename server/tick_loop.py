@@ -149,13 +149,13 @@ class TickLoop:
         self._metrics.input_queue_ms.set(queued_ms)
         self.ticks += 1
         batch = [
-            (session, outputs[slot], inputs[slot].audio) for slot, session in sessions if slot in outputs
+            (session, outputs[slot], inputs[slot]) for slot, session in sessions if slot in outputs
         ]
         self._loop.call_soon_threadsafe(self._deliver, batch)
 
     def _deliver(self, batch: list) -> None:
-        for session, out, audio in batch:
-            session.deliver(out, audio)
+        for session, out, inp in batch:
+            session.deliver(out, inp)
         self._metrics.output_queue_turns.set(sum(s.queued_turns for s, _, _ in batch))
 
 

@@ -38,11 +38,11 @@ MAX_SLOTS = 8
 class ServerThread:
     """uvicorn serving `create_app(settings, engine)` on a free loopback port, in a thread."""
 
-    def __init__(self, settings: ServerSettings, engine: Engine) -> None:
+    def __init__(self, settings: ServerSettings, engine: Engine, task_hooks=None) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.app = create_app(settings, engine)
+        self.app = create_app(settings, engine, task_hooks=task_hooks)
         self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

@@ -97,7 +97,13 @@ async def _settle(http: httpx.AsyncClient, url: str) -> None:
 
 
 async def run_level(
-    url: str, n: int, duration_s: float, ramp_s: float, audio: np.ndarray, cushion_s: float, api_key: str | None
+    url: str,
+    n: int,
+    duration_s: float,
+    ramp_s: float,
+    audio: np.ndarray,
+    cushion_s: float,
+    api_key: str | None,
 ) -> tuple[dict, list[SessionResult]]:
     murl = metrics_url(url)
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as http:
@@ -109,7 +115,9 @@ async def run_level(
         )
         await _settle(http, murl)
         after = await _scrape(http, murl)
-    return summarize(results, duration_s, before, after, Targets()), list(results)
+    return summarize(results, duration_s, before, after, Targets(jitter_ms_p99=cushion_s * 1000)), list(
+        results
+    )
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -119,8 +127,15 @@ async def run(args: argparse.Namespace) -> dict:
     levels: list[tuple[dict, list[SessionResult]]] = []
     n = args.sessions
     for _ in range(MAX_SWEEP_LEVELS if args.sweep else 1):
-        summary, results = await run_level(url=args.url, n=n, duration_s=args.duration, ramp_s=args.ramp,
-                                           audio=audio, cushion_s=cushion_s, api_key=api_key)
+        summary, results = await run_level(
+            url=args.url,
+            n=n,
+            duration_s=args.duration,
+            ramp_s=args.ramp,
+            audio=audio,
+            cushion_s=cushion_s,
+            api_key=api_key,
+        )
         levels.append((summary, results))
         print(table([summary]), flush=True)
         if summary["goodput"] < GOODPUT_TARGET or n * 2 > min(args.max_sessions, MAX_SESSIONS):

@@ -42,7 +42,9 @@ def read_mono(path: str, rate: int = RATE) -> np.ndarray:
     return resample(audio.mean(axis=1), file_rate, rate)
 
 
-async def stream_audio(client: Client, audio: np.ndarray, rate: int = RATE, packet_ms: int = PACKET_MS) -> None:
+async def stream_audio(
+    client: Client, audio: np.ndarray, rate: int = RATE, packet_ms: int = PACKET_MS
+) -> None:
     """Send `audio` in `packet_ms` frames, each due at start + i * packet_ms (no drift)."""
     step = rate * packet_ms // 1000
     start = time.monotonic()

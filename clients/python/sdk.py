@@ -164,7 +164,11 @@ class Client:
         return await self.send_event({"type": "session.update", "session": session})
 
     async def create_task(
-        self, text: str, scheduling: str = "when_idle", tool: str | None = None, timeout_s: float | None = None
+        self,
+        text: str,
+        scheduling: str = "when_idle",
+        tool: str | None = None,
+        timeout_s: float | None = None,
     ) -> str:
         """Start a background task; the answer is a `task.created` (or `task.error`) event."""
         task: dict[str, Any] = {"input": text, "scheduling": scheduling}

@@ -183,6 +183,7 @@ function startProbes() {
       }
     }, RTT_PROBE_MS),
   );
+  pollMetrics();
   timers.push(setInterval(pollMetrics, METRICS_POLL_MS));
 }
 

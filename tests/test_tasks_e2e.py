@@ -1,0 +1,157 @@
+"""Background tasks end to end: real uvicorn, real WebSocket clients, the real tiny engine and worker pool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import websockets
+from test_server_e2e import ServerThread
+
+from microturn.model.engine import Engine
+from microturn.server.background import Tool
+from microturn.server.settings import ServerSettings
+from microturn.server.tasks import BackgroundWork, TaskMarkerParser
+
+MAX_SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    eng = Engine.from_preset("tiny", max_slots=MAX_SLOTS, device="cpu", seed=0)
+    eng.warmup()
+    return eng
+
+
+class _Server(ServerThread):
+    """A ServerThread whose background work has one extra tool: `slow`, which sleeps (to cancel it)."""
+
+    def __init__(self, settings: ServerSettings, engine: Engine) -> None:
+        self.work = BackgroundWork(settings, engine.tokenizer, engine.config.text_in_slots)
+
+        async def slow(text: str) -> str:
+            await asyncio.sleep(60)
+            return text
+
+        self.work.registry.register(Tool(
+            "slow", "sleeps for a minute", {"type": "object", "properties": {"text": {"type": "string"}},
+                                            "required": ["text"]}, slow,
+        ))
+        super().__init__(settings, engine, task_hooks=self.work)
+
+    def sessions(self) -> list:
+        return [c.session for c in self.app.state.server.connections]
+
+
+@pytest.fixture
+def server(engine) -> Iterator[_Server]:
+    settings = ServerSettings(max_sessions=MAX_SLOTS, background_max_per_session=2, debug_events=True)
+    with _Server(settings, engine) as srv:
+        yield srv
+
+
+async def _events(ws, seconds: float, until=None) -> list[dict]:
+    out: list[dict] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            message = await asyncio.wait_for(ws.recv(), left)
+        except TimeoutError:
+            break
+        if isinstance(message, str):
+            out.append(json.loads(message))
+            if until is not None and until(out[-1]):
+                break
+    return out
+
+
+def _background_text(events: list[dict]) -> str:
+    return "".join(e["text"] for e in events if e["type"] == "debug.text_in" and e["source"] == "background")
+
+
+async def test_task_create_streams_and_reaches_text_in(server: _Server) -> None:
+    async with websockets.connect(server.ws_url) as ws:
+        await ws.send(json.dumps({"type": "task.create", "event_id": "e1",
+                                  "task": {"input": "what is 17 * 23?", "scheduling": "interrupt"}}))
+        events = await _events(ws, 15, until=lambda e: e["type"] == "task.done")
+        created = [e for e in events if e["type"] == "task.created"]
+        assert created and created[0]["client_event_id"] == "e1"
+        task_id = created[0]["task_id"]
+        deltas = [e for e in events if e["type"] == "task.delta" and e["task_id"] == task_id]
+        assert len(deltas) >= 2 and [d["seq"] for d in deltas] == list(range(len(deltas)))
+        done = [e for e in events if e["type"] == "task.done"]
+        assert done and "391" in done[0]["result"]["text"]
+        # the streamed result goes into the model's text-in slots of later micro-turns (4 tokens a turn)
+        events += await _events(ws, 20, until=lambda e: "391" in _background_text(events + [e]))
+        assert "391" in _background_text(events)
+    assert server.metric("microturn_background_text_tokens_total") > 0
+
+
+async def test_task_cancel_and_per_session_limit(server: _Server) -> None:
+    async with websockets.connect(server.ws_url) as ws:
+        for i in range(3):
+            await ws.send(json.dumps({"type": "task.create", "event_id": f"s{i}",
+                                      "task": {"input": "zzz", "tool": "slow"}}))
+        events = await _events(ws, 3)
+        created = [e for e in events if e["type"] == "task.created"]
+        refused = [e for e in events if e["type"] == "task.error"]
+        assert len(created) == 2 and len(refused) == 1
+        assert refused[0]["error"]["code"] == "task_limit" and refused[0]["client_event_id"] == "s2"
+        await ws.send(json.dumps({"type": "task.cancel", "event_id": "c1", "task_id": created[0]["task_id"]}))
+        await ws.send(json.dumps({"type": "task.cancel", "event_id": "c2", "task_id": "task_nope"}))
+        events = await _events(ws, 2)
+        cancelled = [e for e in events if e["type"] == "task.cancelled"]
+        assert cancelled and cancelled[0]["task_id"] == created[0]["task_id"]
+        errors = [e for e in events if e["type"] == "error"]
+        assert errors and errors[0]["error"]["code"] == "unknown_task"
+        assert errors[0]["error"]["event_id"] == "c2"
+
+
+async def test_barge_in_makes_when_idle_result_stale(server: _Server) -> None:
+    settings = server.app.state.server.settings
+    settings.speaking_threshold_dbfs = -400.0  # the model always counts as speaking: when_idle waits
+    try:
+        async with websockets.connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "task.create", "event_id": "w1",
+                                      "task": {"input": "what is 6 * 7?", "scheduling": "when_idle"}}))
+            events = await _events(ws, 15, until=lambda e: e["type"] == "task.done")
+            assert any(e["type"] == "task.done" for e in events)
+            events += await _events(ws, 1)
+            assert _background_text(events) == ""  # still waiting: the model is speaking
+            tasks = server.sessions()[0].tasks.tasks
+            assert tasks.scheduler.pending() > 0
+            await ws.send(json.dumps({"type": "response.cancel", "event_id": "b1"}))  # barge-in
+            events = await _events(ws, 1)
+            assert any(e["type"] == "output_audio_buffer.cleared" for e in events)
+            settings.speaking_threshold_dbfs = 400.0  # now idle: a live when_idle item would be spoken
+            events = await _events(ws, 1.5)
+            assert "42" not in _background_text(events)
+            assert tasks.scheduler.pending() == 0
+    finally:
+        settings.speaking_threshold_dbfs = -45.0
+
+
+async def test_model_task_marker_starts_a_task(server: _Server, engine: Engine) -> None:
+    sp = engine.tokenizer.special
+    async with websockets.connect(server.ws_url) as ws:
+        await _events(ws, 0.5)
+        # constrained decoding forces the marker into text-out through the real model path
+        server.sessions()[0].script_text_out([sp.TASK_START, *b"12*12", sp.TASK_END])
+        events = await _events(ws, 15, until=lambda e: e["type"] == "task.done")
+        created = [e for e in events if e["type"] == "task.created"]
+        assert created and created[0]["task"]["origin"] == "model" and created[0]["task"]["input"] == "12*12"
+        assert "144" in next(e for e in events if e["type"] == "task.done")["result"]["text"]
+
+
+def test_marker_parser_spans_turns_and_drops_runaways(engine: Engine) -> None:
+    sp = engine.tokenizer.special
+    parser = TaskMarkerParser(engine.tokenizer)
+    assert parser.feed([sp.PAD, sp.TASK_START, *b"what ti"]) == []
+    assert parser.feed([*b"me is it", sp.TASK_END, *b"x"]) == ["what time is it"]
+    assert parser.feed([sp.TASK_START, *(b"a" * 600), sp.TASK_END]) == []
+    assert parser.feed([sp.TASK_END]) == []
+    assert np.array([sp.TASK_START]).dtype.kind == "i"

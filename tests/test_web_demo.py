@@ -1,0 +1,200 @@
+"""The browser demo page in Debian's Chromium (headless, Playwright) against a real server.
+
+Chromium's fake devices play an espeak-ng WAV as the microphone and a y4m file
+(drawn here with numpy) as the camera. The server side is observed through
+call-through counters on the session's input methods, so "the page sent audio and
+camera frames" means the server received and decoded them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import websockets.sync.client
+from test_server_e2e import ServerThread
+
+from microturn.model.engine import Engine
+from microturn.model.espeak import speak
+from microturn.server import session as server_session
+from microturn.server.settings import ServerSettings
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+SLOTS = 2
+WAIT_MS = 25_000  # generous: 2 shared cores run the server, the browser and the fake devices
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    eng = Engine.from_preset("tiny", max_slots=SLOTS, device="cpu", seed=0)
+    eng.warmup()
+    return eng
+
+
+def write_y4m(path: Path, width: int = 320, height: int = 240, frames: int = 10) -> None:
+    """A moving gradient as a y4m (4:2:0) fake camera."""
+    header = f"YUV4MPEG2 W{width} H{height} F5:1 Ip A1:1 C420jpeg\n".encode()
+    rows, cols = np.mgrid[0:height, 0:width]
+    chroma = np.full((height // 2) * (width // 2), 128, np.uint8).tobytes()
+    with path.open("wb") as f:
+        f.write(header)
+        for i in range(frames):
+            luma = ((rows + cols + 16 * i) % 256).astype(np.uint8)
+            f.write(b"FRAME\n" + luma.tobytes() + chroma + chroma)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> Iterator[object]:
+    media = tmp_path_factory.mktemp("media")
+    wav, y4m = media / "speech.wav", media / "camera.y4m"
+    sf.write(
+        wav,
+        speak("Hello! What is seventeen times twenty three? Tell me about the sun.", rate=48_000),
+        48_000,
+        subtype="PCM_16",
+    )
+    write_y4m(y4m)
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+        f"--use-file-for-fake-video-capture={y4m}",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("profile")), executable_path=str(CHROMIUM), headless=True, args=args
+        )
+        yield context
+        context.close()
+
+
+class ConsoleWatch:
+    """Console errors and uncaught exceptions of one page."""
+
+    def __init__(self, page) -> None:
+        self.problems: list[str] = []
+        page.on("console", lambda m: m.type == "error" and self.problems.append(m.text))
+        page.on("pageerror", lambda e: self.problems.append(str(e)))
+
+
+@pytest.fixture
+def received(monkeypatch) -> dict[str, int]:
+    """Counts what the server's sessions took in: images decoded, input audio samples."""
+    counts = {"images": 0, "audio_samples": 0}
+    lock = threading.Lock()
+    set_image, append = server_session.Session.set_image, server_session.AudioInput.append
+
+    def counted_image(self, rgb):
+        with lock:
+            counts["images"] += 1
+        return set_image(self, rgb)
+
+    def counted_append(self, samples, rate, event_id=None):
+        append(self, samples, rate, event_id)
+        with lock:
+            counts["audio_samples"] += len(samples) * 16_000 // rate
+
+    monkeypatch.setattr(server_session.Session, "set_image", counted_image)
+    monkeypatch.setattr(server_session.AudioInput, "append", counted_append)
+    return counts
+
+
+def test_page_and_worklets_are_served_with_their_content_types(engine):
+    with ServerThread(ServerSettings(max_sessions=SLOTS), engine) as srv:
+        for path, kind in [
+            ("/", "text/html"),
+            ("/app.js", "text/javascript"),
+            ("/mic-worklet.js", "text/javascript"),
+            ("/player-worklet.js", "text/javascript"),
+            ("/resampler.js", "text/javascript"),
+            ("/style.css", "text/css"),
+        ]:
+            response = httpx.get(srv.http_url + path)
+            assert response.status_code == 200 and response.headers["content-type"].startswith(kind), path
+
+
+def test_page_talks_sees_plays_transcribes_and_runs_a_background_task(engine, browser, received):
+    with ServerThread(ServerSettings(max_sessions=SLOTS), engine) as srv:
+        page = browser.new_page()
+        console = ConsoleWatch(page)
+        page.goto(f"{srv.http_url}/?cushion=400")
+        page.check("#camera")
+        page.click("#start")
+        page.wait_for_function(
+            """() => { const s = window.microturnDemo.stats;
+                return s.state === 'live' && s.turns >= 10 && s.imagesSent >= 2 && s.micPackets >= 25
+                    && s.textChars > 0 && s.player && s.player.played > 0 && s.rttMs !== null
+                    && s.tickMs !== null; }""",
+            timeout=WAIT_MS,
+        )
+        played_before = page.evaluate("window.microturnDemo.stats.player.played")
+        page.fill("#text", "what is 17 times 23?")
+        page.click("#ask")
+        page.wait_for_selector(".task.done", timeout=WAIT_MS)
+        page.wait_for_function(f"window.microturnDemo.stats.player.played > {played_before}", timeout=WAIT_MS)
+        stats = page.evaluate("window.microturnDemo.stats")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web_demo.png"), full_page=True)
+        task = page.locator(".task.done").first
+        assert "391" in task.locator(".partial").inner_text()
+        assert "391" in task.locator(".result").inner_text()
+        assert stats["player"]["underruns"] == 0 and stats["missedSeq"] == 0
+        assert page.inner_text("#transcript").strip()
+        assert page.inner_text("#hud-state") == "live"
+        assert page.inner_text("#hud-rtt").endswith(" ms") and page.inner_text("#hud-tick").endswith(" ms")
+        assert received["images"] >= 2 and received["audio_samples"] >= 16_000
+        page.click("#stop")
+        assert page.inner_text("#hud-state") == "closed"
+        assert stats["errors"] == [] and console.problems == []
+        page.close()
+
+
+def test_page_says_when_the_server_is_busy_and_when_the_mic_is_denied(engine, browser):
+    deny_mic = """navigator.mediaDevices.getUserMedia = async (c) => {
+        if (c.audio) throw new DOMException('Permission denied', 'NotAllowedError');
+        throw new DOMException('no camera', 'NotFoundError'); };"""
+    with ServerThread(ServerSettings(max_sessions=1), engine) as srv:
+        page = browser.new_page()
+        console = ConsoleWatch(page)
+        with websockets.sync.client.connect(srv.ws_url) as occupier:
+            assert '"session.created"' in occupier.recv(timeout=10)
+            page.goto(srv.http_url + "/")
+            page.click("#start")
+            page.wait_for_function("window.microturnDemo.stats.state === 'closed'", timeout=WAIT_MS)
+            assert "busy" in page.inner_text("#message")
+        page.close()
+        page = browser.new_page()
+        page.add_init_script(deny_mic)
+        page.goto(srv.http_url + "/")
+        for _ in range(50):  # the occupier's slot is freed a moment after it closed
+            page.click("#start")
+            page.wait_for_function(
+                "['live', 'closed'].includes(window.microturnDemo.stats.state)", timeout=WAIT_MS
+            )
+            if page.evaluate("window.microturnDemo.stats.state") == "live":
+                break
+            page.wait_for_timeout(100)
+        assert page.evaluate("window.microturnDemo.stats.state") == "live"
+        assert "Microphone access was denied" in page.inner_text("#message")
+        page.click("#camera")  # the page un-ticks it again when the camera fails
+        page.wait_for_function("document.querySelector('#message').textContent.includes('No camera')")
+        assert not page.is_checked("#camera")
+        page.click("#stop")
+        assert console.problems == []
+        page.close()
