@@ -64,11 +64,17 @@ class GraphedGenerate:
         return graph, text_out, audio_out
 
     def run(
-        self, B: int, text_in: torch.Tensor, source: torch.Tensor, audio_in: torch.Tensor, forced: torch.Tensor
+        self,
+        B: int,
+        text_in: torch.Tensor,
+        source: torch.Tensor,
+        audio_in: torch.Tensor,
+        forced: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b = next(k for k in sorted(self.graphs) if k >= B)
         graph, text_out, audio_out = self.graphs[b]
-        self.text_in[:B], self.source[:B], self.audio_in[:B], self.forced[:B] = text_in, source, audio_in, forced
+        self.text_in[:B], self.source[:B] = text_in, source
+        self.audio_in[:B], self.forced[:B] = audio_in, forced
         self.exec_mask.zero_()
         self.exec_mask[:B] = True
         graph.replay()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from microturn.model.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -18,7 +20,6 @@ from microturn.model.checkpoint import (
 )
 from microturn.model.config import ModelConfig, preset
 from microturn.model.transformer import build_model
-from torch import nn
 
 CONFIG = ModelConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, text_vocab=40)
 

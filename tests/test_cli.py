@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from microturn.model import params
-from microturn.model.config import preset
 
 from microturn import cli
+from microturn.model import params
+from microturn.model.config import preset
 
 SCRIPT = Path(sys.executable).parent / "microturn"
 

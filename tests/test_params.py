@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from microturn.model import params
 from microturn.model.config import PRESETS, ModelConfig, preset
 from microturn.model.transformer import InteractionModel
