@@ -49,6 +49,14 @@ def _bench_engine_flags(parser: argparse.ArgumentParser) -> None:
     _device(parser)
 
 
+def _bench_background_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=DEFAULT_PRESET)
+    parser.add_argument("--sessions", type=int, default=4, help="real-time sessions streaming speech")
+    parser.add_argument("--tasks", type=int, default=16, help="background tasks streaming at once")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per phase")
+    _device(parser)
+
+
 def _loadtest_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL, help="realtime WebSocket URL")
     parser.add_argument("--sessions", type=int, default=4, help="concurrent real-time sessions")
@@ -118,6 +126,8 @@ COMMANDS: list[tuple[tuple[str, ...], Target, Callable[[argparse.ArgumentParser]
     (("params",), params_main, _params_flags, "parameter, KV-memory and FLOP arithmetic of a preset"),
     (("serve",), "microturn.server.cli:serve_main", _serve_flags, "run the realtime server"),
     (("bench", "engine"), "microturn.model.bench:main", _bench_engine_flags, "sessions held in real time"),
+    (("bench", "background"), "microturn.server.bench_background:main", _bench_background_flags,
+     "tick time with background tasks streaming"),
     (("loadtest",), "microturn.clients.loadtest.cli:main", _loadtest_flags, "real-time sessions vs a server"),
     (("talk",), "microturn.clients.python.cli:talk_main", _talk_flags, "stream a WAV file, record the reply"),
     (("train",), "microturn.model.train:main", _train_flags, "train a model and write a checkpoint"),

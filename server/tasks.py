@@ -23,6 +23,7 @@ from microturn.model.tokenizer import ByteStreamDecoder, ByteTokenizer
 
 from . import protocol as p
 from .background import (
+    Backend,
     OpenAIBackendConfig,
     PoolConfig,
     SessionTasks,
@@ -156,19 +157,20 @@ class BackgroundWork:
     """The process-wide pool + registry; call it with a session to get that session's hooks."""
 
     def __init__(self, settings: ServerSettings, tokenizer: ByteTokenizer, text_in_slots: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, backend: Backend | None = None) -> None:
         self.registry = default_registry()
         self._settings = settings
         self._tokenizer = tokenizer
         self._text_in_slots = text_in_slots
         self.metrics = metrics  # set by the app when None
+        self._backend = backend  # None: the one named in settings
         self._pool: WorkerPool | None = None
 
     @property
     def pool(self) -> WorkerPool:
         if self._pool is None:  # created lazily: the pool binds to the running event loop
             s = self._settings
-            backend = make_backend(s.background_backend, self.registry, OpenAIBackendConfig(
+            backend = self._backend or make_backend(s.background_backend, self.registry, OpenAIBackendConfig(
                 base_url=s.background_openai_base_url, model=s.background_openai_model,
                 api_key=s.background_openai_api_key,
             ))

@@ -1,0 +1,418 @@
+"""Synthetic full-duplex conversations for the demo interaction model (training and evaluation).
+
+Contract: `DuplexGenerator(cfg, split, seed, turns).conversation(index)` returns the same
+`Conversation` for the same (split, seed, index, turns), built from scratch: a timeline of
+200 ms micro-turns where the user speaks (espeak-ng, many voices / speeds / pitches, noise,
+level changes), types (text-in: SRC_USER then bytes, at most `text_in_slots` per turn, the
+rest flowing into later turns) and shows camera frames, and the model answers in one fixed
+voice with its text-out stream aligned ahead of its speech (the answer's bytes then EPAD,
+PAD when idle; the speech starts in the turn of its first text token). Background results
+arrive in text-in behind SRC_BACKGROUND. `batch(step, size)` stacks conversations into a
+teacher-forcing `(prefix, Turns)` pair with exactly the tokens the engine would see; each
+`Episode` labels what the model should do and when (for model/evaluate.py).
+
+Reference behaviour (the policy the model learns): answer in the first turn after the
+user's question ends (speech: the turn after the one holding its last sample; typed: the
+turn after its last text-in token); stay silent through a mid-sentence pause; stop speaking
+in the first turn whose input holds BARGE_IN_REACT_MS of the user's barge-in; for a hard sum
+or the time say HOLDING_PHRASE, write TASK_START task TASK_END, and speak the background
+result once it has fully arrived. Voices and question phrasings are split train/held-out.
+
+Output audio of micro-turn t plays during [(t+1)*200, (t+2)*200) ms of the user's clock
+(one tick to compute it); evaluators use that convention. This module does not know about
+training, optimisers, engines or servers. Espeak renders are cached in memory per generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .dmel import DMel
+from .espeak import speak
+from .layout import Turns, image_patches, patch_indices
+from .slots import SAMPLE_RATE, TURN_SAMPLES, SlotInput
+from .tokenizer import ByteTokenizer
+
+TURN_MS = 1000 * TURN_SAMPLES // SAMPLE_RATE
+MODEL_VOICE = ("en-us", 165, 45)  # (voice, words per minute, pitch): the model's one voice
+HOLDING_PHRASE = "one moment."
+BARGE_IN_REACT_MS = 100  # the model stops in the first turn holding this much of a barge-in
+INSTRUCTIONS = ("", "You are a helpful voice assistant.", "Answer briefly and kindly.")
+# user voices = base x variant; held-out: one base and two variants never seen in training
+VOICE_BASES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan",
+               "en-gb-x-gbcwmd")
+VOICE_VARIANTS = ("", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5")
+HELD_OUT_BASES = ("en-gb-x-gbcwmd",)
+HELD_OUT_VARIANTS = ("+m6", "+f4")
+SPEEDS = (125, 140, 155, 170, 185, 200, 220)  # words per minute
+PITCHES = (15, 30, 45, 60, 75, 90)
+NOISE_DBFS = (-80.0, -40.0)  # RMS range of the background noise under the user's audio
+USER_PEAK_DBFS = (-22.0, -1.0)  # peak level range of one user utterance
+LEVEL_RAMP_DB = 6.0  # within-utterance level drift, +/- dB
+PAUSE_SAMPLES = (2 * TURN_SAMPLES, 5 * TURN_SAMPLES)  # mid-sentence pause length
+GAP_TURNS = (1, 4)  # silence between episodes, turns (inclusive)
+RESULT_DELAY_TURNS = (1, 8)  # background latency after the task marker, turns (inclusive)
+N_CANDIDATES = 4  # wrong answers rendered beside the right one for the speech judge
+SCENARIOS = ("answer", "pause", "interrupt", "task", "vision", "typed")
+SCENARIO_WEIGHTS = (0.22, 0.16, 0.16, 0.14, 0.14, 0.18)
+TYPED_SHARE = 0.25  # vision and task questions typed instead of spoken
+DISTRACTOR_FRAME_SHARE = 0.5  # conversations showing a camera frame from the start
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
+           "orange": (250, 140, 20), "purple": (130, 40, 170), "white": (245, 245, 245), "black": (15, 15, 15)}
+WORDS = ("apple", "banana", "river", "window", "garden", "pencil", "rocket", "tiger", "summer", "coffee",
+         "music", "dragon", "planet", "silver", "candle", "monkey")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+# (train phrasings, held-out phrasings) per intent; the last piece of a spoken question can be paused before
+PHRASINGS = {
+    "greeting": (("hello", "hi there", "good morning", "hey, how are you"), ("hello, is anyone there",)),
+    "arith": (("what is {a} {op} {b}", "what's {a} {op} {b}", "{a} {op} {b}", "can you tell me {a} {op} {b}"),
+              ("how much is {a} {op} {b}",)),
+    "repeat": (("say {w}", "repeat the word {w}", "can you say {w}"), ("please say the word {w}",)),
+    "colour": (("what colour is this", "what colour do you see", "which colour is it"),
+               ("tell me the colour of this",)),
+    "hard": (("what is {a} {op} {b}", "can you work out {a} {op} {b}"), ("how much is {a} {op} {b}",)),
+    "time": (("what time is it", "do you know the time", "what's the time now"), ("tell me the time",)),
+}
+BARGE_INS = (("wait", "stop", "hold on", "no, stop please"), ("okay, that's enough",))
+GREETING_ANSWER = "hello! how can I help you?"
+
+
+@dataclass
+class Question:
+    intent: str
+    text: str  # the phrasing the user speaks or types
+    answer: str  # the model's reference answer text
+    candidates: list[str]  # wrong answers of the same shape (speech judge)
+    task: str = ""  # background task text (hard sums, the time)
+    result: str = ""  # the background result text
+
+
+@dataclass
+class Episode:
+    kind: str  # one of SCENARIOS
+    intent: str  # one of PHRASINGS
+    typed: bool  # the question came as text-in
+    input_end_ms: float  # end of the question: last speech sample, or end of its last text-in turn
+    input_end_turn: int  # the turn holding that end
+    respond_turn: int  # turn the reference answer text starts in (-1: the model stays silent)
+    answer: str  # expected answer text ("" when none)
+    candidates: list[str] = field(default_factory=list)
+    end_turn: int = 0  # last turn this episode touches
+    pause_ms: tuple[float, float] | None = None  # mid-sentence pause [start, end) on the user's clock
+    onset_ms: float | None = None  # barge-in onset on the user's clock
+    stop_turn: int = -1  # first turn of model silence after a barge-in (reference)
+    task: str = ""  # expected text between TASK_START and TASK_END
+    result_turn: int = -1  # first turn of the background result in text-in
+    result_end_turn: int = -1  # last turn of it
+    colour: str = ""  # the camera frame's colour (vision)
+
+
+@dataclass
+class Conversation:
+    instructions: str
+    user_audio: np.ndarray  # (turns * TURN_SAMPLES,) float32 what the microphone hears
+    model_audio: np.ndarray  # (turns * TURN_SAMPLES,) float32 reference speech of the model
+    images: dict[int, np.ndarray]  # turn -> RGB frame shown from that turn on
+    text_in: list[list[int]]  # per turn, at most text_in_slots ids (no padding)
+    background: list[bool]  # per turn: text_in carries a background result
+    text_out: list[list[int]]  # per turn, exactly text_out_slots ids
+    episodes: list[Episode]
+
+    @property
+    def turns(self) -> int:
+        return len(self.text_out)
+
+    def slot_input(self, turn: int) -> SlotInput:
+        """What the engine gets for micro-turn `turn`."""
+        audio = self.user_audio[turn * TURN_SAMPLES : (turn + 1) * TURN_SAMPLES]
+        return SlotInput(audio=audio.copy(), image=self.images.get(turn), text_in=list(self.text_in[turn]),
+                         text_in_background=self.background[turn])
+
+
+def user_voices(split: str) -> list[tuple[str, str]]:
+    """(base, variant) pairs of the split; the model's own voice is never a user voice."""
+    pairs = [(b, v) for b in VOICE_BASES for v in VOICE_VARIANTS if (b + v) != MODEL_VOICE[0]]
+    held = [(b, v) for b, v in pairs if b in HELD_OUT_BASES or v in HELD_OUT_VARIANTS]
+    return held if split == "heldout" else [p for p in pairs if p not in held]
+
+
+def _trim(wave: np.ndarray, rel: float = 0.01) -> np.ndarray:
+    """Cut the renderer's leading and trailing silence, so the speech boundaries are exact."""
+    loud = np.flatnonzero(np.abs(wave) > rel * np.abs(wave).max())
+    return wave[loud[0] : loud[-1] + 1] if loud.size else wave
+
+
+class _Timeline:
+    """The streams of one conversation under construction, `turns` micro-turns long."""
+
+    def __init__(self, turns: int, cfg: ModelConfig, tok: ByteTokenizer) -> None:
+        self.n, self.cfg, self.sp = turns, cfg, tok.special
+        self.user = np.zeros(turns * TURN_SAMPLES, np.float32)
+        self.model = np.zeros(turns * TURN_SAMPLES, np.float32)
+        self.text_in: list[list[int]] = [[] for _ in range(turns)]
+        self.background = [False] * turns
+        self.text_out: list[list[int]] = [[] for _ in range(turns)]
+        self.owner = [-1] * turns  # which model utterance wrote each turn's text
+        self.images: dict[int, np.ndarray] = {}
+
+    def user_say(self, start: int, wave: np.ndarray) -> int:
+        """Mix an utterance in at sample `start`; returns its end sample (exclusive)."""
+        end = min(start + len(wave), len(self.user))
+        self.user[start:end] += wave[: end - start]
+        return start + len(wave)
+
+    def type_in(self, turn: int, ids: list[int], background: bool) -> int:
+        """Queue ids into text-in from `turn`; returns the last turn used."""
+        t = turn
+        for i in ids:
+            while t < self.n and len(self.text_in[t]) >= self.cfg.text_in_slots:
+                t += 1
+            if t >= self.n:
+                break
+            self.text_in[t].append(i)
+            self.background[t] = background
+        return t
+
+    def model_say(self, turn: int, ids: list[int], wave: np.ndarray, utt: int) -> tuple[int, int]:
+        """Text ids (EPAD appended) flow into text-out from `turn`; the speech starts in the turn of the
+        first id. Returns (first text turn, last turn of text or speech)."""
+        t, first, last = turn, -1, turn
+        for i in [*ids, self.sp.EPAD]:
+            while t < self.n and len(self.text_out[t]) >= self.cfg.text_out_slots:
+                t += 1
+            if t >= self.n:
+                break
+            first = t if first < 0 else first
+            self.text_out[t].append(i)
+            self.owner[t] = last = t
+        first = turn if first < 0 else first
+        start = first * TURN_SAMPLES
+        end = min(start + len(wave), len(self.model))
+        self.model[start:end] = wave[: end - start]
+        return first, max(last, (start + len(wave) - 1) // TURN_SAMPLES)
+
+    def cut_model(self, stop_turn: int, utt: int) -> None:
+        """Barge-in: the model's speech ends at `stop_turn`; its unsent text is replaced by one EPAD."""
+        self.model[stop_turn * TURN_SAMPLES :] = 0.0
+        cut = [t for t in range(stop_turn, self.n) if self.owner[t] == utt]
+        for t in cut:
+            self.text_out[t] = []
+        if cut:
+            self.text_out[cut[0]] = [self.sp.EPAD]
+
+    def finish(self, keep: int, instructions: str, episodes: list[Episode]) -> Conversation:
+        pad = self.sp.PAD
+        text_out = [(s + [pad] * self.cfg.text_out_slots)[: self.cfg.text_out_slots] for s in self.text_out]
+        n = keep * TURN_SAMPLES
+        return Conversation(
+            instructions=instructions, user_audio=np.clip(self.user[:n], -1, 1), model_audio=self.model[:n],
+            images={t: im for t, im in self.images.items() if t < keep}, text_in=self.text_in[:keep],
+            background=self.background[:keep], text_out=text_out[:keep],
+            episodes=[e for e in episodes if e.end_turn < keep],
+        )
+
+
+class DuplexGenerator:
+    """Deterministic conversations of one split ("train" or "heldout") and seed."""
+
+    def __init__(self, cfg: ModelConfig, split: str = "train", seed: int = 0, turns: int = 32) -> None:
+        if split not in ("train", "heldout"):
+            raise ValueError(f"unknown split {split!r}")
+        self.cfg, self.split, self.seed, self.turns = cfg, split, seed, turns
+        self.tok = ByteTokenizer()
+        self.dmel = DMel()
+        self.voices = user_voices(split)
+        self._renders: dict[tuple, np.ndarray] = {}
+
+    # --- speech ---
+    def render(self, text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
+        key = (text, voice, speed, pitch)
+        if key not in self._renders:
+            self._renders[key] = _trim(speak(text, voice=voice, speed=speed, pitch=pitch, rate=SAMPLE_RATE))
+        return self._renders[key]
+
+    def model_speech(self, text: str) -> np.ndarray:
+        return self.render(text, *MODEL_VOICE)
+
+    # --- content ---
+    def question(self, intent: str, rng: np.random.Generator) -> Question:
+        phrasings = PHRASINGS[intent][self.split == "heldout"]
+        tpl = phrasings[rng.integers(len(phrasings))]
+        if intent == "greeting":
+            return Question(intent, tpl, GREETING_ANSWER, ["it is red.", "banana.", "one moment.", "it is 7."])
+        if intent == "arith":
+            op = ("plus", "minus", "times")[rng.integers(3)]
+            a, b = sorted(rng.integers(0, 10, 2).tolist(), reverse=op == "minus")
+            r = OPS[op](a, b)
+            words = rng.random() < 0.5  # the typed form spells numbers or writes digits
+            text = tpl.format(a=NUMBER_WORDS[a] if words else a, op=op, b=NUMBER_WORDS[b] if words else b)
+            wrong = [x for x in range(max(0, r - 6), r + 7) if x != r]
+            picks = rng.choice(wrong, N_CANDIDATES, replace=False).tolist()
+            return Question(intent, text, f"{a} {op} {b} is {r}.", [f"{a} {op} {b} is {x}." for x in picks])
+        if intent == "repeat":
+            w = WORDS[rng.integers(len(WORDS))]
+            others = rng.choice([x for x in WORDS if x != w], N_CANDIDATES, replace=False).tolist()
+            return Question(intent, tpl.format(w=w), f"{w}.", [f"{x}." for x in others])
+        if intent == "colour":
+            return Question(intent, tpl, "", [])  # the answer is set by the frame shown
+        if intent == "hard":
+            op = ("plus", "times")[rng.integers(2)]
+            a, b = int(rng.integers(100, 1000)), int(rng.integers(11, 100))
+            r = OPS[op](a, b)
+            picks = (r + rng.choice([-100, -10, -1, 1, 10, 100], N_CANDIDATES, replace=False)).tolist()
+            return Question(intent, tpl.format(a=a, op=op, b=b), f"it is {r}.", [f"it is {x}." for x in picks],
+                            task=f"{a} {op} {b}", result=str(r))
+        hh, mm = int(rng.integers(1, 13)), int(rng.integers(0, 60))
+        picks = [f"it is {(hh + d) % 12 + 1}:{mm:02d}." for d in range(N_CANDIDATES)]
+        return Question(intent, tpl, f"it is {hh}:{mm:02d}.", picks, task="what time is it",
+                        result=f"{hh}:{mm:02d}")
+
+    # --- the user's audio ---
+    def _utterance(self, text: str, voice: tuple[str, int, int], rng: np.random.Generator) -> np.ndarray:
+        wave = self.render(text, *voice)
+        peak = 10 ** (rng.uniform(*USER_PEAK_DBFS) / 20) / max(np.abs(wave).max(), 1e-6)
+        ramp = 10 ** (np.linspace(0, rng.uniform(-LEVEL_RAMP_DB, LEVEL_RAMP_DB), len(wave)) / 20)
+        return (wave * peak * ramp).astype(np.float32)
+
+    def _noise(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        kind = rng.integers(3)
+        if kind == 0:
+            noise = rng.standard_normal(n)
+        elif kind == 1:  # brown: integrated white noise, drift removed
+            noise = np.cumsum(rng.standard_normal(n))
+            noise -= np.convolve(noise, np.ones(801) / 801, mode="same")
+        else:  # mains hum with harmonics
+            t = np.arange(n) / SAMPLE_RATE
+            f0 = (50.0, 60.0)[rng.integers(2)]
+            noise = sum(np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 6.3)) / h for h in (1, 2, 3, 5))
+        rms = 10 ** (rng.uniform(*NOISE_DBFS) / 20)
+        return (noise * rms / max(noise.std(), 1e-9)).astype(np.float32)
+
+    def _frame(self, colour: str, rng: np.random.Generator) -> np.ndarray:
+        h, w = int(rng.integers(24, 97)), int(rng.integers(24, 97))
+        base = np.array(COLOURS[colour], np.float32) * rng.uniform(0.8, 1.05)
+        img = base + rng.normal(0, 12, (h, w, 3)) + np.linspace(-20, 20, w)[None, :, None]
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+    # --- conversations ---
+    def conversation(self, index: int, turns: int | None = None, kinds: tuple[str, ...] | None = None) -> Conversation:
+        """Conversation `index`: episodes (of `kinds`, weighted at random by default) until `turns` are full."""
+        n = turns or self.turns
+        rng = np.random.default_rng([self.seed, index, self.split == "heldout"])
+        instructions = INSTRUCTIONS[rng.integers(len(INSTRUCTIONS))]
+        room = n + 80  # episodes may run past the end; the conversation is cut to n turns
+        tl = _Timeline(room, self.cfg, self.tok)
+        if rng.random() < DISTRACTOR_FRAME_SHARE:
+            tl.images[0] = self._frame(list(COLOURS)[rng.integers(len(COLOURS))], rng)
+        episodes: list[Episode] = []
+        t = int(rng.integers(*GAP_TURNS, endpoint=True)) - 1
+        while t < n:
+            if kinds:
+                kind = kinds[len(episodes) % len(kinds)]
+            else:
+                kind = SCENARIOS[rng.choice(len(SCENARIOS), p=SCENARIO_WEIGHTS)]
+            ep = self._episode(kind, tl, t, rng, utt=len(episodes))
+            episodes.append(ep)
+            t = ep.end_turn + int(rng.integers(*GAP_TURNS, endpoint=True))
+        tl.user += self._noise(len(tl.user), rng)
+        return tl.finish(n, instructions, episodes)
+
+    def _episode(self, kind: str, tl: _Timeline, t: int, rng: np.random.Generator, utt: int) -> Episode:
+        sp = self.tok.special
+        voice = self.voices[rng.integers(len(self.voices))]
+        voice = (voice[0] + voice[1], int(rng.choice(SPEEDS)), int(rng.choice(PITCHES)))
+        intent = {"task": ("hard", "time")[rng.integers(2)], "vision": "colour"}.get(
+            kind, ("greeting", "arith", "repeat")[rng.integers(3)])
+        q = self.question(intent, rng)
+        colour = ""
+        if kind == "vision":
+            colour = list(COLOURS)[rng.integers(len(COLOURS))]
+            tl.images[max(0, t - int(rng.integers(0, 3)))] = self._frame(colour, rng)
+            q.answer = f"it is {colour}."
+            q.candidates = [f"it is {c}." for c in COLOURS if c != colour][:N_CANDIDATES]
+        typed = kind == "typed" or (kind in ("vision", "task") and rng.random() < TYPED_SHARE)
+        start = t * TURN_SAMPLES + int(rng.integers(TURN_SAMPLES))
+        pause = None
+        if typed:
+            last = tl.type_in(t, [sp.SRC_USER, *self.tok.encode(q.text)], background=False)
+            end_ms, end_turn = (last + 1) * TURN_MS, last
+        else:
+            if kind == "pause":
+                words = q.text.split()
+                if len(words) < 2:
+                    words = [*words, "please"]
+                k = int(rng.integers(1, len(words)))
+                first_end = tl.user_say(start, self._utterance(" ".join(words[:k]) + ",", voice, rng))
+                resume = first_end + int(rng.integers(*PAUSE_SAMPLES))
+                pause = (first_end * 1000 / SAMPLE_RATE, resume * 1000 / SAMPLE_RATE)
+                end = tl.user_say(resume, self._utterance(" ".join(words[k:]) + "?", voice, rng))
+            else:
+                end = tl.user_say(start, self._utterance(q.text + "?", voice, rng))
+            end_ms, end_turn = end * 1000 / SAMPLE_RATE, (end - 1) // TURN_SAMPLES
+        ep = Episode(kind, intent, typed, end_ms, end_turn, end_turn + 1, q.answer, q.candidates, pause_ms=pause,
+                     colour=colour)
+        if kind == "task":
+            ids = [*self.tok.encode(HOLDING_PHRASE), sp.TASK_START, *self.tok.encode(q.task), sp.TASK_END]
+            first, speech_end = tl.model_say(end_turn + 1, ids, self.model_speech(HOLDING_PHRASE), utt)
+            text_end = max(i for i in range(first, tl.n) if tl.owner[i] == utt)
+            ep.task, ep.answer = q.task, q.answer
+            ep.result_turn = max(text_end, speech_end) + int(rng.integers(*RESULT_DELAY_TURNS, endpoint=True))
+            ep.result_end_turn = tl.type_in(ep.result_turn, [sp.SRC_BACKGROUND, *self.tok.encode(q.result)], True)
+            _, ep.end_turn = tl.model_say(ep.result_end_turn + 1, self.tok.encode(q.answer),
+                                          self.model_speech(q.answer), utt)
+            return ep
+        first, speech_end = tl.model_say(end_turn + 1, self.tok.encode(q.answer), self.model_speech(q.answer), utt)
+        ep.respond_turn, ep.end_turn = first, speech_end
+        if kind == "interrupt" and speech_end - first >= 2:
+            onset = int(rng.integers((first + 1) * TURN_SAMPLES, speech_end * TURN_SAMPLES))
+            ep.onset_ms = onset * 1000 / SAMPLE_RATE
+            ep.stop_turn = (onset + BARGE_IN_REACT_MS * SAMPLE_RATE // 1000) // TURN_SAMPLES
+            tl.cut_model(ep.stop_turn, utt)
+            phrases = BARGE_INS[self.split == "heldout"]
+            barge_end = tl.user_say(onset, self._utterance(phrases[rng.integers(len(phrases))], voice, rng))
+            ep.end_turn = max(ep.stop_turn, (barge_end - 1) // TURN_SAMPLES)
+        return ep
+
+    # --- tensors ---
+    def turns_of(self, convs: list[Conversation]) -> tuple[torch.Tensor, Turns]:
+        """Stack conversations of equal length and instructions into the engine's exact view."""
+        cfg, sp = self.cfg, self.tok.special
+        n = convs[0].turns
+        if any(c.turns != n or c.instructions != convs[0].instructions for c in convs):
+            raise ValueError("a batch needs conversations of equal length and instructions")
+        shape = (len(convs), n, cfg.audio_tokens, cfg.frames_per_audio_token, cfg.dmel_channels)
+        audio_in = self.dmel.encode(torch.from_numpy(np.stack([c.user_audio for c in convs]))).view(shape)
+        audio_out = self.dmel.encode(torch.from_numpy(np.stack([c.model_audio for c in convs]))).view(shape)
+        text_in = torch.full((len(convs), n, cfg.text_in_slots), sp.PAD, dtype=torch.long)
+        for b, c in enumerate(convs):
+            for t, ids in enumerate(c.text_in):
+                text_in[b, t, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        source = torch.tensor([c.background for c in convs], dtype=torch.long)[..., None].expand_as(text_in)
+        idx = patch_indices(torch.arange(n), cfg)  # (n, V)
+        grid = (cfg.image_size // cfg.patch_size) ** 2
+        patches = torch.zeros(len(convs), n, cfg.video_patches, cfg.patch_dim)
+        for b, c in enumerate(convs):
+            current = torch.zeros(grid, cfg.patch_dim)
+            for t in range(n):
+                if t in c.images:
+                    current = torch.from_numpy(image_patches(c.images[t], cfg))
+                patches[b, t] = current[idx[t]]
+        ctrl = torch.full((len(convs), n), sp.CTRL, dtype=torch.long)
+        ctrl[:, 0] = sp.BOS
+        prefix = torch.tensor([[sp.INSTR, *self.tok.encode(convs[0].instructions)][: cfg.prefix_len]])
+        turns = Turns(ctrl=ctrl, patches=patches, patch_idx=idx[None].expand(len(convs), -1, -1).clone(),
+                      audio_in=audio_in, text_in=text_in, source=source.clone(),
+                      text_out=torch.tensor([c.text_out for c in convs], dtype=torch.long), audio_out=audio_out)
+        return prefix.expand(len(convs), -1).clone(), turns
+
+    def batch(self, step: int, size: int) -> tuple[torch.Tensor, Turns]:
+        """Training batch `step`: conversations step*size .. step*size+size-1, one instruction string."""
+        convs = [self.conversation(step * size + i) for i in range(size)]
+        instructions = INSTRUCTIONS[np.random.default_rng([self.seed, step]).integers(len(INSTRUCTIONS))]
+        return self.turns_of([dataclasses.replace(c, instructions=instructions) for c in convs])
