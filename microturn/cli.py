@@ -83,13 +83,27 @@ def _talk_flags(parser: argparse.ArgumentParser) -> None:
 def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
-    parser.add_argument("--checkpoint", default=None, help="resume from this checkpoint")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--checkpoint", default=None, help="start from these weights (fresh optimiser)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--steps", type=int, default=1000, help="total optimiser steps")
+    parser.add_argument("--batch", type=int, default=8, help="conversations per step")
+    parser.add_argument("--turns", type=int, default=32, help="micro-turns per conversation (200 ms each)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    parser.add_argument("--seed", type=int, default=0, help="weights and data seed")
+    parser.add_argument("--save-every", type=int, default=200, help="checkpoint period in steps")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     _device(parser)
 
 
 def _eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--conversations", type=int, default=96, help="held-out conversations")
+    parser.add_argument("--seed", type=int, default=0, help="held-out data seed")
+    parser.add_argument("--batch", type=int, default=16, help="conversations run side by side")
     _device(parser)
 
 
@@ -131,7 +145,7 @@ COMMANDS: list[tuple[tuple[str, ...], Target, Callable[[argparse.ArgumentParser]
     (("loadtest",), "microturn.clients.loadtest.cli:main", _loadtest_flags, "real-time sessions vs a server"),
     (("talk",), "microturn.clients.python.cli:talk_main", _talk_flags, "stream a WAV file, record the reply"),
     (("train",), "microturn.model.train:main", _train_flags, "train a model and write a checkpoint"),
-    (("eval",), "microturn.model.evaluate:main", _eval_flags, "evaluate a checkpoint"),
+    (("eval", "duplex"), "microturn.model.evaluate:main", _eval_flags, "duplex behaviour of a checkpoint"),
 ]
 
 

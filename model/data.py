@@ -26,6 +26,7 @@ training, optimisers, engines or servers. Espeak renders are cached in memory pe
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,17 +54,21 @@ SPEEDS = (125, 140, 155, 170, 185, 200, 220)  # words per minute
 PITCHES = (15, 30, 45, 60, 75, 90)
 NOISE_DBFS = (-80.0, -40.0)  # RMS range of the background noise under the user's audio
 USER_PEAK_DBFS = (-22.0, -1.0)  # peak level range of one user utterance
+BROWN_DRIFT_SAMPLES = 800  # brown noise minus its 50 ms moving average: no DC wander
 LEVEL_RAMP_DB = 6.0  # within-utterance level drift, +/- dB
 PAUSE_SAMPLES = (2 * TURN_SAMPLES, 5 * TURN_SAMPLES)  # mid-sentence pause length
 GAP_TURNS = (1, 4)  # silence between episodes, turns (inclusive)
 RESULT_DELAY_TURNS = (1, 8)  # background latency after the task marker, turns (inclusive)
 N_CANDIDATES = 4  # wrong answers rendered beside the right one for the speech judge
+EPISODE_ROOM_TURNS = 80  # the longest episode (a typed hard sum) fits well within this
+TAIL_TURNS = 8  # quiet turns after the last scripted episode (evaluation conversations)
 SCENARIOS = ("answer", "pause", "interrupt", "task", "vision", "typed")
 SCENARIO_WEIGHTS = (0.22, 0.16, 0.16, 0.14, 0.14, 0.18)
 TYPED_SHARE = 0.25  # vision and task questions typed instead of spoken
 DISTRACTOR_FRAME_SHARE = 0.5  # conversations showing a camera frame from the start
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
-           "orange": (250, 140, 20), "purple": (130, 40, 170), "white": (245, 245, 245), "black": (15, 15, 15)}
+           "orange": (250, 140, 20), "purple": (130, 40, 170), "white": (245, 245, 245),
+           "black": (15, 15, 15)}
 WORDS = ("apple", "banana", "river", "window", "garden", "pencil", "rocket", "tiger", "summer", "coffee",
          "music", "dragon", "planet", "silver", "candle", "monkey")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -190,7 +195,7 @@ class _Timeline:
                 break
             first = t if first < 0 else first
             self.text_out[t].append(i)
-            self.owner[t] = last = t
+            self.owner[t], last = utt, t
         first = turn if first < 0 else first
         start = first * TURN_SAMPLES
         end = min(start + len(wave), len(self.model))
@@ -245,7 +250,7 @@ class DuplexGenerator:
         phrasings = PHRASINGS[intent][self.split == "heldout"]
         tpl = phrasings[rng.integers(len(phrasings))]
         if intent == "greeting":
-            return Question(intent, tpl, GREETING_ANSWER, ["it is red.", "banana.", "one moment.", "it is 7."])
+            return Question(intent, tpl, GREETING_ANSWER, ["it is red.", "banana.", HOLDING_PHRASE, "7."])
         if intent == "arith":
             op = ("plus", "minus", "times")[rng.integers(3)]
             a, b = sorted(rng.integers(0, 10, 2).tolist(), reverse=op == "minus")
@@ -266,8 +271,8 @@ class DuplexGenerator:
             a, b = int(rng.integers(100, 1000)), int(rng.integers(11, 100))
             r = OPS[op](a, b)
             picks = (r + rng.choice([-100, -10, -1, 1, 10, 100], N_CANDIDATES, replace=False)).tolist()
-            return Question(intent, tpl.format(a=a, op=op, b=b), f"it is {r}.", [f"it is {x}." for x in picks],
-                            task=f"{a} {op} {b}", result=str(r))
+            return Question(intent, tpl.format(a=a, op=op, b=b), f"it is {r}.",
+                            [f"it is {x}." for x in picks], task=f"{a} {op} {b}", result=str(r))
         hh, mm = int(rng.integers(1, 13)), int(rng.integers(0, 60))
         picks = [f"it is {(hh + d) % 12 + 1}:{mm:02d}." for d in range(N_CANDIDATES)]
         return Question(intent, tpl, f"it is {hh}:{mm:02d}.", picks, task="what time is it",
@@ -285,8 +290,10 @@ class DuplexGenerator:
         if kind == 0:
             noise = rng.standard_normal(n)
         elif kind == 1:  # brown: integrated white noise, drift removed
-            noise = np.cumsum(rng.standard_normal(n))
-            noise -= np.convolve(noise, np.ones(801) / 801, mode="same")
+            noise = np.cumsum(rng.standard_normal(n + BROWN_DRIFT_SAMPLES))
+            sums = np.cumsum(np.concatenate([[0.0], noise]))
+            drift = (sums[BROWN_DRIFT_SAMPLES:] - sums[:-BROWN_DRIFT_SAMPLES]) / BROWN_DRIFT_SAMPLES
+            noise = (noise[BROWN_DRIFT_SAMPLES - 1 :] - drift)[:n]
         else:  # mains hum with harmonics
             t = np.arange(n) / SAMPLE_RATE
             f0 = (50.0, 60.0)[rng.integers(2)]
@@ -301,26 +308,26 @@ class DuplexGenerator:
         return np.clip(img, 0, 255).astype(np.uint8)
 
     # --- conversations ---
-    def conversation(self, index: int, turns: int | None = None, kinds: tuple[str, ...] | None = None) -> Conversation:
-        """Conversation `index`: episodes (of `kinds`, weighted at random by default) until `turns` are full."""
-        n = turns or self.turns
+    def conversation(self, index: int, kinds: tuple[str, ...] | None = None) -> Conversation:
+        """Conversation `index`: random episodes until `self.turns` are full (cut there), or exactly the
+        episodes `kinds` in order, with TAIL_TURNS of quiet after the last."""
+        n = self.turns if kinds is None else EPISODE_ROOM_TURNS * len(kinds)
         rng = np.random.default_rng([self.seed, index, self.split == "heldout"])
         instructions = INSTRUCTIONS[rng.integers(len(INSTRUCTIONS))]
-        room = n + 80  # episodes may run past the end; the conversation is cut to n turns
-        tl = _Timeline(room, self.cfg, self.tok)
+        tl = _Timeline(n + EPISODE_ROOM_TURNS, self.cfg, self.tok)
         if rng.random() < DISTRACTOR_FRAME_SHARE:
             tl.images[0] = self._frame(list(COLOURS)[rng.integers(len(COLOURS))], rng)
         episodes: list[Episode] = []
         t = int(rng.integers(*GAP_TURNS, endpoint=True)) - 1
-        while t < n:
-            if kinds:
-                kind = kinds[len(episodes) % len(kinds)]
-            else:
-                kind = SCENARIOS[rng.choice(len(SCENARIOS), p=SCENARIO_WEIGHTS)]
-            ep = self._episode(kind, tl, t, rng, utt=len(episodes))
-            episodes.append(ep)
-            t = ep.end_turn + int(rng.integers(*GAP_TURNS, endpoint=True))
-        tl.user += self._noise(len(tl.user), rng)
+        for i in itertools.count():
+            if kinds is None and t >= n or kinds is not None and i == len(kinds):
+                break
+            kind = SCENARIOS[rng.choice(len(SCENARIOS), p=SCENARIO_WEIGHTS)] if kinds is None else kinds[i]
+            episodes.append(self._episode(kind, tl, t, rng, utt=i))
+            t = episodes[-1].end_turn + int(rng.integers(*GAP_TURNS, endpoint=True))
+        if kinds is not None:
+            n = episodes[-1].end_turn + 1 + TAIL_TURNS
+        tl.user[: n * TURN_SAMPLES] += self._noise(n * TURN_SAMPLES, rng)
         return tl.finish(n, instructions, episodes)
 
     def _episode(self, kind: str, tl: _Timeline, t: int, rng: np.random.Generator, utt: int) -> Episode:
@@ -355,22 +362,24 @@ class DuplexGenerator:
             else:
                 end = tl.user_say(start, self._utterance(q.text + "?", voice, rng))
             end_ms, end_turn = end * 1000 / SAMPLE_RATE, (end - 1) // TURN_SAMPLES
-        ep = Episode(kind, intent, typed, end_ms, end_turn, end_turn + 1, q.answer, q.candidates, pause_ms=pause,
-                     colour=colour)
+        ep = Episode(kind, intent, typed, end_ms, end_turn, end_turn + 1, q.answer, q.candidates,
+                     pause_ms=pause, colour=colour)
         if kind == "task":
             ids = [*self.tok.encode(HOLDING_PHRASE), sp.TASK_START, *self.tok.encode(q.task), sp.TASK_END]
-            first, speech_end = tl.model_say(end_turn + 1, ids, self.model_speech(HOLDING_PHRASE), utt)
-            text_end = max(i for i in range(first, tl.n) if tl.owner[i] == utt)
+            holding = self.model_speech(HOLDING_PHRASE)
+            ep.respond_turn, held_end = tl.model_say(end_turn + 1, ids, holding, utt)
             ep.task, ep.answer = q.task, q.answer
-            ep.result_turn = max(text_end, speech_end) + int(rng.integers(*RESULT_DELAY_TURNS, endpoint=True))
-            ep.result_end_turn = tl.type_in(ep.result_turn, [sp.SRC_BACKGROUND, *self.tok.encode(q.result)], True)
+            ep.result_turn = held_end + int(rng.integers(*RESULT_DELAY_TURNS, endpoint=True))
+            result = [sp.SRC_BACKGROUND, *self.tok.encode(q.result)]
+            ep.result_end_turn = tl.type_in(ep.result_turn, result, background=True)
             _, ep.end_turn = tl.model_say(ep.result_end_turn + 1, self.tok.encode(q.answer),
                                           self.model_speech(q.answer), utt)
             return ep
-        first, speech_end = tl.model_say(end_turn + 1, self.tok.encode(q.answer), self.model_speech(q.answer), utt)
-        ep.respond_turn, ep.end_turn = first, speech_end
-        if kind == "interrupt" and speech_end - first >= 2:
-            onset = int(rng.integers((first + 1) * TURN_SAMPLES, speech_end * TURN_SAMPLES))
+        answer = self.model_speech(q.answer)
+        first, ep.end_turn = tl.model_say(end_turn + 1, self.tok.encode(q.answer), answer, utt)
+        ep.respond_turn = first
+        if kind == "interrupt" and ep.end_turn - first >= 2:
+            onset = int(rng.integers((first + 1) * TURN_SAMPLES, ep.end_turn * TURN_SAMPLES))
             ep.onset_ms = onset * 1000 / SAMPLE_RATE
             ep.stop_turn = (onset + BARGE_IN_REACT_MS * SAMPLE_RATE // 1000) // TURN_SAMPLES
             tl.cut_model(ep.stop_turn, utt)
@@ -408,7 +417,8 @@ class DuplexGenerator:
         prefix = torch.tensor([[sp.INSTR, *self.tok.encode(convs[0].instructions)][: cfg.prefix_len]])
         turns = Turns(ctrl=ctrl, patches=patches, patch_idx=idx[None].expand(len(convs), -1, -1).clone(),
                       audio_in=audio_in, text_in=text_in, source=source.clone(),
-                      text_out=torch.tensor([c.text_out for c in convs], dtype=torch.long), audio_out=audio_out)
+                      text_out=torch.tensor([c.text_out for c in convs], dtype=torch.long),
+                      audio_out=audio_out)
         return prefix.expand(len(convs), -1).clone(), turns
 
     def batch(self, step: int, size: int) -> tuple[torch.Tensor, Turns]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import socket
 import threading
 import time
@@ -80,18 +81,38 @@ async def _stream(url: str, speech: np.ndarray, stop: asyncio.Event, task_count:
         read.cancel()
 
 
-async def _phase(url: str, tick_ms: list[float], sessions: int, tasks: int, seconds: float,
-                 speech: np.ndarray) -> tuple[list[float], list[str]]:
+async def _clients(url: str, sessions: int, tasks: int, seconds: float, speech: np.ndarray) -> list[str]:
     stop, events = asyncio.Event(), []
     per = [tasks // sessions + (i < tasks % sessions) for i in range(sessions)]
     clients = [asyncio.create_task(_stream(url, np.roll(speech, i * 4000), stop, per[i], events))
                for i in range(sessions)]
-    await asyncio.sleep(WARMUP_S)
-    first = len(tick_ms)
     await asyncio.sleep(seconds)
-    measured = list(tick_ms)[first:]
     stop.set()
-    await asyncio.gather(*clients, return_exceptions=True)
+    for result in await asyncio.gather(*clients, return_exceptions=True):
+        if isinstance(result, Exception):
+            raise result
+    return events
+
+
+def _client_process(url: str, sessions: int, tasks: int, seconds: float, speech: np.ndarray, out) -> None:
+    """The clients run in their own process, as they would elsewhere: no GIL shared with the server."""
+    out.put(asyncio.run(_clients(url, sessions, tasks, seconds, speech)))
+
+
+def _phase(app, url: str, sessions: int, tasks: int, seconds: float, speech: np.ndarray) -> tuple[list, list]:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_client_process, args=(url, sessions, tasks, seconds + WARMUP_S, speech, out))
+    tick_ms = app.state.server.tick.step_ms
+    proc.start()
+    time.sleep(WARMUP_S)
+    first = len(tick_ms)
+    time.sleep(seconds)
+    measured = list(tick_ms)[first:]
+    events = out.get(timeout=60)
+    proc.join(30)
+    while app.state.server.connections:  # slots are freed on the tick thread
+        time.sleep(0.05)
     return measured, events
 
 
@@ -114,15 +135,9 @@ def main(args: argparse.Namespace) -> int:
     while not server.started:
         time.sleep(0.05)
     url = f"ws://127.0.0.1:{sock.getsockname()[1]}/v1/realtime"
-    tick_ms = app.state.server.tick.step_ms
-
-    async def run() -> tuple:
-        base, _ = await _phase(url, tick_ms, args.sessions, 0, args.seconds, speech)
-        loaded, events = await _phase(url, tick_ms, args.sessions, args.tasks, args.seconds, speech)
-        return base, loaded, events
-
     try:
-        base, loaded, events = asyncio.run(run())
+        base, _ = _phase(app, url, args.sessions, 0, args.seconds, speech)
+        loaded, events = _phase(app, url, args.sessions, args.tasks, args.seconds, speech)
     finally:
         server.should_exit = True
         thread.join(30)

@@ -1,0 +1,233 @@
+"""Duplex behaviour of a checkpoint on held-out conversations (`microturn eval duplex`).
+
+Contract: `evaluate(engine, convs, gen)` plays each conversation's user side (audio, typed
+text, camera frames, background results; scripted, not reactive) into the real `Engine`
+micro-turn by micro-turn, several conversations side by side in one batch, greedy sampling,
+and scores what the model did against the episode labels of model/data.py. `main(args)`
+loads `--checkpoint`, draws `--conversations` held-out conversations (held-out voices and
+phrasings, one episode each, scenarios in turn), prints a table and a JSON last line.
+
+Definitions (Full-Duplex-Bench v1 style, on the user's clock: the output of micro-turn t
+plays during [(t+1)*200, (t+2)*200) ms, so one tick of compute is always counted):
+- model speech: an output dMel frame whose mean code over channels exceeds SPEECH_MEAN_CODE
+  (digital silence is code 1, the model voice's speech frames are 5 and up);
+- pause_takeover_rate: mid-sentence pauses during which the model spoke;
+- turn_takeover_rate / turn_latency_ms_p50: spoken questions the model answered with speech
+  within RESPONSE_WINDOW_MS of their end, and the time from the end of the user's speech to
+  its first speech frame;
+- interrupt_stop_rate / interrupt_stop_ms_p50: barge-ins while the model spoke after which it
+  fell silent (STOP_SILENCE_MS of no speech) within STOP_TARGET_MS; the time to fall silent;
+- answer_accuracy_text: the answer's text-out span (first non-PAD token to EPAD) equals the
+  reference text after normalisation; answer_accuracy_speech: the model's spoken answer is,
+  by DTW distance over log-mel frames, nearer to the reference rendering (the model voice
+  saying the right answer) than to renderings of N_CANDIDATES wrong answers;
+- task_delegation_rate: hard sums and time questions whose text-out held TASK_START..TASK_END
+  before the background result arrived; vision_accuracy: colour answers naming the frame's
+  colour and no other.
+This module does not know how the model was trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import librosa
+import numpy as np
+import torch
+
+from .data import COLOURS, SCENARIOS, TURN_MS, Conversation, DuplexGenerator, Episode
+from .dmel import DMel
+from .engine import Engine
+from .slots import SamplingParams
+from .tokenizer import ByteTokenizer
+
+SPEECH_MEAN_CODE = 3.0  # frame mean code above this = speech (silence 1, model voice 5-9)
+FRAME_MS = 12.5  # one dMel frame
+RESPONSE_WINDOW_MS = 2000.0  # a question not answered within this is a missed turn
+STOP_SILENCE_MS = 400.0  # silence this long after a barge-in counts as stopped
+STOP_TARGET_MS = 400.0  # the interruption target of the issue
+ANSWER_KINDS = ("answer", "pause", "typed", "task")  # episodes whose answer text is scored
+METRIC_KEYS = ("pause_takeover_rate", "turn_takeover_rate", "turn_latency_ms_p50", "interrupt_stop_ms_p50",
+               "interrupt_stop_rate", "answer_accuracy_text", "answer_accuracy_speech",
+               "task_delegation_rate", "vision_accuracy")
+
+
+def normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9: ]", " ", text.lower()).split())
+
+
+class Recording:
+    """What the model produced in one conversation: text-out ids and output dMel codes per turn."""
+
+    def __init__(self, text_out: list[list[int]], codes: np.ndarray) -> None:
+        self.text_out = text_out  # (T, To)
+        self.codes = codes  # (T * F, C) output dMel codes
+        self.speech = codes.mean(axis=1) > SPEECH_MEAN_CODE  # (T * F,)
+        self.time_ms = TURN_MS + np.arange(len(codes)) * FRAME_MS  # playback time of each frame
+
+    def first_speech(self, start_ms: float, end_ms: float) -> float | None:
+        hit = np.flatnonzero(self.speech & (self.time_ms >= start_ms) & (self.time_ms < end_ms))
+        return float(self.time_ms[hit[0]]) if hit.size else None
+
+    def silent_from(self, start_ms: float, hold_ms: float) -> float | None:
+        """Start of the first run of `hold_ms` without speech at or after `start_ms`."""
+        hold = int(hold_ms / FRAME_MS)
+        idx = np.flatnonzero(self.time_ms >= start_ms)
+        speech = self.speech[idx[0]:] if idx.size else self.speech[:0]
+        for i in range(len(speech) - hold + 1):
+            if not speech[i : i + hold].any():
+                return float(self.time_ms[idx[0] + i])
+        return None
+
+    def utterance(self, start_ms: float) -> np.ndarray:
+        """Codes of the speech run starting at `start_ms`, up to STOP_SILENCE_MS of silence."""
+        first = int(np.searchsorted(self.time_ms, start_ms))
+        end = self.silent_from(start_ms, STOP_SILENCE_MS)
+        last = len(self.codes) if end is None else int(np.searchsorted(self.time_ms, end))
+        return self.codes[first:last]
+
+    def span(self, start_turn: int, end_turn: int) -> list[int]:
+        """Text-out ids from the first non-PAD id at or after `start_turn` to the next EPAD (excl.)."""
+        sp = ByteTokenizer().special
+        ids = [i for row in self.text_out[start_turn:end_turn] for i in row]
+        ids = ids[next((k for k, i in enumerate(ids) if i != sp.PAD), len(ids)) :]
+        return ids[: ids.index(sp.EPAD)] if sp.EPAD in ids else ids
+
+
+def run(engine: Engine, convs: list[Conversation]) -> list[Recording]:
+    """Play conversations side by side through the engine (at most its max_slots at once)."""
+    cfg = engine.config
+    recordings: list[Recording] = []
+    for lo in range(0, len(convs), engine.max_slots):
+        group = convs[lo : lo + engine.max_slots]
+        slots = [engine.join(c.instructions, SamplingParams(0.0, 0, 0.0, 0, seed=lo + i))
+                 for i, c in enumerate(group)]
+        text = [[] for _ in group]
+        codes = [[] for _ in group]
+        engine.trace = []
+        try:
+            for t in range(max(c.turns for c in group)):
+                engine.step({s: c.slot_input(t) for s, c in zip(slots, group, strict=True) if t < c.turns})
+                rec = engine.trace.pop()
+                for i, (s, c) in enumerate(zip(slots, group, strict=True)):
+                    if t < c.turns:
+                        row = rec["slots"].index(s)
+                        text[i].append(rec["text_out"][row].tolist())
+                        codes[i].append(rec["audio_out"][row].reshape(-1, cfg.dmel_channels).numpy())
+        finally:
+            engine.trace = None
+            for s in slots:
+                engine.leave(s)
+        recordings += [Recording(tx, np.concatenate(cd)) for tx, cd in zip(text, codes, strict=True)]
+    return recordings
+
+
+class SpeechJudge:
+    """Nearest reference rendering by DTW over log-mel frames."""
+
+    def __init__(self, gen: DuplexGenerator) -> None:
+        self.gen, self.dmel = gen, DMel()
+        self._refs: dict[str, np.ndarray] = {}
+
+    def _logmel(self, codes: np.ndarray) -> np.ndarray:
+        return self.dmel.decode(torch.from_numpy(codes)).numpy().T  # (C, frames)
+
+    def reference(self, text: str) -> np.ndarray:
+        if text not in self._refs:
+            wave = torch.from_numpy(self.gen.model_speech(text))[None]
+            self._refs[text] = self._logmel(self.dmel.encode(wave)[0].numpy())
+        return self._refs[text]
+
+    def correct(self, codes: np.ndarray, answer: str, candidates: list[str]) -> bool:
+        if len(codes) == 0:
+            return False
+        spoken = self._logmel(codes)
+        costs = []
+        for text in [answer, *candidates]:
+            acc, path = librosa.sequence.dtw(X=self.reference(text), Y=spoken, metric="euclidean")
+            costs.append(acc[-1, -1] / len(path))
+        return int(np.argmin(costs)) == 0
+
+
+def score(ep: Episode, rec: Recording, judge: SpeechJudge, out: dict[str, list]) -> None:
+    """Append this episode's observations to the per-metric lists in `out`."""
+    sp, tok = ByteTokenizer().special, ByteTokenizer()
+    if ep.pause_ms is not None:
+        out["pause"].append(rec.first_speech(*ep.pause_ms) is not None)
+    if not ep.typed:
+        first = rec.first_speech(ep.input_end_ms, ep.input_end_ms + RESPONSE_WINDOW_MS)
+        out["takeover"].append(first is not None)
+        if first is not None:
+            out["latency"].append(first - ep.input_end_ms)
+    if ep.onset_ms is not None and rec.first_speech(ep.onset_ms - STOP_SILENCE_MS, ep.onset_ms) is not None:
+        stop = rec.silent_from(ep.onset_ms, STOP_SILENCE_MS)
+        out["stop"].append(stop is not None and stop - ep.onset_ms <= STOP_TARGET_MS)
+        if stop is not None:
+            out["stop_ms"].append(max(0.0, stop - ep.onset_ms))
+    window = int(RESPONSE_WINDOW_MS // TURN_MS)
+    answer_turn = ep.input_end_turn
+    if ep.kind == "task":
+        held = [i for row in rec.text_out[ep.input_end_turn : ep.result_turn] for i in row]
+        opened = held.index(sp.TASK_START) if sp.TASK_START in held else len(held)
+        out["delegation"].append(sp.TASK_END in held[opened:])
+        answer_turn = ep.result_end_turn
+    if ep.kind == "vision":
+        said = set(normalise(tok.decode(rec.span(ep.input_end_turn, ep.input_end_turn + window))).split())
+        out["vision"].append(ep.colour in said and not (said & set(COLOURS)) - {ep.colour})
+    if ep.kind in ANSWER_KINDS:
+        text = tok.decode(rec.span(answer_turn, answer_turn + window))
+        out["text"].append(normalise(text) == normalise(ep.answer))
+        start_ms = (answer_turn + 1) * TURN_MS
+        first = rec.first_speech(start_ms, start_ms + RESPONSE_WINDOW_MS)
+        spoken = rec.utterance(first) if first is not None else rec.codes[:0]
+        out["speech"].append(judge.correct(spoken, ep.answer, ep.candidates))
+
+
+def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator) -> dict:
+    obs: dict[str, list] = {k: [] for k in ("pause", "takeover", "latency", "stop", "stop_ms", "delegation",
+                                             "vision", "text", "speech")}
+    judge = SpeechJudge(gen)
+    for conv, rec in zip(convs, run(engine, convs), strict=True):
+        for ep in conv.episodes:
+            score(ep, rec, judge, obs)
+
+    def rate(key: str) -> float | None:
+        return round(float(np.mean(obs[key])), 4) if obs[key] else None
+
+    def p50(key: str) -> float | None:
+        return round(float(np.median(obs[key])), 1) if obs[key] else None
+
+    metrics = {
+        "pause_takeover_rate": rate("pause"), "turn_takeover_rate": rate("takeover"),
+        "turn_latency_ms_p50": p50("latency"), "interrupt_stop_ms_p50": p50("stop_ms"),
+        "interrupt_stop_rate": rate("stop"), "answer_accuracy_text": rate("text"),
+        "answer_accuracy_speech": rate("speech"), "task_delegation_rate": rate("delegation"),
+        "vision_accuracy": rate("vision"),
+    }
+    counts = {"pauses": len(obs["pause"]), "questions_spoken": len(obs["takeover"]),
+              "interruptions_measured": len(obs["stop"]), "answers": len(obs["text"]),
+              "tasks": len(obs["delegation"]), "vision_questions": len(obs["vision"])}
+    return {**metrics, "counts": counts, "conversations": len(convs),
+            "speech_judge": "dtw-nearest-reference-rendering", "sampling": "greedy"}
+
+
+def heldout_conversations(gen: DuplexGenerator, n: int) -> list[Conversation]:
+    """n single-episode held-out conversations, the scenarios in turn."""
+    return [gen.conversation(i, kinds=(SCENARIOS[i % len(SCENARIOS)],)) for i in range(n)]
+
+
+def main(args: argparse.Namespace) -> int:
+    engine = Engine.from_checkpoint(args.checkpoint, max_slots=args.batch, device=args.device)
+    gen = DuplexGenerator(engine.config, "heldout", seed=args.seed)
+    result = evaluate(engine, heldout_conversations(gen, args.conversations), gen)
+    print(f"duplex evaluation of {args.checkpoint}: {result['conversations']} held-out conversations "
+          f"(held-out voices and phrasings), greedy sampling, speech judged by DTW to reference renderings")
+    for key in METRIC_KEYS:
+        value = result[key]
+        print(f"  {key:<24} {'n/a' if value is None else value}")
+    for key, value in result["counts"].items():
+        print(f"  {'n ' + key:<24} {value}")
+    print(json.dumps(result))
+    return 0

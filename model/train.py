@@ -1,0 +1,175 @@
+"""Training of the interaction model on synthetic duplex conversations (`microturn train`).
+
+Contract: `main(args)` trains `--preset` (or the weights of `--checkpoint`) for `--steps`
+optimiser steps on batches from `model/data.py`, teacher-forced through
+`layout.sequence_logits` (the inference mask, sliding window included). Loss = text CE on
+text-out + dMel CE per (frame, channel) on audio-out + the config's aux / z coefficients times
+the MoE router losses summed over layers. AdamW, linear warm-up then cosine decay, gradient
+clipping. Every `--save-every` steps and at the end it writes `--out` (a checkpoint via
+`save_checkpoint`; `extra` holds step and recipe), `--out/train_state.pt` (optimiser,
+schedule, step, loss history: what `--resume` continues from) and `--out/loss.png`. Batches
+depend only on (seed, step), so a resumed run sees the same data as an uninterrupted one.
+Prints one line per `--log-every` steps and a JSON object as its last line.
+
+This module does not know how conversations are made or how the engine serves the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, read_config, save_checkpoint
+from .config import ModelConfig, preset
+from .data import DuplexGenerator
+from .engine import resolve_device
+from .layout import Turns, sequence_logits
+from .transformer import InteractionModel, build_model
+
+STATE_FILE = "train_state.pt"
+PLOT_FILE = "loss.png"
+MIN_LR_RATIO = 0.1  # cosine decays to this fraction of the peak learning rate
+ADAM_BETAS = (0.9, 0.95)
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor
+    text: torch.Tensor
+    audio: torch.Tensor
+    aux: torch.Tensor
+    z: torch.Tensor
+
+    def floats(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("total", "text", "audio", "aux", "z")}
+
+
+def compute_losses(model: InteractionModel, prefix: torch.Tensor, turns: Turns) -> Losses:
+    """Teacher-forced losses of one batch (router losses only exist with grads on)."""
+    cfg = model.cfg
+    text_logits, audio_logits, router = sequence_logits(model, prefix, turns)
+    text = F.cross_entropy(text_logits.flatten(0, -2), turns.text_out.flatten())
+    audio = F.cross_entropy(audio_logits.flatten(0, -2), turns.audio_out.flatten())
+    zero = text.new_zeros(())
+    aux = sum((r.aux for r in router if r is not None), zero)
+    z = sum((r.z for r in router if r is not None), zero)
+    total = text + audio + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+    return Losses(total, text, audio, aux, z)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine down to MIN_LR_RATIO at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """Decay matrices only; norms, biases and 1-D parameters are left alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ], lr=lr, betas=ADAM_BETAS)
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [h["step"] for h in history]
+    for key in ("total", "text", "audio"):
+        ax.plot(steps, [h[key] for h in history], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _model_and_config(args: argparse.Namespace) -> tuple[InteractionModel, ModelConfig]:
+    resume_dir = Path(args.out) if args.resume else None
+    source = resume_dir or (Path(args.checkpoint) if args.checkpoint else None)
+    if source is not None:
+        model, cfg = load_checkpoint(source, lambda c: InteractionModel(c))
+        return model, cfg
+    cfg = preset(args.preset)
+    return build_model(cfg, seed=args.seed), cfg
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    model, cfg = _model_and_config(args)
+    model = model.to(device).train()
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps))
+    step, history = 0, []
+    if args.resume:
+        state = torch.load(out / STATE_FILE, map_location=device, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, history = state["step"], state["history"]
+        read_config(out)  # fail early on a damaged checkpoint
+    gen = DuplexGenerator(cfg, "train", seed=args.seed, turns=args.turns)
+    recipe = {k: getattr(args, k) for k in ("preset", "steps", "batch", "turns", "lr", "warmup", "seed",
+                                             "weight_decay", "clip")}
+
+    def save() -> None:
+        save_checkpoint(out, model, cfg, extra={"step": step, "recipe": recipe, "data": "model/data.py"})
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                    "history": history}, out / STATE_FILE)
+        if history:
+            plot_losses(history, out / PLOT_FILE)
+
+    t_start = time.perf_counter()
+    start_step = step
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the next batch is made while this one trains
+        pending = pool.submit(gen.batch, step, args.batch)
+        while step < args.steps:
+            prefix, turns = pending.result()
+            if step + 1 < args.steps:
+                pending = pool.submit(gen.batch, step + 1, args.batch)
+            turns = Turns(**{k: v.to(device) for k, v in vars(turns).items()})
+            losses = compute_losses(model, prefix.to(device), turns)
+            opt.zero_grad(set_to_none=True)
+            losses.total.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
+            opt.step()
+            sched.step()
+            step += 1
+            history.append({"step": step, **losses.floats(), "grad_norm": grad_norm,
+                            "lr": sched.get_last_lr()[0]})
+            if step % args.log_every == 0 or step == args.steps:
+                h, rate = history[-1], (time.perf_counter() - t_start) / (step - start_step)
+                print(f"step {step:6d}  loss {h['total']:.4f}  text {h['text']:.4f}  audio {h['audio']:.4f}  "
+                      f"aux {h['aux']:.3f}  z {h['z']:.3f}  |g| {grad_norm:.2f}  lr {h['lr']:.2e}  "
+                      f"{rate:.2f} s/step", flush=True)
+            if step % args.save_every == 0:
+                save()
+    save()
+    seconds = time.perf_counter() - t_start
+    last = history[-1] if history else {}
+    print(json.dumps({"steps": step, "loss": last.get("total"), "text_loss": last.get("text"),
+                      "audio_loss": last.get("audio"), "first_loss": history[0]["total"] if history else None,
+                      "seconds": round(seconds, 2),
+                      "sec_per_step": round(seconds / max(1, step - start_step), 3), "checkpoint": str(out)}))
+    return 0
