@@ -30,6 +30,7 @@ from .transformer import InteractionModel, build_model
 
 REALTIME_BUDGET_MS = 150.0  # p99 compute per 200 ms micro-turn that still counts as real time
 MIN_TICKS = 8  # ticks measured per level even when --seconds is short
+BISECT_RESOLUTION = 16  # bisection stops within held/16 sessions of the true capacity
 SPEECH = (
     "Hello there. Could you tell me what seventeen times twenty three is, and then what colour the sky is?"
 )
@@ -125,16 +126,23 @@ def one_at_a_time_level(
 
 
 def _sweep(run_level, max_sessions: int) -> tuple[int, list[dict]]:
-    held, rows, n = 0, [], 1
-    while n <= max_sessions:
+    """Double the session count until the budget breaks, then bisect between the last two counts."""
+    rows: list[dict] = []
+
+    def holds(n: int) -> bool:
         times, stages = run_level(n)
         p50, p99 = _percentiles(times)
         rows.append({"sessions": n, "p50": p50, "p99": p99, "stages": stages})
-        if p99 >= REALTIME_BUDGET_MS:
-            break
-        held = n
-        n *= 2
-    return held, rows
+        return p99 < REALTIME_BUDGET_MS
+
+    held, n = 0, 1
+    while n <= max_sessions and holds(n):
+        held, n = n, n * 2
+    fail = min(n, max_sessions + 1)
+    while fail - held > max(1, held // BISECT_RESOLUTION):
+        mid = (held + fail) // 2
+        held, fail = (mid, fail) if holds(mid) else (held, mid)
+    return held, sorted(rows, key=lambda r: r["sessions"])
 
 
 def main(args: argparse.Namespace) -> int:

@@ -95,16 +95,18 @@ def pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-async def stream_binary(ws, audio: np.ndarray, rate: int, seconds: float | None = None) -> None:
+async def stream_binary(
+    ws, audio: np.ndarray, rate: int, seconds: float | None = None, packet_ms: int = PACKET_MS
+) -> None:
     """Send `audio` (looped up to `seconds`) as 0x01 frames in real time on an absolute clock."""
-    step = rate * PACKET_MS // 1000
+    step = rate * packet_ms // 1000
     total = int((seconds or len(audio) / rate) * rate)
     flags = p.FLAG_RATE_24K if rate == 24_000 else 0
     start = time.monotonic()
     for i, offset in enumerate(range(0, total, step)):
         idx = np.arange(offset, offset + step) % len(audio)
-        await ws.send(p.encode_frame(p.KIND_INPUT_PCM16, i, i * PACKET_MS, pcm16(audio[idx]), flags=flags))
-        await asyncio.sleep(max(0.0, start + (i + 1) * PACKET_MS / 1000 - time.monotonic()))
+        await ws.send(p.encode_frame(p.KIND_INPUT_PCM16, i, i * packet_ms, pcm16(audio[idx]), flags=flags))
+        await asyncio.sleep(max(0.0, start + (i + 1) * packet_ms / 1000 - time.monotonic()))
 
 
 async def collect(ws, seconds: float) -> tuple[list[p.Frame], list[dict]]:
@@ -177,7 +179,10 @@ async def test_eight_sessions_for_twenty_seconds(server, speech):
 
     async def one(i: int) -> list[p.Frame]:
         async with websockets.connect(server.ws_url + "?audio=binary") as ws:
-            sender = asyncio.create_task(stream_binary(ws, np.roll(speech, i * 1600), 16_000, seconds))
+            # 100 ms packets: the 8 clients share this process (and its GIL) with the server under test
+            sender = asyncio.create_task(
+                stream_binary(ws, np.roll(speech, i * 1600), 16_000, seconds, packet_ms=100)
+            )
             frames, events = await collect(ws, seconds + 0.4)
             await sender
         assert not [e for e in events if e["type"] == "error"]

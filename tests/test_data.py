@@ -1,0 +1,112 @@
+"""The synthetic duplex generator: determinism, stream alignment, splits, and the engine's exact view."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from microturn.model.config import tiny
+from microturn.model.data import PHRASINGS, SCENARIOS, DuplexGenerator, user_voices
+from microturn.model.engine import Engine
+from microturn.model.layout import Turns
+from microturn.model.slots import TURN_SAMPLES
+from microturn.model.tokenizer import ByteTokenizer
+from microturn.model.transformer import build_model
+
+SPEECH_MEAN_CODE = 3.0  # dMel frame mean code: digital silence is 1, espeak speech 5 and up
+SP = ByteTokenizer().special
+
+
+def _small():
+    return dataclasses.replace(tiny(), d_model=64, n_layers=2, n_experts=4, d_expert=64, d_channel_embed=4)
+
+
+def test_same_seed_same_conversations_other_seed_differs() -> None:
+    a, b, c = (DuplexGenerator(tiny(), "train", seed=s, turns=24) for s in (5, 5, 6))
+    for i in range(3):
+        x, y, z = a.conversation(i), b.conversation(i), c.conversation(i)
+        assert np.array_equal(x.user_audio, y.user_audio) and np.array_equal(x.model_audio, y.model_audio)
+        assert x.text_out == y.text_out and x.text_in == y.text_in and x.episodes == y.episodes
+        assert not np.array_equal(x.user_audio, z.user_audio)
+    pa, ta = a.batch(1, 3)
+    pb, tb = b.batch(1, 3)
+    assert torch.equal(pa, pb)
+    for f in dataclasses.fields(Turns):
+        assert torch.equal(getattr(ta, f.name), getattr(tb, f.name)), f.name
+
+
+def test_streams_have_equal_turns_and_speech_never_leads_text() -> None:
+    gen = DuplexGenerator(tiny(), "train", seed=1, turns=40)
+    kinds_seen = set()
+    for i in range(12):
+        conv = gen.conversation(i)
+        kinds_seen |= {e.kind for e in conv.episodes}
+        n = conv.turns
+        assert n == 40 and len(conv.user_audio) == len(conv.model_audio) == n * TURN_SAMPLES
+        assert len(conv.text_in) == len(conv.background) == len(conv.text_out) == n
+        _, turns = gen.turns_of([conv])
+        for name in ("ctrl", "patches", "audio_in", "text_in", "source", "text_out", "audio_out"):
+            assert getattr(turns, name).shape[1] == n, name
+        speaking = (turns.audio_out[0].float().mean(dim=(1, 3)) > SPEECH_MEAN_CODE).any(dim=1).tolist()
+        texting = [any(t != SP.PAD for t in row) for row in conv.text_out]
+        last_text = -1
+        for t in range(n):
+            if texting[t]:
+                last_text = t
+            if speaking[t] and (t == 0 or not speaking[t - 1]):  # a speech onset needs text at or before it
+                prev_speech_end = max((s for s in range(t) if speaking[s]), default=-1)
+                assert last_text > prev_speech_end, f"conversation {i}: speech at turn {t} before its text"
+        assert all(len(row) <= gen.cfg.text_in_slots for row in conv.text_in)
+    assert kinds_seen >= {"answer", "pause"}, kinds_seen
+
+
+def test_scenario_labels_match_the_reference_streams() -> None:
+    gen = DuplexGenerator(tiny(), "heldout", seed=2)
+    tok = ByteTokenizer()
+    for i, kind in enumerate(SCENARIOS):
+        conv = gen.conversation(i, kinds=(kind,))
+        (ep,) = conv.episodes
+        out = [t for row in conv.text_out[ep.respond_turn :] for t in row]
+        if kind == "task":
+            assert out[out.index(SP.TASK_START) + 1 : out.index(SP.TASK_END)] == tok.encode(ep.task)
+            span = slice(ep.result_turn, ep.result_end_turn + 1)
+            result = [t for row in conv.text_in[span] for t in row]
+            assert result[0] == SP.SRC_BACKGROUND and all(conv.background[span])
+        elif kind != "interrupt":
+            assert tok.decode(out[: out.index(SP.EPAD)]) == ep.answer
+        if ep.typed:
+            typed = [t for t, row in enumerate(conv.text_in) if row and not conv.background[t]]
+            assert conv.text_in[typed[0]][0] == SP.SRC_USER and typed[-1] == ep.input_end_turn
+        assert ep.respond_turn == ep.input_end_turn + 1
+        if kind == "pause":
+            start, end = (int(ms * 16) for ms in ep.pause_ms)
+            quiet = np.abs(conv.user_audio[start + 1 : end - 1]).max()
+            assert quiet < 0.5 * np.abs(conv.user_audio).max()
+        if kind == "interrupt":
+            stop = ep.stop_turn * TURN_SAMPLES
+            assert not conv.model_audio[stop:].any() and conv.model_audio[:stop].any()
+            assert ep.onset_ms <= ep.stop_turn * 200 + 100
+
+
+def test_held_out_voices_and_phrasings_are_disjoint_from_training() -> None:
+    assert not set(user_voices("train")) & set(user_voices("heldout"))
+    assert user_voices("heldout")
+    for train, held in PHRASINGS.values():
+        assert held and not set(train) & set(held)
+
+
+def test_engine_sees_exactly_the_generated_inputs() -> None:
+    cfg = _small()
+    gen = DuplexGenerator(cfg, "heldout", seed=3)
+    conv = gen.conversation(0, kinds=("vision", "typed"))
+    engine = Engine(build_model(cfg, seed=0), max_slots=2, device="cpu")
+    engine.trace = []
+    slot = engine.join(conv.instructions)
+    for t in range(conv.turns):
+        engine.step({slot: conv.slot_input(t)})
+    _, ref = gen.turns_of([conv])
+    for name in ("ctrl", "patches", "patch_idx", "audio_in", "text_in", "source"):
+        seen = torch.stack([step[name][0] for step in engine.trace])
+        assert torch.equal(seen, getattr(ref, name)[0]), name
