@@ -51,6 +51,7 @@ class GraphedGenerate:
     @torch.inference_mode()
     def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         e = self.engine
+        e.model.set_moe_backend(e.moe_backend_for(b))
         args = (b, self.exec_mask[:b], self.text_in[:b], self.source[:b], self.audio_in[:b], self.forced[:b])
         stream = torch.cuda.Stream(e.device)
         stream.wait_stream(torch.cuda.current_stream(e.device))

@@ -44,6 +44,7 @@ from .vocoder import GriffinLimVocoder, Vocoder
 
 log = logging.getLogger(__name__)
 
+GPU_BMM_MAX_ROWS = 32  # above this many rows, gathering expert weights per token costs more than grouped_mm
 DRAWS_PER_TURN = 64  # counter stride per micro-turn for the sampling hash (> output slots)
 
 
@@ -97,8 +98,6 @@ class Engine:
         self.config: ModelConfig = model.cfg
         self.model = model.to(self.device, self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.to(torch.float64)
-        if self.device.type == "cuda":
-            self.model.set_moe_backend("bmm")
         self.max_slots = max_slots
         self.tokenizer = ByteTokenizer()
         self.dmel = DMel(device=self.device)
@@ -234,16 +233,19 @@ class Engine:
         sp = self.tokenizer.special
         checked = [self._validate(inputs.get(m.slot)) for m in self._rows]
         audio = torch.from_numpy(np.stack([c[0].audio for c in checked]).astype(np.float32)).to(dev)
-        text_in = torch.full((B, cfg.text_in_slots), sp.PAD, dtype=torch.long)
-        source = torch.zeros((B, cfg.text_in_slots), dtype=torch.long)
-        forced = torch.full((B, cfg.text_out_slots), -1, dtype=torch.long)
+        # host-side numpy first, one copy each to the device (per-row tensors cost ~us each x B)
+        text_in = np.full((B, cfg.text_in_slots), sp.PAD, dtype=np.int64)
+        source = np.zeros((B, cfg.text_in_slots), dtype=np.int64)
+        forced = np.full((B, cfg.text_out_slots), -1, dtype=np.int64)
         for b, (inp, _) in enumerate(checked):
-            text_in[b, : len(inp.text_in)] = torch.tensor(inp.text_in, dtype=torch.long)
-            forced[b, : len(inp.force_text_out)] = torch.tensor(inp.force_text_out, dtype=torch.long)
-            source[b] = int(inp.text_in_background)
+            if inp.text_in:
+                text_in[b, : len(inp.text_in)] = inp.text_in
+                source[b] = int(inp.text_in_background)
+            if inp.force_text_out:
+                forced[b, : len(inp.force_text_out)] = inp.force_text_out
             if inp.image is not None:
                 self.patches[b] = torch.from_numpy(image_patches(inp.image, cfg)).to(dev, self.dtype)
-        text_in, source, forced = text_in.to(dev), source.to(dev), forced.to(dev)
+        text_in, source, forced = (torch.from_numpy(a).to(dev) for a in (text_in, source, forced))
 
         marks = [time.perf_counter()]
         dstate = _take_rows(self.dmel_state, B)
@@ -255,6 +257,7 @@ class Engine:
         if self.graphs is not None and self.trace is None:
             text_out, audio_out = self.graphs.run(B, text_in, source, audio_in, forced)
         else:
+            self.model.set_moe_backend(self.moe_backend_for(B))
             exec_mask = torch.ones(B, dtype=torch.bool, device=dev)
             # (B, To), (B, A, k, C)
             text_out, audio_out = self._generate(B, exec_mask, text_in, source, audio_in, forced)
@@ -345,6 +348,12 @@ class Engine:
         self.next_pos[:B] += cfg.positions_per_turn
         self.turn[:B] += 1
         return torch.stack(text_out, dim=1), torch.stack(audio_out, dim=1)
+
+    def moe_backend_for(self, rows: int) -> str:
+        """gather+bmm for small GPU batches (fixed shapes, no sorting); grouped_mm otherwise."""
+        if self.device.type == "cuda" and rows <= GPU_BMM_MAX_ROWS:
+            return "bmm"
+        return "grouped_mm"
 
     def _mark(self, marks: list[float]) -> None:
         if self.profile:

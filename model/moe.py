@@ -112,7 +112,10 @@ class MoE(nn.Module):
         flat = experts.flatten()  # (M,)
         order = flat.argsort(stable=True)  # (M,) assignments grouped by expert
         tok = order // self.top_k  # (M,) source token of each assignment
-        offs = torch.bincount(flat, minlength=self.w13.shape[0]).cumsum(0).to(torch.int32)  # (E,)
+        # counts by scatter_add, not bincount: CUDA bincount reads the max back to the host (no graphs)
+        counts = torch.zeros(self.w13.shape[0], dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        offs = counts.cumsum(0).to(torch.int32)  # (E,)
         xs = x[tok]  # (M, D)
         h = self._swiglu(torch._grouped_mm(xs, self.w13, offs=offs))  # (M, F)
         out = torch._grouped_mm(h, self.w2, offs=offs)  # (M, D)
