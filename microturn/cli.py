@@ -38,6 +38,7 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, help=f"model preset (default {DEFAULT_PRESET})")
     parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: random weights)")
     parser.add_argument("--device", default=None, help="auto (default: CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default=None, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
 
 
 def _bench_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +47,7 @@ def _bench_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sessions", type=int, default=None, help="cap on the session counts tried")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--wav", default=None, help="16 kHz mono PCM16 speech to feed (default: espeak-ng)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     _device(parser)
 
 

@@ -23,7 +23,7 @@ import wave
 import numpy as np
 import torch
 
-from .engine import Engine, resolve_device
+from .engine import Engine, resolve_device, resolve_dtype
 from .params import flops_per_turn
 from .slots import SAMPLE_RATE, TURN_SAMPLES, SamplingParams, SlotInput
 from .transformer import InteractionModel, build_model
@@ -111,9 +111,9 @@ def batched_level(engine: Engine, feeder: _Feeder, n: int, seconds: float) -> tu
 
 
 def one_at_a_time_level(
-    model: InteractionModel, device: str, feeder: _Feeder, n: int, seconds: float
+    model: InteractionModel, device: str, dtype: torch.dtype, feeder: _Feeder, n: int, seconds: float
 ) -> list[float]:
-    engines = [Engine(model, max_slots=1, device=device) for _ in range(n)]
+    engines = [Engine(model, max_slots=1, device=device, dtype=dtype) for _ in range(n)]
     for e in engines:
         e.warmup()  # same CUDA-graph capture as the batched engine: a fair peer
     slots = [e.join("You are a friendly assistant.", SamplingParams(seed=i)) for i, e in enumerate(engines)]
@@ -159,7 +159,8 @@ def main(args: argparse.Namespace) -> int:
 
         model = build_model(preset(args.preset))
         preset_name = args.preset
-    engine = Engine(model, max_slots=max_sessions, device=str(dev))
+    dtype = resolve_dtype(args.dtype, dev)
+    engine = Engine(model, max_slots=max_sessions, device=str(dev), dtype=dtype)
     engine.warmup()
     engine.profile = True
     feeder = _Feeder(load_speech(args.wav))
@@ -167,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
     held, batched = _sweep(lambda n: batched_level(engine, feeder, n, args.seconds), max_sessions)
     engine.profile = False
     one_held, single = _sweep(
-        lambda n: (one_at_a_time_level(engine.model, str(dev), feeder, n, args.seconds), {}),
+        lambda n: (one_at_a_time_level(engine.model, str(dev), dtype, feeder, n, args.seconds), {}),
         max_sessions,
     )
     peak = matmul_peak_gflops(dev, engine.dtype)

@@ -58,6 +58,25 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA; fp32 on CPU, where it keeps a session's output bit-identical whatever batch it
+    shares (bf16 CPU kernels round differently with the batch size). bf16 on a CPU with native bf16
+    matmuls is ~20% faster for tiny: pass dtype=torch.bfloat16 (`--dtype bfloat16`)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return default_dtype(device)
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, float32 or bfloat16") from None
+
+
 @dataclasses.dataclass
 class _SlotMeta:
     """Host-side bookkeeping of one joined slot."""
@@ -94,7 +113,7 @@ class Engine:
         dtype: torch.dtype | None = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or default_dtype(self.device)
         self.config: ModelConfig = model.cfg
         self.model = model.to(self.device, self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.to(torch.float64)

@@ -76,10 +76,17 @@ class KVCache:
         return visible[:, None]
 
     def write(self, layer: int, rows: slice, cells: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Scatter new k, v (B, Hk, T, hd) into cells (B, T) of the B rows in `rows`."""
-        idx = cells[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, Hk, T, hd)
-        self.k[layer][rows].scatter_(2, idx, k)
-        self.v[layer][rows].scatter_(2, idx, v)
+        """Write new k, v (B, Hk, T, hd) into cells (B, T) of the B rows in `rows`.
+
+        index_copy_ on flat (row, head, cell) indices: scatter_ would copy the whole cache in bf16 on CPU.
+        """
+        B, Hk, T, hd = k.shape
+        first = rows.start or 0
+        row = torch.arange(first, first + B, device=cells.device)[:, None, None]  # (B, 1, 1)
+        head = torch.arange(Hk, device=cells.device)[None, :, None]  # (1, Hk, 1)
+        flat = ((row * Hk + head) * self.cells + cells[:, None, :]).flatten()  # (B*Hk*T,)
+        self.k[layer].view(-1, hd).index_copy_(0, flat, k.reshape(-1, hd))
+        self.v[layer].view(-1, hd).index_copy_(0, flat, v.reshape(-1, hd))
 
     def read(self, layer: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the B rows in `rows`: (B, Hk, S, hd) each (views, no copy)."""

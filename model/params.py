@@ -15,7 +15,7 @@ C = dmel_channels, B = dmel_bins, E = n_experts):
 - video: Linear(patch_dim, d) with bias; 2-D position embedding Parameter((image_size//patch_size)**2, d)
 - slot-type embedding Parameter(positions_per_turn, d): which slot of the micro-turn a position is
 - source embedding Embedding(2, d): user vs background text-in
-- per layer: two RMSNorm weights (d); attention wq (d, n_heads*hd), wk and wv (d, n_kv_heads*hd),
+- per layer: two RMSNorm weights (d); attention wqkv (d, (n_heads + 2*n_kv_heads)*hd) = q, k, v fused,
   wo (n_heads*hd, d), no biases; router Linear(d, E, bias=False); routed SwiGLU experts w13
   (E, d, 2*d_expert: gate and up fused) and w2 (E, d_expert, d); n_shared_experts shared SwiGLU
   experts d -> d_shared -> d (w13 fused, w2, no biases)

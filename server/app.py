@@ -55,15 +55,17 @@ def web_dir() -> Path | None:
 
 
 def build_engine(settings: ServerSettings) -> Any:
-    from microturn.model.engine import Engine
+    from microturn.model.engine import Engine, resolve_device, resolve_dtype
 
+    dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
     if settings.checkpoint:
         engine = Engine.from_checkpoint(
-            settings.checkpoint, max_slots=settings.max_sessions, device=settings.device
+            settings.checkpoint, max_slots=settings.max_sessions, device=settings.device, dtype=dtype
         )
     else:
         engine = Engine.from_preset(
-            settings.preset, max_slots=settings.max_sessions, device=settings.device, seed=settings.seed
+            settings.preset, max_slots=settings.max_sessions, device=settings.device, seed=settings.seed,
+            dtype=dtype,
         )
     engine.warmup()
     return engine

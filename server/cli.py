@@ -22,7 +22,7 @@ from .app import create_app, drain
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
-FLAG_FIELDS = ("host", "port", "preset", "checkpoint", "device")
+FLAG_FIELDS = ("host", "port", "preset", "checkpoint", "device", "dtype")
 
 
 class DrainingServer(uvicorn.Server):

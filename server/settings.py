@@ -24,6 +24,9 @@ class ServerSettings(BaseSettings):
     preset: str = Field("tiny", description="model preset used when no checkpoint is given (seeded weights)")
     checkpoint: str | None = Field(None, description="checkpoint directory to load instead of a preset")
     device: str = Field("auto", description="engine device: auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="engine dtype: auto = bf16 on CUDA, fp32 on CPU (bit-exact batch invariance)"
+    )
     seed: int = Field(0, description="seed of the preset's random weights")
     max_sessions: int = Field(
         64, ge=1, description="engine slots = concurrent sessions; more get server_busy"

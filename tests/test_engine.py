@@ -17,8 +17,9 @@ from microturn.model.transformer import build_model
 INSTR = "You are a helpful voice assistant."
 
 
-def _engine(cfg=None, max_slots: int = 8, seed: int = 0) -> Engine:
-    return Engine(build_model(cfg or tiny(), seed=seed), max_slots=max_slots, device="cpu")
+def _engine(cfg=None, max_slots: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32) -> Engine:
+    """fp32 by default: the contract's tolerances are fp32 ones (the served default may be bf16)."""
+    return Engine(build_model(cfg or tiny(), seed=seed), max_slots=max_slots, device="cpu", dtype=dtype)
 
 
 def _inputs(rng: np.random.Generator, speech: np.ndarray, turn: int, with_text: bool = True) -> SlotInput:
@@ -81,8 +82,8 @@ def test_wrap_around_matches_sliding_window_reference(speech_16k: np.ndarray) ->
     assert torch.allclose(audio_stream, audio_ref, atol=1e-4), (audio_stream - audio_ref).abs().max()
 
 
-def _run_alone(speech: np.ndarray, turns: int) -> list:
-    engine = _engine()
+def _run_alone(speech: np.ndarray, turns: int, dtype: torch.dtype = torch.float32) -> list:
+    engine = _engine(dtype=dtype)
     slot = engine.join(INSTR, SamplingParams(seed=11))
     rng = np.random.default_rng(5)
     return [engine.step({slot: _inputs(rng, speech, t)})[slot] for t in range(turns)]
@@ -116,9 +117,10 @@ def test_batch_invariance(speech_16k: np.ndarray) -> None:
         assert np.allclose(a.audio, b.audio, atol=1e-5)
 
 
-def test_determinism_same_seed_same_bytes(speech_16k: np.ndarray) -> None:
-    first = [o.audio.tobytes() for o in _run_alone(speech_16k, 5)]
-    second = [o.audio.tobytes() for o in _run_alone(speech_16k, 5)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_determinism_same_seed_same_bytes(speech_16k: np.ndarray, dtype: torch.dtype) -> None:
+    first = [o.audio.tobytes() for o in _run_alone(speech_16k, 5, dtype)]
+    second = [o.audio.tobytes() for o in _run_alone(speech_16k, 5, dtype)]
     assert first == second
 
 

@@ -41,8 +41,9 @@ def test_interaction_small_is_the_paper_shape() -> None:
 
 
 def test_kv_bytes_per_token() -> None:
-    config = preset("tiny")  # 6 layers, 2 kv heads, head_dim 64
-    assert params.kv_bytes_per_token(config) == 2 * 6 * 2 * 64 * 2
+    config = preset("tiny")
+    per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2  # k and v, bf16
+    assert params.kv_bytes_per_token(config) == per_token
     assert params.kv_bytes_per_token(config, bytes_per_element=4) == 2 * params.kv_bytes_per_token(config)
     assert params.report(config).kv_bytes_per_session == params.kv_bytes_per_token(config) * config.window
 
