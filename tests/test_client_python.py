@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import soundfile as sf
-from test_server_e2e import ServerThread
+from realserver import ServerThread, warm_engine
 
 from microturn.cli import main as cli_main
 from microturn.clients.python import AudioChunk, ServerBusy, connect, connect_with_retry
@@ -26,9 +26,7 @@ SLOTS = 2
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    eng = Engine.from_preset("tiny", max_slots=SLOTS, device="cpu", seed=0)
-    eng.warmup()
-    return eng
+    return warm_engine(SLOTS)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 
 import httpx
 import pytest
-from test_server_e2e import ServerThread
+from realserver import ServerThread, warm_engine
 
 from microturn.cli import main as cli_main
 from microturn.clients.loadtest.report import histogram_quantile, parse_metrics
@@ -29,9 +29,7 @@ REQUIRED = {
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    eng = Engine.from_preset("tiny", max_slots=SLOTS, device="cpu", seed=0)
-    eng.warmup()
-    return eng
+    return warm_engine(SLOTS)
 
 
 def test_playback_counts_a_chunk_later_than_the_cushion_as_one_underrun():

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -18,66 +16,24 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 import websockets
 from openai import AsyncOpenAI
+from realserver import ServerThread, warm_engine
 
 from microturn.model.engine import Engine
 from microturn.model.espeak import speak
 from microturn.model.resample import resample
 from microturn.model.slots import TURN_SAMPLES
 from microturn.server import protocol as p
-from microturn.server.app import create_app
-from microturn.server.cli import uvicorn_config
 from microturn.server.settings import ServerSettings
 
 PACKET_MS = 20  # client packet size when streaming in real time
 MAX_SLOTS = 8
 
 
-class ServerThread:
-    """uvicorn serving `create_app(settings, engine)` on a free loopback port, in a thread."""
-
-    def __init__(self, settings: ServerSettings, engine: Engine, task_hooks=None) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.app = create_app(settings, engine, task_hooks=task_hooks)
-        self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/realtime"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def metric(self, name: str) -> float:
-        for line in httpx.get(f"{self.http_url}/metrics").text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
-
-
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    eng = Engine.from_preset("tiny", max_slots=MAX_SLOTS, device="cpu", seed=0)
-    eng.warmup()
-    return eng
+    return warm_engine(MAX_SLOTS)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import websockets
-from test_server_e2e import ServerThread
+from realserver import ServerThread, warm_engine
 
 from microturn.model.engine import Engine
 from microturn.server.background import Tool
@@ -22,9 +22,7 @@ MAX_SLOTS = 4
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    eng = Engine.from_preset("tiny", max_slots=MAX_SLOTS, device="cpu", seed=0)
-    eng.warmup()
-    return eng
+    return warm_engine(MAX_SLOTS)
 
 
 class _Server(ServerThread):

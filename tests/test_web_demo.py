@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import websockets.sync.client
-from test_server_e2e import ServerThread
+from realserver import ServerThread, warm_engine
 
 from microturn.model.engine import Engine
 from microturn.model.espeak import speak
@@ -35,9 +35,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    eng = Engine.from_preset("tiny", max_slots=SLOTS, device="cpu", seed=0)
-    eng.warmup()
-    return eng
+    return warm_engine(SLOTS)
 
 
 def write_y4m(path: Path, width: int = 320, height: int = 240, frames: int = 10) -> None:

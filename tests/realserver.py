@@ -1,0 +1,60 @@
+"""A real server for end-to-end tests: uvicorn on a free loopback port, in a thread, and a warm engine."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from microturn.model.engine import Engine
+from microturn.server.app import create_app
+from microturn.server.cli import uvicorn_config
+from microturn.server.settings import ServerSettings
+
+
+def warm_engine(max_slots: int) -> Engine:
+    """The tiny preset on CPU with seeded weights, warmed up (share one per test module)."""
+    engine = Engine.from_preset("tiny", max_slots=max_slots, device="cpu", seed=0)
+    engine.warmup()
+    return engine
+
+
+class ServerThread:
+    """uvicorn serving `create_app(settings, engine)` on a free loopback port, in a thread."""
+
+    def __init__(self, settings: ServerSettings, engine: Engine, task_hooks=None) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.app = create_app(settings, engine, task_hooks=task_hooks)
+        self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/realtime"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(f"{self.http_url}/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
