@@ -223,9 +223,16 @@ class Engine:
 
     # --- the tick ---
     def _validate(self, inp: SlotInput | None) -> tuple[SlotInput, str | None]:
+        """The row's input, or silence and the reason it was refused (other rows are unaffected)."""
         silence = SlotInput(audio=np.zeros(TURN_SAMPLES, np.float32))
         if inp is None:
             return silence, None
+        try:
+            return self._check(inp, silence)
+        except (TypeError, ValueError, AttributeError) as exc:  # non-numeric audio, ids not ints
+            return silence, f"malformed slot input: {exc}"
+
+    def _check(self, inp: SlotInput, silence: SlotInput) -> tuple[SlotInput, str | None]:
         audio = np.asarray(inp.audio)
         if audio.shape != (TURN_SAMPLES,) or not np.isfinite(audio).all():
             return silence, f"audio must be {TURN_SAMPLES} finite samples, got shape {audio.shape}"

@@ -138,12 +138,15 @@ def test_bad_row_input_isolated(speech_16k: np.ndarray) -> None:
     engine = _engine()
     good, bad = engine.join(INSTR), engine.join(INSTR)
     rng = np.random.default_rng(0)
+    garbage = engine.join(INSTR)
     out = engine.step({
         good: _inputs(rng, speech_16k, 0),
         bad: SlotInput(audio=np.full(TURN_SAMPLES, np.nan, np.float32), text_in=[999999]),
+        garbage: SlotInput(audio=["not", "audio"], text_in=["x"]),  # type: ignore[arg-type]
     })
     assert out[good].error is None
     assert out[bad].error and "audio" in out[bad].error
+    assert out[garbage].error
     assert out[bad].audio.shape == (TURN_SAMPLES,)
     assert np.isfinite(out[good].audio).all() and np.isfinite(out[bad].audio).all()
 
