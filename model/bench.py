@@ -148,7 +148,7 @@ def _sweep(run_level, max_sessions: int) -> tuple[int, list[dict]]:
 def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     dev = resolve_device(args.device or "auto")
-    max_sessions = args.max_sessions or (1024 if dev.type == "cuda" else 256)
+    max_sessions = args.max_sessions or (4096 if dev.type == "cuda" else 256)
     if args.checkpoint:
         from .checkpoint import load_checkpoint
 
