@@ -93,8 +93,10 @@ def create_app(settings: ServerSettings | None = None, engine: Any = None, task_
         if state.task_hooks is None and settings.background:
             work = BackgroundWork(settings, eng.tokenizer, eng.config.text_in_slots, state.metrics)
             state.task_hooks = work
-        if isinstance(state.task_hooks, BackgroundWork) and state.task_hooks.metrics is None:
-            state.task_hooks.metrics = state.metrics
+        if isinstance(state.task_hooks, BackgroundWork):
+            if state.task_hooks.metrics is None:
+                state.task_hooks.metrics = state.metrics
+            await state.task_hooks.warm()
         state.tick = TickLoop(eng, state.metrics, asyncio.get_running_loop())
         state.capacity = min(settings.max_sessions, eng.max_slots)
         state.tick.start()

@@ -15,6 +15,7 @@ thread only reads the session's text-in queue. No tensors, no sockets.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from .background import (
     default_registry,
     make_backend,
 )
+from .background.knowledge import default_knowledge
 from .errors import ErrorCode, ProtocolError
 from .settings import ServerSettings
 
@@ -188,6 +190,12 @@ class BackgroundWork:
 
         tasks = SessionTasks(session.id, self.pool, self.registry, send=send)
         return SessionBackground(session, tasks, self._tokenizer, self._text_in_slots, self.metrics)
+
+    async def warm(self) -> None:
+        """Load the knowledge-search encoder now (in a thread): loading it on a first task would hold
+        the GIL for seconds while sessions stream, stalling the tick thread."""
+        if self._backend is None and self._settings.background_backend == "local":
+            await asyncio.to_thread(default_knowledge().warm)
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import threading
 import time
@@ -10,6 +12,7 @@ import httpx
 import uvicorn
 
 from microturn.model.engine import Engine
+from microturn.server import protocol as p
 from microturn.server.app import create_app
 from microturn.server.cli import uvicorn_config
 from microturn.server.settings import ServerSettings
@@ -58,3 +61,22 @@ class ServerThread:
             if line.startswith(name + " "):
                 return float(line.split()[1])
         raise KeyError(name)
+
+
+async def collect(ws, seconds: float, until=None) -> tuple[list[p.Frame], list[dict]]:
+    """Binary output frames and JSON events received for `seconds` (or until `until(event)` is true)."""
+    frames, events = [], []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            message = await asyncio.wait_for(ws.recv(), left)
+        except TimeoutError:
+            break
+        if isinstance(message, bytes):
+            kind, flags, seq, pts = p.FRAME_HEADER.unpack_from(message)
+            frames.append(p.Frame(kind, flags, seq, pts, message[p.FRAME_HEADER.size :]))
+        else:
+            events.append(json.loads(message))
+            if until is not None and until(events[-1]):
+                break
+    return frames, events

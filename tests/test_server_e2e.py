@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import websockets
 from openai import AsyncOpenAI
-from realserver import ServerThread, warm_engine
+from realserver import ServerThread, collect, warm_engine
 
 from microturn.model.engine import Engine
 from microturn.model.espeak import speak
@@ -63,23 +63,6 @@ async def stream_binary(
         idx = np.arange(offset, offset + step) % len(audio)
         await ws.send(p.encode_frame(p.KIND_INPUT_PCM16, i, i * packet_ms, pcm16(audio[idx]), flags=flags))
         await asyncio.sleep(max(0.0, start + (i + 1) * packet_ms / 1000 - time.monotonic()))
-
-
-async def collect(ws, seconds: float) -> tuple[list[p.Frame], list[dict]]:
-    """Binary output frames and JSON events received for `seconds`."""
-    frames, events = [], []
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            message = await asyncio.wait_for(ws.recv(), left)
-        except TimeoutError:
-            break
-        if isinstance(message, bytes):
-            kind, flags, seq, pts = p.FRAME_HEADER.unpack_from(message)
-            frames.append(p.Frame(kind, flags, seq, pts, message[p.FRAME_HEADER.size :]))
-        else:
-            events.append(json.loads(message))
-    return frames, events
 
 
 def assert_every_turn(frames: list[p.Frame], first_seq: int = 0) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import websockets
-from realserver import ServerThread, warm_engine
+from realserver import ServerThread, collect, warm_engine
 
 from microturn.model.engine import Engine
 from microturn.server.background import Tool
@@ -53,18 +52,7 @@ def server(engine) -> Iterator[_Server]:
 
 
 async def _events(ws, seconds: float, until=None) -> list[dict]:
-    out: list[dict] = []
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            message = await asyncio.wait_for(ws.recv(), left)
-        except TimeoutError:
-            break
-        if isinstance(message, str):
-            out.append(json.loads(message))
-            if until is not None and until(out[-1]):
-                break
-    return out
+    return (await collect(ws, seconds, until))[1]
 
 
 def _background_text(events: list[dict]) -> str:
