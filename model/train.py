@@ -32,6 +32,7 @@ from .config import ModelConfig, preset
 from .data import DuplexGenerator
 from .engine import resolve_device
 from .layout import Turns, sequence_logits
+from .tokenizer import ByteTokenizer
 from .transformer import InteractionModel, build_model
 
 STATE_FILE = "train_state.pt"
@@ -39,6 +40,9 @@ PLOT_FILE = "loss.png"
 MIN_LR_RATIO = 0.1  # cosine decays to this fraction of the peak learning rate
 ADAM_BETAS = (0.9, 0.95)
 
+
+CONTENT_TEXT_WEIGHT = 5.0  # text-out loss weight of answer bytes and task markers vs PAD/EPAD filler
+_SPECIAL = ByteTokenizer().special
 
 @dataclass
 class Losses:
@@ -56,7 +60,12 @@ def compute_losses(model: InteractionModel, prefix: torch.Tensor, turns: Turns) 
     """Teacher-forced losses of one batch (router losses only exist with grads on)."""
     cfg = model.cfg
     text_logits, audio_logits, router = sequence_logits(model, prefix, turns)
-    text = F.cross_entropy(text_logits.flatten(0, -2), turns.text_out.flatten())
+    targets = turns.text_out.flatten()
+    per_token = F.cross_entropy(text_logits.flatten(0, -2), targets, reduction="none")
+    # most text-out slots are PAD/EPAD: without weighting, a low loss hides unlearned answer bytes
+    filler = (targets == _SPECIAL.PAD) | (targets == _SPECIAL.EPAD)
+    weight = torch.where(filler, 1.0, CONTENT_TEXT_WEIGHT).to(per_token.dtype)
+    text = (per_token * weight).sum() / weight.sum()
     audio = F.cross_entropy(audio_logits.flatten(0, -2), turns.audio_out.flatten())
     zero = text.new_zeros(())
     aux = sum((r.aux for r in router if r is not None), zero)
