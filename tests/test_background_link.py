@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from task_events import Sink
 
 from microturn.server.background.backends import LocalBackend, TaskDelta, TaskEvent, TaskResult
 from microturn.server.background.context import ContextPackage
@@ -14,34 +15,7 @@ from microturn.server.background.link import SessionTasks
 from microturn.server.background.pool import PoolConfig, WorkerPool
 from microturn.server.background.tools import default_registry
 
-WAIT_S = 10.0  # bound on waiting for a task's last event
 BUDGET = 1_000  # text-in units per take: enough for any test result
-
-
-class Client:
-    """What the session would write to the WebSocket."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
-        self._changed.set()
-
-    def types(self, task_id: str) -> list[str]:
-        return [e["type"] for e in self.events if e["task_id"] == task_id]
-
-    async def ended(self, task_id: str) -> dict[str, Any]:
-        async def wait() -> dict[str, Any]:
-            while True:
-                mine = [e for e in self.events if e["task_id"] == task_id]
-                if mine and mine[-1]["type"] in ("task.done", "task.error", "task.cancelled"):
-                    return mine[-1]
-                self._changed.clear()
-                await self._changed.wait()
-
-        return await asyncio.wait_for(wait(), WAIT_S)
 
 
 class Recording:
@@ -61,8 +35,8 @@ class Recording:
         yield TaskResult(text=f"ok {ctx.task.input}")
 
 
-def _session(backend: Any, **config: Any) -> tuple[SessionTasks, Client]:
-    client = Client()
+def _session(backend: Any, **config: Any) -> tuple[SessionTasks, Sink]:
+    client = Sink()
     registry = default_registry()
     return SessionTasks("s1", WorkerPool(backend, PoolConfig(**config)), registry, client), client
 
@@ -85,7 +59,7 @@ async def test_local_task_streams_to_client_record_and_text_in() -> None:
             "origin": "client",
         },
     }
-    done = await client.ended(task_id)
+    done = await client.final(task_id)
     assert done["result"]["text"] == "17*23 = 391"
     assert client.types(task_id) == ["task.created"] + ["task.delta"] * 3 + ["task.done"]
     assert _spoken(tasks, speaking=True) == ""
@@ -100,10 +74,10 @@ async def test_later_context_holds_earlier_results_and_session_state() -> None:
     tasks.instructions = "be brief"
     tasks.record.add_user_text("first question")
     first = tasks.submit("one")
-    await client.ended(first)
+    await client.final(first)
     tasks.record.add_model_text("the model talks")
     second = tasks.submit("two", origin="model")
-    await client.ended(second)
+    await client.final(second)
     ctx = backend.seen[1]
     assert ctx.instructions == "be brief" and ctx.task.origin == "model"
     assert [(i.role, i.text) for i in ctx.conversation] == [
@@ -124,7 +98,7 @@ async def test_later_context_holds_earlier_results_and_session_state() -> None:
 )
 async def test_scheduling_modes(scheduling: str, while_speaking: str, after: str) -> None:
     tasks, client = _session(Recording())
-    await client.ended(tasks.submit("x", scheduling))
+    await client.final(tasks.submit("x", scheduling))
     assert _spoken(tasks, speaking=True) == while_speaking
     assert _spoken(tasks) == after
     assert tasks.record.items[-1].text == "ok x", "every mode keeps the result in the record"
@@ -132,10 +106,10 @@ async def test_scheduling_modes(scheduling: str, while_speaking: str, after: str
 
 async def test_barge_in_makes_a_pending_when_idle_result_stale() -> None:
     tasks, client = _session(Recording())
-    await client.ended(tasks.submit("before"))
+    await client.final(tasks.submit("before"))
     tasks.barge_in(epoch=1)
     assert _spoken(tasks) == ""
-    await client.ended(tasks.submit("after"))
+    await client.final(tasks.submit("after"))
     assert _spoken(tasks) == "ok after"
 
 
@@ -145,7 +119,7 @@ async def test_barge_in_can_cancel_running_tasks() -> None:
     tasks, client = _session(backend)
     task_id = tasks.submit("slow")
     tasks.barge_in(epoch=1, cancel_tasks=True)
-    assert (await client.ended(task_id))["reason"] == "barge_in"
+    assert (await client.final(task_id))["reason"] == "barge_in"
 
 
 async def test_result_without_deltas_is_spoken_once() -> None:
@@ -156,7 +130,7 @@ async def test_result_without_deltas_is_spoken_once() -> None:
             yield TaskResult(text="only the answer")
 
     tasks, client = _session(Quiet())
-    await client.ended(tasks.submit("q", "interrupt"))
+    await client.final(tasks.submit("q", "interrupt"))
     pieces = tasks.take_text_in(model_speaking=True, budget=BUDGET)
     assert [(p.text, p.final) for p in pieces] == [("only the answer", True)]
 
@@ -176,7 +150,7 @@ async def test_refusals_and_cancel() -> None:
         tasks.submit("x", "sometimes")  # type: ignore[arg-type]
     assert tasks.cancel("task_unknown") is False
     assert tasks.cancel(running) is True
-    assert (await client.ended(running))["reason"] == "cancelled"
+    assert (await client.final(running))["reason"] == "cancelled"
     assert _spoken(tasks) == ""
 
 
@@ -186,4 +160,4 @@ async def test_close_cancels_the_session_tasks() -> None:
     tasks, client = _session(backend)
     ids = [tasks.submit("a"), tasks.submit("b")]
     assert tasks.close() == 2
-    assert [(await client.ended(i))["reason"] for i in ids] == ["session_end", "session_end"]
+    assert [(await client.final(i))["reason"] for i in ids] == ["session_end", "session_end"]
