@@ -109,6 +109,13 @@ def _eval_flags(parser: argparse.ArgumentParser) -> None:
     _device(parser)
 
 
+def _export_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint directory")
+    parser.add_argument("--out", required=True, help="directory of the exported checkpoint")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="storage dtype of the weights")
+
+
 def params_main(args: argparse.Namespace) -> int:
     from microturn.model import params
     from microturn.model.config import preset
@@ -147,6 +154,7 @@ COMMANDS: list[tuple[tuple[str, ...], Target, Callable[[argparse.ArgumentParser]
     (("loadtest",), "microturn.clients.loadtest.cli:main", _loadtest_flags, "real-time sessions vs a server"),
     (("talk",), "microturn.clients.python.cli:talk_main", _talk_flags, "stream a WAV file, record the reply"),
     (("train",), "microturn.model.train:main", _train_flags, "train a model and write a checkpoint"),
+    (("export",), "microturn.model.export:main", _export_flags, "store a checkpoint for shipping (bf16)"),
     (("eval", "duplex"), "microturn.model.evaluate:main", _eval_flags, "duplex behaviour of a checkpoint"),
 ]
 

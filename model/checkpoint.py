@@ -40,12 +40,17 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig, extra: dict[str, Any] | None = None
+    path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig, extra: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `path/model.safetensors` and `path/config.json`; returns the directory."""
+    """Write `path/model.safetensors` and `path/config.json`; returns the directory.
+
+    `dtype` stores floating-point tensors in that type (e.g. bf16 to halve a shipped file)."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    if dtype is not None:
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
     weights = directory / WEIGHTS_FILE
     _write_atomic(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME}))
     document = {

@@ -75,14 +75,19 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
 # (train phrasings, held-out phrasings) per intent; the last piece of a spoken question can be paused before
 PHRASINGS = {
-    "greeting": (("hello", "hi there", "good morning", "hey, how are you"), ("hello, is anyone there",)),
-    "arith": (("what is {a} {op} {b}", "what's {a} {op} {b}", "{a} {op} {b}", "can you tell me {a} {op} {b}"),
-              ("how much is {a} {op} {b}",)),
-    "repeat": (("say {w}", "repeat the word {w}", "can you say {w}"), ("please say the word {w}",)),
-    "colour": (("what colour is this", "what colour do you see", "which colour is it"),
-               ("tell me the colour of this",)),
-    "hard": (("what is {a} {op} {b}", "can you work out {a} {op} {b}"), ("how much is {a} {op} {b}",)),
-    "time": (("what time is it", "do you know the time", "what's the time now"), ("tell me the time",)),
+    "greeting": (("hello", "hi there", "good morning", "hey, how are you", "hello there", "hi, good evening",
+                  "hey there, hello"), ("hello, is anyone there",)),
+    "arith": (("what is {a} {op} {b}", "what's {a} {op} {b}", "{a} {op} {b}", "can you tell me {a} {op} {b}",
+               "tell me {a} {op} {b}", "please work out {a} {op} {b}", "quick one, {a} {op} {b}",
+               "so what is {a} {op} {b}"), ("how much is {a} {op} {b}",)),
+    "repeat": (("say {w}", "repeat the word {w}", "can you say {w}", "please repeat {w}", "just say {w}",
+                "could you say {w} for me", "repeat after me, {w}"), ("please say the word {w}",)),
+    "colour": (("what colour is this", "what colour do you see", "which colour is it", "what colour is it",
+                "tell me what colour this is", "what colour am I showing"), ("tell me the colour of this",)),
+    "hard": (("what is {a} {op} {b}", "can you work out {a} {op} {b}", "tell me {a} {op} {b}",
+              "please compute {a} {op} {b}"), ("how much is {a} {op} {b}",)),
+    "time": (("what time is it", "do you know the time", "what's the time now", "what time is it now",
+              "could I have the time", "have you got the time"), ("tell me the time",)),
 }
 BARGE_INS = (("wait", "stop", "hold on", "no, stop please"), ("okay, that's enough",))
 GREETING_ANSWER = "hello! how can I help you?"

@@ -18,7 +18,8 @@ plays during [(t+1)*200, (t+2)*200) ms, so one tick of compute is always counted
 - interrupt_stop_rate / interrupt_stop_ms_p50: barge-ins while the model spoke after which it
   fell silent (STOP_SILENCE_MS of no speech) within STOP_TARGET_MS; the time to fall silent;
 - answer_accuracy_text: the answer's text-out span (first non-PAD token to EPAD) equals the
-  reference text after normalisation; answer_accuracy_speech: the model's spoken answer is,
+  reference text after normalisation (also split by typed / spoken question);
+  answer_accuracy_speech: the model's spoken answer is,
   by DTW distance over log-mel frames, nearer to the reference rendering (the model voice
   saying the right answer) than to renderings of N_CANDIDATES wrong answers;
 - task_delegation_rate: hard sums and time questions whose text-out held TASK_START..TASK_END
@@ -50,8 +51,13 @@ STOP_SILENCE_MS = 400.0  # silence this long after a barge-in counts as stopped
 STOP_TARGET_MS = 400.0  # the interruption target of the issue
 ANSWER_KINDS = ("answer", "pause", "typed", "task")  # episodes whose answer text is scored
 METRIC_KEYS = ("pause_takeover_rate", "turn_takeover_rate", "turn_latency_ms_p50", "interrupt_stop_ms_p50",
-               "interrupt_stop_rate", "answer_accuracy_text", "answer_accuracy_speech",
+               "interrupt_stop_rate", "answer_accuracy_text", "answer_accuracy_text_typed",
+               "answer_accuracy_text_spoken", "answer_accuracy_speech",
                "task_delegation_rate", "vision_accuracy")
+
+# what `score` appends to, per episode
+OBSERVATIONS = ("pause", "takeover", "latency", "stop", "stop_ms", "delegation", "vision", "text",
+                "text_typed", "text_spoken", "speech")
 
 
 def normalise(text: str) -> str:
@@ -178,7 +184,9 @@ def score(ep: Episode, rec: Recording, judge: SpeechJudge, out: dict[str, list])
         out["vision"].append(ep.colour in said and not (said & set(COLOURS)) - {ep.colour})
     if ep.kind in ANSWER_KINDS:
         text = tok.decode(rec.span(answer_turn, answer_turn + window))
-        out["text"].append(normalise(text) == normalise(ep.answer))
+        right = normalise(text) == normalise(ep.answer)
+        out["text"].append(right)
+        out["text_typed" if ep.typed else "text_spoken"].append(right)
         start_ms = (answer_turn + 1) * TURN_MS
         first = rec.first_speech(start_ms, start_ms + RESPONSE_WINDOW_MS)
         spoken = rec.utterance(first) if first is not None else rec.codes[:0]
@@ -186,8 +194,7 @@ def score(ep: Episode, rec: Recording, judge: SpeechJudge, out: dict[str, list])
 
 
 def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator) -> dict:
-    obs: dict[str, list] = {k: [] for k in ("pause", "takeover", "latency", "stop", "stop_ms", "delegation",
-                                             "vision", "text", "speech")}
+    obs: dict[str, list] = {k: [] for k in OBSERVATIONS}
     judge = SpeechJudge(gen)
     for conv, rec in zip(convs, run(engine, convs), strict=True):
         for ep in conv.episodes:
@@ -203,6 +210,7 @@ def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator) ->
         "pause_takeover_rate": rate("pause"), "turn_takeover_rate": rate("takeover"),
         "turn_latency_ms_p50": p50("latency"), "interrupt_stop_ms_p50": p50("stop_ms"),
         "interrupt_stop_rate": rate("stop"), "answer_accuracy_text": rate("text"),
+        "answer_accuracy_text_typed": rate("text_typed"), "answer_accuracy_text_spoken": rate("text_spoken"),
         "answer_accuracy_speech": rate("speech"), "task_delegation_rate": rate("delegation"),
         "vision_accuracy": rate("vision"),
     }

@@ -2,8 +2,9 @@
 
 Contract: `main(args)` trains `--preset` (or the weights of `--checkpoint`) for `--steps`
 optimiser steps on batches from `model/data.py`, teacher-forced through
-`layout.sequence_logits` (the inference mask, sliding window included). Loss = text CE on
-text-out + dMel CE per (frame, channel) on audio-out + the config's aux / z coefficients times
+`layout.sequence_logits` (the inference mask, sliding window included). Loss = weighted text
+CE on text-out (answer bytes and task markers CONTENT_TEXT_WEIGHT, each turn's first slot at
+least DECISION_TEXT_WEIGHT, PAD/EPAD filler 1) + dMel CE per (frame, channel) on audio-out + the config's aux / z coefficients times
 the MoE router losses summed over layers. AdamW, linear warm-up then cosine decay, gradient
 clipping. Every `--save-every` steps and at the end it writes `--out` (a checkpoint via
 `save_checkpoint`; `extra` holds step and recipe), `--out/train_state.pt` (optimiser,
@@ -42,6 +43,7 @@ ADAM_BETAS = (0.9, 0.95)
 
 
 CONTENT_TEXT_WEIGHT = 5.0  # text-out loss weight of answer bytes and task markers vs PAD/EPAD filler
+DECISION_TEXT_WEIGHT = 3.0  # least weight of each turn's first text-out slot: where speaking starts or stops
 _SPECIAL = ByteTokenizer().special
 
 @dataclass
@@ -60,11 +62,14 @@ def compute_losses(model: InteractionModel, prefix: torch.Tensor, turns: Turns) 
     """Teacher-forced losses of one batch (router losses only exist with grads on)."""
     cfg = model.cfg
     text_logits, audio_logits, router = sequence_logits(model, prefix, turns)
-    targets = turns.text_out.flatten()
-    per_token = F.cross_entropy(text_logits.flatten(0, -2), targets, reduction="none")
-    # most text-out slots are PAD/EPAD: without weighting, a low loss hides unlearned answer bytes
+    targets = turns.text_out  # (B, T, To)
+    per_token = F.cross_entropy(text_logits.flatten(0, -2), targets.flatten(), reduction="none")
+    # most text-out slots are PAD/EPAD: without weighting, a low loss hides unlearned answer bytes;
+    # slot 0 decides whether a turn starts (or stops) speech, the turn-taking behaviour itself
     filler = (targets == _SPECIAL.PAD) | (targets == _SPECIAL.EPAD)
-    weight = torch.where(filler, 1.0, CONTENT_TEXT_WEIGHT).to(per_token.dtype)
+    weight = torch.where(filler, 1.0, CONTENT_TEXT_WEIGHT)
+    weight[..., 0] = weight[..., 0].clamp(min=DECISION_TEXT_WEIGHT)
+    weight = weight.flatten().to(per_token.dtype)
     text = (per_token * weight).sum() / weight.sum()
     audio = F.cross_entropy(audio_logits.flatten(0, -2), turns.audio_out.flatten())
     zero = text.new_zeros(())

@@ -14,7 +14,14 @@ from microturn.cli import main as cli_main
 from microturn.model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from microturn.model.config import tiny
 from microturn.model.data import DuplexGenerator
-from microturn.model.evaluate import METRIC_KEYS, Recording, SpeechJudge, heldout_conversations, score
+from microturn.model.evaluate import (
+    METRIC_KEYS,
+    OBSERVATIONS,
+    Recording,
+    SpeechJudge,
+    heldout_conversations,
+    score,
+)
 from microturn.model.train import compute_losses, make_optimizer
 from microturn.model.transformer import InteractionModel, build_model
 
@@ -59,12 +66,21 @@ def test_train_cli_saves_resumes_and_plots(tmp_path: Path, capsys: pytest.Captur
     model, cfg = load_checkpoint(out, lambda c: InteractionModel(c))
     assert cfg == tiny()
 
+    shipped = tmp_path / "shipped"
+    assert cli_main(["export", "--checkpoint", str(out), "--out", str(shipped)]) == 0
+    assert _json_tail(capsys)["weights_bytes"] < 0.55 * (out / "model.safetensors").stat().st_size
+    _, shipped_extra = read_config(shipped)
+    assert shipped_extra["step"] == 3 and shipped_extra["stored_dtype"] == "bfloat16"
+    assert (shipped / "loss.png").is_file() and not (shipped / "train_state.pt").exists()
+    bf16, _ = load_checkpoint(shipped, lambda c: InteractionModel(c))
+    for (name, a), b in zip(model.state_dict().items(), bf16.state_dict().values(), strict=True):
+        assert b.dtype == a.dtype and torch.equal(b, a.to(torch.bfloat16).to(a.dtype)), name
+
 
 def test_eval_scores_the_reference_streams_perfectly() -> None:
     """The labels and the scorer agree: the generator's own model side passes every metric."""
     gen = DuplexGenerator(tiny(), "heldout", seed=0)
-    obs: dict[str, list] = {k: [] for k in ("pause", "takeover", "latency", "stop", "stop_ms", "delegation",
-                                             "vision", "text", "speech")}
+    obs: dict[str, list] = {k: [] for k in OBSERVATIONS}
     judge = SpeechJudge(gen)
     for conv in heldout_conversations(gen, 12):
         codes = gen.dmel.encode(torch.from_numpy(conv.model_audio)[None])[0].numpy()

@@ -1,0 +1,40 @@
+"""`microturn export`: a training checkpoint turned into a shippable one.
+
+Contract: `main(args)` loads `--checkpoint` (validated by model/checkpoint.py), writes its
+weights to `--out` stored as `--dtype` (bf16 halves the file; loading casts back to the
+engine's dtype), keeps the config and the training `extra` (plus where and how it was
+exported) and copies the loss plot when there is one. Optimiser state is not carried: an
+exported checkpoint is for serving and evaluation, not for `train --resume`. Prints a JSON
+line with the file size.
+
+This module does not know how the model was trained or how it is served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import WEIGHTS_FILE, load_checkpoint, read_config, save_checkpoint
+from .transformer import InteractionModel
+
+EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PLOT_FILE = "loss.png"
+
+
+def main(args: argparse.Namespace) -> int:
+    source, out = Path(args.checkpoint), Path(args.out)
+    model, cfg = load_checkpoint(source, InteractionModel)
+    _, extra = read_config(source)
+    extra = {**extra, "exported_from": str(source), "stored_dtype": args.dtype}
+    save_checkpoint(out, model, cfg, extra=extra, dtype=EXPORT_DTYPES[args.dtype])
+    if (source / PLOT_FILE).is_file():
+        shutil.copyfile(source / PLOT_FILE, out / PLOT_FILE)
+    size = (out / WEIGHTS_FILE).stat().st_size
+    print(f"exported {source} -> {out} ({args.dtype}, {size / 2**20:.1f} MiB)")
+    print(json.dumps({"checkpoint": str(out), "dtype": args.dtype, "weights_bytes": size}))
+    return 0
