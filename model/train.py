@@ -4,8 +4,8 @@ Contract: `main(args)` trains `--preset` (or the weights of `--checkpoint`) for 
 optimiser steps on batches from `model/data.py`, teacher-forced through
 `layout.sequence_logits` (the inference mask, sliding window included). Loss = weighted text
 CE on text-out (answer bytes and task markers CONTENT_TEXT_WEIGHT, each turn's first slot at
-least DECISION_TEXT_WEIGHT, PAD/EPAD filler 1) + dMel CE per (frame, channel) on audio-out + the config's aux / z coefficients times
-the MoE router losses summed over layers. AdamW, linear warm-up then cosine decay, gradient
+least DECISION_TEXT_WEIGHT, PAD/EPAD filler 1) + dMel CE per (frame, channel) on audio-out
++ the config's aux / z coefficients times the MoE router losses summed over layers. AdamW, linear warm-up then cosine decay, gradient
 clipping. Every `--save-every` steps and at the end it writes `--out` (a checkpoint via
 `save_checkpoint`; `extra` holds step and recipe), `--out/train_state.pt` (optimiser,
 schedule, step, loss history: what `--resume` continues from) and `--out/loss.png`. Batches
