@@ -43,7 +43,7 @@ train-demo: install
 	$(VENV)/bin/microturn export --checkpoint $(DEMO_RUN) --out $(DEMO_CKPT) --dtype bfloat16
 
 eval-demo: install
-	$(VENV)/bin/microturn eval duplex --checkpoint $(DEMO_CKPT) --conversations 96 --device cpu
+	$(VENV)/bin/microturn eval duplex --checkpoint $(DEMO_CKPT) --conversations 240 --device cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

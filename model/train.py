@@ -5,11 +5,12 @@ optimiser steps on batches from `model/data.py`, teacher-forced through
 `layout.sequence_logits` (the inference mask, sliding window included). Loss = weighted text
 CE on text-out (answer bytes and task markers CONTENT_TEXT_WEIGHT, each turn's first slot at
 least DECISION_TEXT_WEIGHT, PAD/EPAD filler 1) + dMel CE per (frame, channel) on audio-out
-+ the config's aux / z coefficients times the MoE router losses summed over layers. AdamW, linear warm-up then cosine decay, gradient
-clipping. Every `--save-every` steps and at the end it writes `--out` (a checkpoint via
-`save_checkpoint`; `extra` holds step and recipe), `--out/train_state.pt` (optimiser,
-schedule, step, loss history: what `--resume` continues from) and `--out/loss.png`. Batches
-depend only on (seed, step), so a resumed run sees the same data as an uninterrupted one.
++ the config's aux / z coefficients times the MoE router losses summed over layers. AdamW,
+linear warm-up then cosine decay, gradient clipping. Every `--save-every` steps and at the
+end it writes `--out` (a checkpoint via `save_checkpoint`; `extra` holds step and recipe),
+`--out/train_state.pt` (optimiser, schedule, step, loss history: what `--resume` continues
+from) and `--out/loss.png`. Batches depend only on (seed, step), so a resumed run sees the
+same data as an uninterrupted one.
 Prints one line per `--log-every` steps and a JSON object as its last line.
 
 This module does not know how conversations are made or how the engine serves the model.

@@ -74,9 +74,10 @@ def serve_main(args: argparse.Namespace) -> int:
     server = DrainingServer(config, app, settings.drain_timeout_s)
     shown = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
     auth = "on" if settings.auth_enabled else "off (no MICROTURN_API_KEYS)"
+    model = settings.checkpoint or f"preset {settings.preset} with seeded random weights (it streams noise)"
     print(
         f"microturn: demo page http://{shown}:{settings.port}/  realtime ws://{shown}:{settings.port}/v1/realtime"
-        f"  auth {auth}",
+        f"  auth {auth}  model {model}",
         flush=True,
     )
     server.run()
