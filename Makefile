@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# The demo model was trained to hear only a background task's final result in text-in.
 serve: install
-	$(VENV)/bin/microturn serve --host $(HOST) --port $(PORT) --checkpoint $(DEMO_CKPT)
+	MICROTURN_BACKGROUND_TEXT_IN=$${MICROTURN_BACKGROUND_TEXT_IN:-result} \
+		$(VENV)/bin/microturn serve --host $(HOST) --port $(PORT) --checkpoint $(DEMO_CKPT)
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -105,6 +105,10 @@ class ServerSettings(BaseSettings):
         4, ge=1, description="background tasks per session; more get task_limit"
     )
     background_timeout_s: float = Field(60.0, gt=0, description="default background task timeout")
+    background_text_in: Literal["stream", "result"] = Field(
+        "stream", description="what of a task enters the model's text-in: its streamed steps, or only the "
+        "final result (the tool's output when it has one: what the demo model was trained on)"
+    )
     debug_events: bool = Field(
         False, description="send debug.text_in events (what entered the model's text-in slots); or ?debug=1"
     )

@@ -188,7 +188,8 @@ class BackgroundWork:
             if self.metrics is not None:
                 self.metrics.background_tasks.set(self.pool.active())
 
-        tasks = SessionTasks(session.id, self.pool, self.registry, send=send)
+        tasks = SessionTasks(session.id, self.pool, self.registry, send=send,
+                             text_in=self._settings.background_text_in)
         return SessionBackground(session, tasks, self._tokenizer, self._text_in_slots, self.metrics)
 
     async def warm(self) -> None:

@@ -35,10 +35,11 @@ class Recording:
         yield TaskResult(text=f"ok {ctx.task.input}")
 
 
-def _session(backend: Any, **config: Any) -> tuple[SessionTasks, Sink]:
+def _session(backend: Any, text_in: str = "stream", **config: Any) -> tuple[SessionTasks, Sink]:
     client = Sink()
     registry = default_registry()
-    return SessionTasks("s1", WorkerPool(backend, PoolConfig(**config)), registry, client), client
+    pool = WorkerPool(backend, PoolConfig(**config))
+    return SessionTasks("s1", pool, registry, client, text_in=text_in), client
 
 
 def _spoken(tasks: SessionTasks, speaking: bool = False) -> str:
@@ -65,6 +66,15 @@ async def test_local_task_streams_to_client_record_and_text_in() -> None:
     assert _spoken(tasks, speaking=True) == ""
     spoken = _spoken(tasks)
     assert spoken.endswith("Result: 17*23 = 391\n") and spoken.count("391") == 1
+    assert [(i.role, i.text) for i in tasks.record.items] == [("task", "17*23 = 391")]
+
+
+async def test_result_mode_puts_only_the_tool_output_into_text_in() -> None:
+    tasks, client = _session(LocalBackend(default_registry()), text_in="result")
+    task_id = tasks.submit("what is 17 times 23?", "when_idle")
+    await client.final(task_id)
+    assert client.types(task_id) == ["task.created"] + ["task.delta"] * 3 + ["task.done"]
+    assert _spoken(tasks) == "391"
     assert [(i.role, i.text) for i in tasks.record.items] == [("task", "17*23 = 391")]
 
 

@@ -7,7 +7,7 @@ by `make eval-demo`, not asserted here.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from microturn.server.settings import ServerSettings
 DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-demo"
 MAX_SHIPPED_BYTES = 40 * 2**20  # the repo carries the weights: keep them small
 ANSWER_WAIT_S = 12.0  # typed question (~6 micro-turns) + answer, with room for a loaded machine
+RESULT_WAIT_S = 20.0  # + the background task and the spoken result
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,9 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def server(engine: Engine) -> Iterator[ServerThread]:
-    with ServerThread(ServerSettings(max_sessions=2, checkpoint=str(DEMO)), engine) as srv:
+    # as `make serve` runs it: only a task's final result enters text-in, as in the training data
+    settings = ServerSettings(max_sessions=2, checkpoint=str(DEMO), background_text_in="result")
+    with ServerThread(settings, engine) as srv:
         yield srv
 
 
@@ -44,7 +47,9 @@ def test_shipped_checkpoint_is_small_and_describes_its_training() -> None:
     assert (DEMO / "loss.png").is_file()
 
 
-async def ask(server: ServerThread, question: str, done) -> tuple[str, list[dict]]:
+async def ask(
+    server: ServerThread, question: str, done: Callable[[str, dict], bool], wait_s: float = ANSWER_WAIT_S
+) -> tuple[str, list[dict]]:
     """Type `question`; the model's text and every event until `done(text, event)` or the wait ends."""
     async with websockets.connect(server.ws_url) as ws:
         await ws.send(json.dumps({"type": "conversation.item.create", "item": {
@@ -57,7 +62,7 @@ async def ask(server: ServerThread, question: str, done) -> tuple[str, list[dict
                 text += event["delta"]
             return done(text, event)
 
-        _, events = await collect(ws, ANSWER_WAIT_S, until=until)
+        _, events = await collect(ws, wait_s, until=until)
     assert not [e for e in events if e["type"] == "error"]
     return text, events
 
@@ -77,3 +82,17 @@ async def test_model_delegates_the_time_to_the_background(server: ServerThread) 
     created = [e for e in events if e["type"] == "task.created"]
     assert created and created[0]["task"]["origin"] == "model"
     assert created[0]["task"]["input"] == "what time is it"
+
+
+async def test_model_speaks_the_background_result_of_a_hard_sum(server: ServerThread) -> None:
+    """Delegation round trip: holding phrase and task marker, the calculator runs in the background,
+    its output enters text-in, the model says it. (How well the model copies the operands into the
+    task is measured by `make eval-demo`, not asserted here.)"""
+    def spoken_result(text: str, _: dict) -> bool:
+        return text.count(".") >= 2 and text.endswith(".")
+
+    text, events = await ask(server, "what is 499 times 34", spoken_result, RESULT_WAIT_S)
+    done = [e for e in events if e["type"] == "task.done"]
+    assert done and done[0]["result"]["tool"] == "calculator", events
+    assert text.startswith("one moment."), text
+    assert text.endswith(f"it is {done[0]['result']['output']}."), text

@@ -13,7 +13,8 @@ the way it is also:
 - scheduled: each `task.delta` text is queued for the text-in slots under the
   task's scheduling; a `task.done` text is queued only when the task streamed
   no deltas (the deltas already carried it); cancelled tasks' waiting text is
-  dropped.
+  dropped. With `text_in="result"` no delta is queued, only the final result: the
+  tool's output when it is a non-empty string (e.g. "36300"), else the result text.
 
 Refusals (over a limit, unknown tool) are sent as a `task.error` for a fresh
 task id with no `task.created` before it. No sockets, tokenizer or tensors.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from .context import ConversationRecord, Origin, Scheduling, TaskSpec, ToolSpec
 from .pool import Emit, TaskRejected, WorkerPool, new_task_id
@@ -32,6 +33,7 @@ from .scheduling import Piece, ResultScheduler
 from .tools import ToolRegistry
 
 SCHEDULINGS: tuple[str, ...] = get_args(Scheduling)
+TextIn = Literal["stream", "result"]  # a task's streamed steps enter text-in, or only its final result
 
 
 @dataclass
@@ -50,8 +52,10 @@ class SessionTasks:
         registry: ToolRegistry,
         send: Emit,
         clock: Callable[[], float] = time.time,
+        text_in: TextIn = "stream",
     ) -> None:
         self.session_id = session_id
+        self.text_in = text_in
         self.pool = pool
         self.registry = registry
         self.send = send
@@ -136,14 +140,16 @@ class SessionTasks:
         task_id = event["task_id"]
         state = self._tasks.get(task_id)
         kind = event["type"]
-        if state is not None and kind == "task.delta":
+        if state is not None and kind == "task.delta" and self.text_in == "stream":
             self.scheduler.push(task_id, event["delta"]["text"], state.scheduling, self.epoch)
             state.streamed = True
         elif state is not None and kind == "task.done":
             text = event["result"]["text"]
             self.record.add_task_result(task_id, text)
             if not state.streamed:
-                self.scheduler.push(task_id, text, state.scheduling, self.epoch, final=True)
+                output = event["result"].get("output")
+                spoken = output if self.text_in == "result" and isinstance(output, str) and output else text
+                self.scheduler.push(task_id, spoken, state.scheduling, self.epoch, final=True)
         elif kind == "task.error":
             self.record.add_task_result(task_id, event["error"]["message"], ok=False)
         elif kind == "task.cancelled":
