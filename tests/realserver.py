@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -23,6 +24,23 @@ def warm_engine(max_slots: int) -> Engine:
     engine = Engine.from_preset("tiny", max_slots=max_slots, device="cpu", seed=0)
     engine.warmup()
     return engine
+
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-demo"
+
+
+def demo_engine(max_slots: int) -> Engine:
+    """The shipped demo checkpoint on CPU, warmed up (share one per test module)."""
+    engine = Engine.from_checkpoint(DEMO_CHECKPOINT, max_slots=max_slots, device="cpu")
+    engine.warmup()
+    return engine
+
+
+def demo_settings(max_sessions: int) -> ServerSettings:
+    """As `make serve` runs the demo model: only a task's final result enters text-in, as in training."""
+    return ServerSettings(
+        max_sessions=max_sessions, checkpoint=str(DEMO_CHECKPOINT), background_text_in="result"
+    )
 
 
 class ServerThread:

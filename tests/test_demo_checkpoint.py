@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import websockets
-from realserver import ServerThread, collect
+from realserver import DEMO_CHECKPOINT, ServerThread, collect, demo_engine, demo_settings
 
 from microturn.model.checkpoint import WEIGHTS_FILE, read_config
 from microturn.model.engine import Engine
-from microturn.server.settings import ServerSettings
 
-DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-demo"
 MAX_SHIPPED_BYTES = 40 * 2**20  # the repo carries the weights: keep them small
 ANSWER_WAIT_S = 12.0  # typed question (~6 micro-turns) + answer, with room for a loaded machine
 RESULT_WAIT_S = 20.0  # + the background task and the spoken result
@@ -26,25 +23,21 @@ RESULT_WAIT_S = 20.0  # + the background task and the spoken result
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    engine = Engine.from_checkpoint(DEMO, max_slots=2, device="cpu")
-    engine.warmup()
-    return engine
+    return demo_engine(2)
 
 
 @pytest.fixture(scope="module")
 def server(engine: Engine) -> Iterator[ServerThread]:
-    # as `make serve` runs it: only a task's final result enters text-in, as in the training data
-    settings = ServerSettings(max_sessions=2, checkpoint=str(DEMO), background_text_in="result")
-    with ServerThread(settings, engine) as srv:
+    with ServerThread(demo_settings(2), engine) as srv:
         yield srv
 
 
 def test_shipped_checkpoint_is_small_and_describes_its_training() -> None:
-    config, extra = read_config(DEMO)
-    assert (DEMO / WEIGHTS_FILE).stat().st_size <= MAX_SHIPPED_BYTES
+    config, extra = read_config(DEMO_CHECKPOINT)
+    assert (DEMO_CHECKPOINT / WEIGHTS_FILE).stat().st_size <= MAX_SHIPPED_BYTES
     assert extra["stored_dtype"] == "bfloat16" and extra["recipe"]["preset"] == "tiny"
     assert extra["step"] == extra["recipe"]["steps"]
-    assert (DEMO / "loss.png").is_file()
+    assert (DEMO_CHECKPOINT / "loss.png").is_file()
 
 
 async def ask(

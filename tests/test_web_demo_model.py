@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from realserver import ServerThread
+from realserver import ServerThread, demo_engine, demo_settings
 
 from microturn.model.engine import Engine
-from microturn.server.settings import ServerSettings
 
 CHROMIUM = Path("/usr/bin/chromium")
-DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-demo"
 WAIT_MS = 25_000  # generous: 2 shared cores run the server, the browser and the fake devices
 NOISE_DBFS = -60.0  # the fake microphone's level: a quiet room
 # true once a model line of the transcript holds {text}
@@ -32,9 +30,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    engine = Engine.from_checkpoint(DEMO, max_slots=2, device="cpu")
-    engine.warmup()
-    return engine
+    return demo_engine(2)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +51,7 @@ def browser(tmp_path_factory) -> Iterator[object]:
 
 
 def test_typed_question_gets_the_models_answer_in_the_transcript(engine, browser):
-    settings = ServerSettings(max_sessions=2, checkpoint=str(DEMO), background_text_in="result")
-    with ServerThread(settings, engine) as srv:
+    with ServerThread(demo_settings(2), engine) as srv:
         page = browser.new_page()
         problems: list[str] = []
         page.on("pageerror", lambda e: problems.append(str(e)))
