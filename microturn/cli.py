@@ -19,6 +19,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_PRESET = "tiny"
 DEFAULT_URL = f"ws://{DEFAULT_HOST}:{DEFAULT_PORT}/v1/realtime"
+EXIT_BAD_CHECKPOINT = 1  # --checkpoint names a missing or damaged checkpoint
 EXIT_UNAVAILABLE = 2  # a subcommand whose module is not installed (argparse also uses 2 for usage errors)
 
 
@@ -196,7 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     function = _resolve(args._target, args._name)
     if function is None:
         return EXIT_UNAVAILABLE
-    return int(function(args) or 0)
+    try:
+        return int(function(args) or 0)
+    except Exception as exc:
+        # a bad --checkpoint is the user's input: one line, not a traceback. Looked up, not imported,
+        # so clients that never touch torch do not load it to start.
+        checkpoint = sys.modules.get("microturn.model.checkpoint")
+        if checkpoint is None or not isinstance(exc, checkpoint.CheckpointError):
+            raise
+        print(f"microturn {args._name}: {exc}", file=sys.stderr)
+        return EXIT_BAD_CHECKPOINT
 
 
 if __name__ == "__main__":

@@ -69,3 +69,13 @@ def test_absent_target_module_is_reported_but_a_broken_one_raises(
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
         cli._resolve("broken_tool:main", "broken")
+
+
+@pytest.mark.parametrize("argv", [["export", "--out", "unused"], ["eval", "duplex"]])
+def test_a_bad_checkpoint_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str]
+) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    assert cli.main([*argv, "--checkpoint", str(tmp_path)]) == cli.EXIT_BAD_CHECKPOINT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "invalid JSON" in err and str(tmp_path) in err
