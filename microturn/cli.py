@@ -99,6 +99,10 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=200, help="checkpoint period in steps")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--data-workers", type=int, default=1,
+                        help="processes making batches (1 = a thread beside the step; more for a GPU)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: autocast matmuls to bfloat16 (weights and optimiser stay fp32)")
     _device(parser)
 
 

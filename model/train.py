@@ -6,7 +6,9 @@ optimiser steps on batches from `model/data.py`, teacher-forced through
 CE on text-out (answer bytes and task markers CONTENT_TEXT_WEIGHT, each turn's first slot at
 least DECISION_TEXT_WEIGHT, PAD/EPAD filler 1) + dMel CE per (frame, channel) on audio-out
 + the config's aux / z coefficients times the MoE router losses summed over layers. AdamW,
-linear warm-up then cosine decay, gradient clipping. Every `--save-every` steps and at the
+linear warm-up then cosine decay, gradient clipping; `--precision bf16` autocasts the step
+(weights and optimiser state stay fp32). Batches come from a thread beside the step, or from
+`--data-workers` processes when the step outruns one core (a GPU). Every `--save-every` steps and at the
 end it writes `--out` (a checkpoint via `save_checkpoint`; `extra` holds step and recipe),
 `--out/train_state.pt` (optimiser, schedule, step, loss history: what `--resume` continues
 from) and `--out/loss.png`. Batches depend only on (seed, step), so a resumed run sees the
@@ -21,8 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +122,32 @@ def plot_losses(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+_WORKER_GEN: DuplexGenerator | None = None  # one generator per data worker process
+
+
+def _init_worker(cfg: ModelConfig, seed: int, turns: int) -> None:
+    global _WORKER_GEN
+    torch.set_num_threads(1)  # workers share the machine with the training step
+    _WORKER_GEN = DuplexGenerator(cfg, "train", seed=seed, turns=turns)
+
+
+def _worker_batch(step: int, size: int) -> tuple[torch.Tensor, Turns]:
+    assert _WORKER_GEN is not None
+    return _WORKER_GEN.batch(step, size)
+
+
+def _batch_source(cfg: ModelConfig, args: argparse.Namespace) -> tuple[Executor, Callable]:
+    """Where batches are made: one thread beside the step (the CPU default), or `--data-workers`
+    processes, each with its own generator, when the step is faster than one core makes data (GPU)."""
+    if args.data_workers <= 1:
+        gen = DuplexGenerator(cfg, "train", seed=args.seed, turns=args.turns)
+        return ThreadPoolExecutor(max_workers=1), gen.batch
+    # spawn: forking a process whose torch already runs threads can deadlock
+    pool = ProcessPoolExecutor(args.data_workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(cfg, args.seed, args.turns))
+    return pool, _worker_batch
+
+
 def _model_and_config(args: argparse.Namespace) -> tuple[InteractionModel, ModelConfig]:
     resume_dir = Path(args.out) if args.resume else None
     source = resume_dir or (Path(args.checkpoint) if args.checkpoint else None)
@@ -144,9 +175,8 @@ def main(args: argparse.Namespace) -> int:
         sched.load_state_dict(state["scheduler"])
         step, history = state["step"], state["history"]
         read_config(out)  # fail early on a damaged checkpoint
-    gen = DuplexGenerator(cfg, "train", seed=args.seed, turns=args.turns)
     recipe = {k: getattr(args, k) for k in ("preset", "steps", "batch", "turns", "lr", "warmup", "seed",
-                                             "weight_decay", "clip")}
+                                             "weight_decay", "clip", "precision")}
 
     def save() -> None:
         save_checkpoint(out, model, cfg, extra={"step": step, "recipe": recipe, "data": "model/data.py"})
@@ -157,14 +187,20 @@ def main(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     start_step = step
-    with ThreadPoolExecutor(max_workers=1) as pool:  # the next batch is made while this one trains
-        pending = pool.submit(gen.batch, step, args.batch)
+    pool, make_batch = _batch_source(cfg, args)
+    ahead = max(1, 2 * args.data_workers)  # batches in flight while this one trains
+    with pool:
+        first = range(step, min(step + ahead, args.steps))
+        pending = deque(pool.submit(make_batch, s, args.batch) for s in first)
         while step < args.steps:
-            prefix, turns = pending.result()
-            if step + 1 < args.steps:
-                pending = pool.submit(gen.batch, step + 1, args.batch)
+            prefix, turns = pending.popleft().result()
+            if step + ahead < args.steps:
+                pending.append(pool.submit(make_batch, step + ahead, args.batch))
             turns = Turns(**{k: v.to(device) for k, v in vars(turns).items()})
-            losses = compute_losses(model, prefix.to(device), turns)
+            # bf16 autocast: about 1.2x on an AVX512-BF16 CPU and the usual mixed precision on a GPU;
+            # weights, optimiser state and the loss reductions stay fp32
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                losses = compute_losses(model, prefix.to(device), turns)
             opt.zero_grad(set_to_none=True)
             losses.total.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -22,7 +23,7 @@ from microturn.model.evaluate import (
     heldout_conversations,
     score,
 )
-from microturn.model.train import compute_losses, make_optimizer
+from microturn.model.train import _batch_source, compute_losses, make_optimizer
 from microturn.model.transformer import InteractionModel, build_model
 
 
@@ -55,8 +56,9 @@ def test_train_cli_saves_resumes_and_plots(tmp_path: Path, capsys: pytest.Captur
     out = tmp_path / "run"
     flags = ["--out", str(out), "--batch", "1", "--turns", "8", "--warmup", "1", "--save-every", "1",
              "--device", "cpu"]
-    assert cli_main(["train", *flags, "--steps", "2"]) == 0
+    assert cli_main(["train", *flags, "--steps", "2", "--precision", "bf16"]) == 0
     assert _json_tail(capsys)["steps"] == 2
+    assert read_config(out)[1]["recipe"]["precision"] == "bf16"
     assert (out / "loss.png").stat().st_size > 0 and (out / "train_state.pt").is_file()
     assert cli_main(["train", *flags, "--steps", "3", "--resume"]) == 0
     result = _json_tail(capsys)
@@ -75,6 +77,22 @@ def test_train_cli_saves_resumes_and_plots(tmp_path: Path, capsys: pytest.Captur
     bf16, _ = load_checkpoint(shipped, lambda c: InteractionModel(c))
     for (name, a), b in zip(model.state_dict().items(), bf16.state_dict().values(), strict=True):
         assert b.dtype == a.dtype and torch.equal(b, a.to(torch.bfloat16).to(a.dtype)), name
+
+
+def test_data_worker_processes_make_the_same_batches_as_the_thread() -> None:
+    """--data-workers (a GPU's feed) must not change what a recipe trains on: batches hang on (seed, step)."""
+    cfg = _small()
+    args = argparse.Namespace(seed=5, turns=6, data_workers=2)
+    pool, make_batch = _batch_source(cfg, args)
+    with pool:
+        made = [pool.submit(make_batch, step, 2) for step in (3, 0)]
+        (prefix3, turns3), (prefix0, turns0) = (f.result() for f in made)
+    gen = DuplexGenerator(cfg, "train", seed=5, turns=6)
+    for (prefix, turns), step in (((prefix3, turns3), 3), ((prefix0, turns0), 0)):
+        ref_prefix, ref_turns = gen.batch(step, 2)
+        assert torch.equal(prefix, ref_prefix)
+        for name, value in vars(ref_turns).items():
+            assert torch.equal(getattr(turns, name), value), (step, name)
 
 
 def test_eval_scores_the_reference_streams_perfectly() -> None:
