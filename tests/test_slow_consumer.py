@@ -78,7 +78,10 @@ async def test_a_client_that_never_reads_is_closed_and_the_other_session_lives(e
                 assert time.monotonic() < deadline, "the client that never reads still holds its slot"
                 await asyncio.sleep(0.5)
             seen_at_close = len(frames)
-            await asyncio.sleep(2.0)  # the bystander goes on after the victim is gone
+            deadline = time.monotonic() + GIVE_UP_S
+            while len(frames) < seen_at_close + 5:  # the bystander goes on after the victim is gone
+                assert time.monotonic() < deadline, "the bystander stopped getting output"
+                await asyncio.sleep(0.2)
             watcher.cancel()
             stop.set()
             await asyncio.gather(*feeds)
@@ -94,4 +97,3 @@ async def test_a_client_that_never_reads_is_closed_and_the_other_session_lives(e
     assert not [e for e in events if e["type"] == "error"], events
     assert [f.seq for f in frames] == list(range(len(frames))), "the bystander lost micro-turns"
     assert all(f.kind == p.KIND_OUTPUT_PCM16 and len(f.payload) == 2 * TURN_SAMPLES for f in frames)
-    assert len(frames) >= seen_at_close + 5, "the bystander stopped getting output"
