@@ -101,6 +101,9 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--data-workers", type=int, default=1,
                         help="processes making batches (1 = a thread beside the step; more for a GPU)")
+    parser.add_argument("--curriculum", choices=("base", "refine"), default="base",
+                        help="what conversations are made of (model/data.py CURRICULA): base is the first "
+                             "stage of the demo recipe, refine the second")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: autocast matmuls to bfloat16 (weights and optimiser stay fp32)")
     _device(parser)

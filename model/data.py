@@ -91,6 +91,34 @@ PHRASINGS = {
 }
 BARGE_INS = (("wait", "stop", "hold on", "no, stop please"), ("okay, that's enough",))
 GREETING_ANSWER = "hello! how can I help you?"
+CHAT_INTENTS = ("greeting", "arith", "repeat")  # what answer, pause, interrupt and typed episodes ask
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """What training conversations are made of. The default is the first stage of the demo recipe;
+    its draws are kept call for call, so a changed curriculum never changes that stage's data.
+    Held-out conversations always use the default (evaluations stay comparable)."""
+
+    scenario_weights: tuple[float, ...] = SCENARIO_WEIGHTS  # share of each of SCENARIOS
+    chat_weights: tuple[float, float, float] | None = None  # CHAT_INTENTS shares; None: uniform
+    hard_share: float | None = None  # task episodes that are hard sums (the rest ask the time); None: half
+    number_repeat_share: float = 0.0  # repeat questions whose word is a digit string (copying numbers)
+    extra_phrasings: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (intent, train phrasings added)
+
+
+# The refinement stage: more sums (the weakest skill), more mid-sentence pauses, digit strings to
+# repeat (exact copying, which hard-sum results need), greetings holding "is"/"are" so that those
+# words stop meaning "a sum"; interruptions already stop reliably, so they give up share.
+REFINE = Curriculum(
+    scenario_weights=(0.22, 0.20, 0.12, 0.14, 0.14, 0.18), chat_weights=(0.25, 0.45, 0.30), hard_share=0.6,
+    number_repeat_share=0.3,
+    extra_phrasings=(("greeting", ("hello, is it you", "hi, are you there", "hey, is this on",
+                                   "good morning, are you listening", "hello, is everything okay",
+                                   "hi there, are you awake")),),
+)
+CURRICULA = {"base": Curriculum(), "refine": REFINE}
+NUMBER_DIGITS = (1, 5)  # digit-string length range of number repeats (inclusive)
 
 
 @dataclass
@@ -231,10 +259,14 @@ class _Timeline:
 class DuplexGenerator:
     """Deterministic conversations of one split ("train" or "heldout") and seed."""
 
-    def __init__(self, cfg: ModelConfig, split: str = "train", seed: int = 0, turns: int = 32) -> None:
+    def __init__(self, cfg: ModelConfig, split: str = "train", seed: int = 0, turns: int = 32,
+                 curriculum: Curriculum | None = None) -> None:
         if split not in ("train", "heldout"):
             raise ValueError(f"unknown split {split!r}")
+        if curriculum is not None and split == "heldout":
+            raise ValueError("held-out conversations use the default curriculum")
         self.cfg, self.split, self.seed, self.turns = cfg, split, seed, turns
+        self.curriculum = curriculum or Curriculum()
         self.tok = ByteTokenizer()
         self.dmel = DMel()
         self.voices = user_voices(split)
@@ -252,7 +284,8 @@ class DuplexGenerator:
 
     # --- content ---
     def question(self, intent: str, rng: np.random.Generator) -> Question:
-        phrasings = PHRASINGS[intent][self.split == "heldout"]
+        extra = dict(self.curriculum.extra_phrasings).get(intent, ())
+        phrasings = PHRASINGS[intent][self.split == "heldout"] + extra
         tpl = phrasings[rng.integers(len(phrasings))]
         if intent == "greeting":
             return Question(intent, tpl, GREETING_ANSWER, ["it is red.", "banana.", HOLDING_PHRASE, "7."])
@@ -265,6 +298,12 @@ class DuplexGenerator:
             wrong = [x for x in range(max(0, r - 6), r + 7) if x != r]
             picks = rng.choice(wrong, N_CANDIDATES, replace=False).tolist()
             return Question(intent, text, f"{a} {op} {b} is {r}.", [f"{a} {op} {b} is {x}." for x in picks])
+        numbers = self.curriculum.number_repeat_share
+        if intent == "repeat" and numbers and rng.random() < numbers:
+            digits = int(rng.integers(NUMBER_DIGITS[0], NUMBER_DIGITS[1] + 1))
+            n = int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10**digits))
+            others = [f"{n + d}." for d in range(1, N_CANDIDATES + 1)]
+            return Question(intent, tpl.format(w=n), f"{n}.", others)
         if intent == "repeat":
             w = WORDS[rng.integers(len(WORDS))]
             others = rng.choice([x for x in WORDS if x != w], N_CANDIDATES, replace=False).tolist()
@@ -327,7 +366,8 @@ class DuplexGenerator:
         for i in itertools.count():
             if kinds is None and t >= n or kinds is not None and i == len(kinds):
                 break
-            kind = SCENARIOS[rng.choice(len(SCENARIOS), p=SCENARIO_WEIGHTS)] if kinds is None else kinds[i]
+            weights = self.curriculum.scenario_weights
+            kind = SCENARIOS[rng.choice(len(SCENARIOS), p=weights)] if kinds is None else kinds[i]
             episodes.append(self._episode(kind, tl, t, rng, utt=i))
             t = episodes[-1].end_turn + int(rng.integers(*GAP_TURNS, endpoint=True))
         if kinds is not None:
@@ -339,8 +379,7 @@ class DuplexGenerator:
         sp = self.tok.special
         voice = self.voices[rng.integers(len(self.voices))]
         voice = (voice[0] + voice[1], int(rng.choice(SPEEDS)), int(rng.choice(PITCHES)))
-        intent = {"task": ("hard", "time")[rng.integers(2)], "vision": "colour"}.get(
-            kind, ("greeting", "arith", "repeat")[rng.integers(3)])
+        intent = self._intent(kind, rng)
         q = self.question(intent, rng)
         colour = ""
         if kind == "vision":
@@ -392,6 +431,15 @@ class DuplexGenerator:
             barge_end = tl.user_say(onset, self._utterance(phrases[rng.integers(len(phrases))], voice, rng))
             ep.end_turn = max(ep.stop_turn, (barge_end - 1) // TURN_SAMPLES)
         return ep
+
+    def _intent(self, kind: str, rng: np.random.Generator) -> str:
+        c = self.curriculum
+        if c.chat_weights is None or c.hard_share is None:  # the first stage's two draws, as they were
+            return {"task": ("hard", "time")[rng.integers(2)], "vision": "colour"}.get(
+                kind, CHAT_INTENTS[rng.integers(3)])
+        if kind == "task":
+            return "hard" if rng.random() < c.hard_share else "time"
+        return "colour" if kind == "vision" else CHAT_INTENTS[rng.choice(3, p=c.chat_weights)]
 
     # --- tensors ---
     def turns_of(self, convs: list[Conversation]) -> tuple[torch.Tensor, Turns]:

@@ -22,6 +22,7 @@ plays during [(t+1)*200, (t+2)*200) ms, so one tick of compute is always counted
   answer_accuracy_speech: the model's spoken answer is,
   by DTW distance over log-mel frames, nearer to the reference rendering (the model voice
   saying the right answer) than to renderings of N_CANDIDATES wrong answers;
+- answers_right_by_intent: "right/asked" text answers per intent and typed / spoken question;
 - task_delegation_rate: hard sums and time questions whose text-out held TASK_START..TASK_END
   before the background result arrived; vision_accuracy: colour answers naming the frame's
   colour and no other.
@@ -55,7 +56,7 @@ METRIC_KEYS = ("pause_takeover_rate", "turn_takeover_rate", "turn_latency_ms_p50
                "answer_accuracy_text_spoken", "answer_accuracy_speech",
                "task_delegation_rate", "vision_accuracy")
 
-# what `score` appends to, per episode
+# what `score` appends to, per episode (plus "text INTENT typed|spoken" keys it adds)
 OBSERVATIONS = ("pause", "takeover", "latency", "stop", "stop_ms", "delegation", "vision", "text",
                 "text_typed", "text_spoken", "speech")
 
@@ -187,6 +188,7 @@ def score(ep: Episode, rec: Recording, judge: SpeechJudge, out: dict[str, list])
         right = normalise(text) == normalise(ep.answer)
         out["text"].append(right)
         out["text_typed" if ep.typed else "text_spoken"].append(right)
+        out.setdefault(f"text {ep.intent} {'typed' if ep.typed else 'spoken'}", []).append(right)
         start_ms = (answer_turn + 1) * TURN_MS
         first = rec.first_speech(start_ms, start_ms + RESPONSE_WINDOW_MS)
         spoken = rec.utterance(first) if first is not None else rec.codes[:0]
@@ -214,10 +216,12 @@ def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator) ->
         "answer_accuracy_speech": rate("speech"), "task_delegation_rate": rate("delegation"),
         "vision_accuracy": rate("vision"),
     }
+    by_intent = {k[len("text ") :]: f"{sum(v)}/{len(v)}" for k, v in sorted(obs.items())
+                 if k.startswith("text ")}
     counts = {"pauses": len(obs["pause"]), "questions_spoken": len(obs["takeover"]),
               "interruptions_measured": len(obs["stop"]), "answers": len(obs["text"]),
               "tasks": len(obs["delegation"]), "vision_questions": len(obs["vision"])}
-    return {**metrics, "counts": counts, "conversations": len(convs),
+    return {**metrics, "answers_right_by_intent": by_intent, "counts": counts, "conversations": len(convs),
             "speech_judge": "dtw-nearest-reference-rendering", "sampling": "greedy"}
 
 
@@ -237,5 +241,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {key:<24} {'n/a' if value is None else value}")
     for key, value in result["counts"].items():
         print(f"  {'n ' + key:<24} {value}")
+    for key, value in result["answers_right_by_intent"].items():
+        print(f"  {'right ' + key:<24} {value}")
     print(json.dumps(result))
     return 0

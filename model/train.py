@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, read_config, save_checkpoint
 from .config import ModelConfig, preset
-from .data import DuplexGenerator
+from .data import CURRICULA, DuplexGenerator
 from .engine import resolve_device
 from .layout import Turns, sequence_logits
 from .tokenizer import ByteTokenizer
@@ -125,10 +125,10 @@ def plot_losses(history: list[dict], path: Path) -> None:
 _WORKER_GEN: DuplexGenerator | None = None  # one generator per data worker process
 
 
-def _init_worker(cfg: ModelConfig, seed: int, turns: int) -> None:
+def _init_worker(cfg: ModelConfig, seed: int, turns: int, curriculum: str) -> None:
     global _WORKER_GEN
     torch.set_num_threads(1)  # workers share the machine with the training step
-    _WORKER_GEN = DuplexGenerator(cfg, "train", seed=seed, turns=turns)
+    _WORKER_GEN = DuplexGenerator(cfg, "train", seed=seed, turns=turns, curriculum=CURRICULA[curriculum])
 
 
 def _worker_batch(step: int, size: int) -> tuple[torch.Tensor, Turns]:
@@ -140,11 +140,13 @@ def _batch_source(cfg: ModelConfig, args: argparse.Namespace) -> tuple[Executor,
     """Where batches are made: one thread beside the step (the CPU default), or `--data-workers`
     processes, each with its own generator, when the step is faster than one core makes data (GPU)."""
     if args.data_workers <= 1:
-        gen = DuplexGenerator(cfg, "train", seed=args.seed, turns=args.turns)
+        gen = DuplexGenerator(cfg, "train", seed=args.seed, turns=args.turns,
+                              curriculum=CURRICULA[args.curriculum])
         return ThreadPoolExecutor(max_workers=1), gen.batch
     # spawn: forking a process whose torch already runs threads can deadlock
     pool = ProcessPoolExecutor(args.data_workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(cfg, args.seed, args.turns))
+                               initializer=_init_worker,
+                               initargs=(cfg, args.seed, args.turns, args.curriculum))
     return pool, _worker_batch
 
 
@@ -176,7 +178,9 @@ def main(args: argparse.Namespace) -> int:
         step, history = state["step"], state["history"]
         read_config(out)  # fail early on a damaged checkpoint
     recipe = {k: getattr(args, k) for k in ("preset", "steps", "batch", "turns", "lr", "warmup", "seed",
-                                             "weight_decay", "clip", "precision")}
+                                             "weight_decay", "clip", "precision", "curriculum")}
+    if args.checkpoint and not args.resume:
+        recipe["from"] = str(args.checkpoint)
 
     def save() -> None:
         save_checkpoint(out, model, cfg, extra={"step": step, "recipe": recipe, "data": "model/data.py"})

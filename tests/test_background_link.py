@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -76,6 +77,15 @@ async def test_result_mode_puts_only_the_tool_output_into_text_in() -> None:
     assert client.types(task_id) == ["task.created"] + ["task.delta"] * 3 + ["task.done"]
     assert _spoken(tasks) == "391"
     assert [(i.role, i.text) for i in tasks.record.items] == [("task", "17*23 = 391")]
+
+
+async def test_result_mode_puts_the_brief_form_of_the_clock_into_text_in() -> None:
+    tasks, client = _session(LocalBackend(default_registry()), text_in="result")
+    task_id = tasks.submit("what time is it?", "when_idle")
+    done = await client.final(task_id)
+    assert done["result"]["output"].endswith("(UTC, UTC+0000)"), "the client still gets the full line"
+    spoken = _spoken(tasks)
+    assert spoken == done["result"]["brief"] and re.fullmatch(r"(1[0-2]|[1-9]):[0-5]\d", spoken)
 
 
 async def test_later_context_holds_earlier_results_and_session_state() -> None:

@@ -89,6 +89,14 @@ async def test_clock_with_time_zone(registry: ToolRegistry) -> None:
         await registry.call("clock", {"timezone": "Mars/Base"})
 
 
+async def test_clock_result_has_a_brief_twelve_hour_form(registry: ToolRegistry) -> None:
+    _, result = await _run(registry, "what time is it")
+    hour, minute = re.search(r" (\d\d):(\d\d):\d\d ", result.data["output"]).groups()
+    assert result.data["brief"] == f"{int(hour) % 12 or 12}:{minute}"
+    _, sum_result = await _run(registry, "What is 17 times 23?")
+    assert "brief" not in sum_result.data, "the calculator's output is already its brief form"
+
+
 @pytest.mark.parametrize(
     ("query", "path"),
     [

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from microturn.model.config import tiny
-from microturn.model.data import PHRASINGS, SCENARIOS, DuplexGenerator, user_voices
+from microturn.model.data import CURRICULA, PHRASINGS, REFINE, SCENARIOS, DuplexGenerator, user_voices
 from microturn.model.engine import Engine
 from microturn.model.layout import Turns
 from microturn.model.slots import TURN_SAMPLES
@@ -95,6 +96,35 @@ def test_held_out_voices_and_phrasings_are_disjoint_from_training() -> None:
     assert user_voices("heldout")
     for train, held in PHRASINGS.values():
         assert held and not set(train) & set(held)
+    for curriculum in CURRICULA.values():
+        for intent, extra in curriculum.extra_phrasings:
+            assert not set(extra) & set(PHRASINGS[intent][1]), intent
+    with pytest.raises(ValueError, match="held-out"):
+        DuplexGenerator(tiny(), "heldout", curriculum=REFINE)
+
+
+def test_base_curriculum_keeps_the_first_stage_draws() -> None:
+    """The shipped recipe's first stage trains on these draws: a curriculum change must not move them."""
+    gen = DuplexGenerator(tiny(), "train", seed=0)
+    first = {i: (e.kind, e.intent, e.answer) for i in (0, 1, 2, 3, 5, 7)
+             for e in gen.conversation(i).episodes[:1]}
+    assert first == {0: ("pause", "repeat", "apple."), 1: ("vision", "colour", "it is blue."),
+                     2: ("interrupt", "arith", "1 plus 8 is 9."), 3: ("pause", "arith", "2 plus 3 is 5."),
+                     5: ("interrupt", "repeat", "window."), 7: ("vision", "colour", "it is red.")}
+
+
+def test_refine_curriculum_asks_for_sums_pauses_and_digit_strings() -> None:
+    gen = DuplexGenerator(tiny(), "train", seed=3, curriculum=REFINE)
+    again = DuplexGenerator(tiny(), "train", seed=3, curriculum=REFINE)
+    episodes = [e for i in range(60) for e in gen.conversation(i).episodes]
+    assert [e.answer for e in again.conversation(5).episodes] == [
+        e.answer for e in gen.conversation(5).episodes]
+    chat = [e for e in episodes if e.intent in ("greeting", "arith", "repeat")]
+    assert sum(e.intent == "arith" for e in chat) > len(chat) / 3
+    numbers = [e for e in episodes if e.intent == "repeat" and e.answer[:-1].isdigit()]
+    assert numbers and all(e.answer.endswith(".") for e in numbers)
+    kinds = {e.kind for e in episodes}
+    assert kinds == set(SCENARIOS), kinds
 
 
 def test_engine_sees_exactly_the_generated_inputs() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,9 @@ def test_eval_scores_the_reference_streams_perfectly() -> None:
     assert obs["pause"] and not any(obs["pause"])
     for key in ("takeover", "stop", "delegation", "vision", "text", "speech"):
         assert obs[key] and all(obs[key]), key
+    by_intent = {k for k in obs if k.startswith("text ")}
+    assert {"text arith spoken", "text hard typed"} <= by_intent, by_intent
+    assert sum(len(obs[k]) for k in by_intent) == len(obs["text"])
     assert 200 < np.median(obs["latency"]) <= 400 and max(obs["stop_ms"]) <= 400
 
 
@@ -118,3 +122,4 @@ def test_eval_duplex_runs_end_to_end_on_a_random_model(tmp_path: Path, capsys: p
     assert cli_main(argv) == 0
     result = _json_tail(capsys)
     assert set(METRIC_KEYS) <= set(result) and result["conversations"] == 2
+    assert all(re.fullmatch(r"\d+/\d+", v) for v in result["answers_right_by_intent"].values())

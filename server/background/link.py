@@ -13,8 +13,9 @@ the way it is also:
 - scheduled: each `task.delta` text is queued for the text-in slots under the
   task's scheduling; a `task.done` text is queued only when the task streamed
   no deltas (the deltas already carried it); cancelled tasks' waiting text is
-  dropped. With `text_in="result"` no delta is queued, only the final result: the
-  tool's output when it is a non-empty string (e.g. "36300"), else the result text.
+  dropped. With `text_in="result"` no delta is queued, only the final result: its
+  `brief` form when the backend gave one (the clock's "2:43"), else the tool's output
+  when it is a non-empty string (e.g. "36300"), else the result text.
 
 Refusals (over a limit, unknown tool) are sent as a `task.error` for a fresh
 task id with no `task.created` before it. No sockets, tokenizer or tensors.
@@ -136,6 +137,13 @@ class SessionTasks:
             {"type": "task.error", "task_id": task_id, **extra, "error": {"code": code, "message": message}}
         )
 
+    @staticmethod
+    def _result_text_in(result: dict[str, Any]) -> str:
+        for key in ("brief", "output"):
+            if isinstance(result.get(key), str) and result[key]:
+                return result[key]
+        return result["text"]
+
     def _on_event(self, event: dict[str, Any]) -> None:
         task_id = event["task_id"]
         state = self._tasks.get(task_id)
@@ -147,8 +155,7 @@ class SessionTasks:
             text = event["result"]["text"]
             self.record.add_task_result(task_id, text)
             if not state.streamed:
-                output = event["result"].get("output")
-                spoken = output if self.text_in == "result" and isinstance(output, str) and output else text
+                spoken = self._result_text_in(event["result"]) if self.text_in == "result" else text
                 self.scheduler.push(task_id, spoken, state.scheduling, self.epoch, final=True)
         elif kind == "task.error":
             self.record.add_task_result(task_id, event["error"]["message"], ok=False)
