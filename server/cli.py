@@ -3,8 +3,11 @@
 `serve_main(args)` merges the CLI flags (host, port, preset, checkpoint, device) over
 the `MICROTURN_*` settings, prints the demo page URL and runs uvicorn. SIGTERM starts
 `app.drain` (readyz false, go_away to live sessions, wait up to drain_timeout_s) and
-exits when it is done; a second signal or Ctrl-C exits at once. This module knows
-nothing about sessions or the engine.
+exits when it is done; a second signal or Ctrl-C exits at once. The listening socket
+carries `send_buffer_bytes` as SO_SNDBUF, which accepted connections inherit: without
+it loopback autotuning lets a client that never reads absorb megabytes (tens of seconds
+of audio) before the output queue can notice. This module knows nothing about sessions
+or the engine.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -66,6 +70,13 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, **kw: object) -> uvic
     )
 
 
+def bound_send_buffer(sock: socket.socket, settings: ServerSettings) -> socket.socket:
+    """Set the listener's SO_SNDBUF (inherited by every accepted connection) as the settings ask."""
+    if settings.send_buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer_bytes)
+    return sock
+
+
 def serve_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
@@ -80,5 +91,5 @@ def serve_main(args: argparse.Namespace) -> int:
         f"  auth {auth}  model {model}",
         flush=True,
     )
-    server.run()
+    server.run(sockets=[bound_send_buffer(config.bind_socket(), settings)])
     return 0

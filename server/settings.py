@@ -65,6 +65,11 @@ class ServerSettings(BaseSettings):
     max_output_queue_turns: int = Field(
         25, ge=1, description="unsent micro-turns per session; a client this far behind is closed (1008)"
     )
+    send_buffer_bytes: int = Field(
+        65_536, ge=0, description="SO_SNDBUF of every connection (Linux doubles it; 0 = kernel autotuning): "
+        "bounds the output a client that stops reading can hide in kernel buffers before the output "
+        "queue passes max_output_queue_turns and closes it (1008 slow_consumer)",
+    )
     output_audio: Literal["json", "binary"] = Field(
         "json", description="default audio transport: json deltas (OpenAI) or binary 0x81 frames"
     )

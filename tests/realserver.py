@@ -15,7 +15,7 @@ import uvicorn
 from microturn.model.engine import Engine
 from microturn.server import protocol as p
 from microturn.server.app import create_app
-from microturn.server.cli import uvicorn_config
+from microturn.server.cli import bound_send_buffer, uvicorn_config
 from microturn.server.settings import ServerSettings
 
 
@@ -47,7 +47,7 @@ class ServerThread:
     """uvicorn serving `create_app(settings, engine)` on a free loopback port, in a thread."""
 
     def __init__(self, settings: ServerSettings, engine: Engine, task_hooks=None) -> None:
-        self.sock = socket.socket()
+        self.sock = bound_send_buffer(socket.socket(), settings)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.app = create_app(settings, engine, task_hooks=task_hooks)
