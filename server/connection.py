@@ -273,7 +273,10 @@ class Connection:
             handler = session.tasks.create if isinstance(event, p.TaskCreate) else session.tasks.cancel
             await handler(session, event)
 
-    async def _add_item(self, item: p.Item, eid: str | None) -> None:
+    async def _add_item(self, item: p.Item | p.FunctionCallOutputItem, eid: str | None) -> None:
+        if isinstance(item, p.FunctionCallOutputItem):
+            self._function_call_output(item, eid)
+            return
         if item.role != "user":
             raise ProtocolError(
                 ErrorCode.UNSUPPORTED,
@@ -308,6 +311,20 @@ class Connection:
             "status": "completed",
             "content": [part.model_dump() for part in item.content if isinstance(part, p.InputText)],
         }
+        self.session.send(p.ConversationItemAdded(item=added))
+
+    def _function_call_output(self, item: p.FunctionCallOutputItem, eid: str | None) -> None:
+        tasks = self.session.tasks
+        if tasks is None:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, "background tasks are not enabled", eid)
+        if len(item.output) > self.settings.max_text_chars:
+            message = f"output over {self.settings.max_text_chars} characters"
+            raise ProtocolError(ErrorCode.TEXT_TOO_LONG, message, eid, "item.output")
+        if not tasks.function_call_output(item.call_id, item.output):
+            message = f"no client tool call {item.call_id!r} is waiting in this session"
+            raise ProtocolError(ErrorCode.UNKNOWN_CALL, message, eid, "item.call_id")
+        added = {"id": p.new_id("item"), "type": "function_call_output", "call_id": item.call_id,
+                 "output": item.output, "status": "completed"}
         self.session.send(p.ConversationItemAdded(item=added))
 
     async def _configure(self, cfg: p.SessionConfig, eid: str | None) -> None:

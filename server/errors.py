@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     INPUT_RATE_EXCEEDED = "input_rate_exceeded"  # audio arriving faster than real time beyond the bound
     UNSUPPORTED = "unsupported"  # a known event whose feature is not available here
     UNKNOWN_TASK = "unknown_task"  # task.cancel of a task this session does not have running
+    UNKNOWN_CALL = "unknown_call"  # a function_call_output for no client tool call waiting
     SERVER_BUSY = "server_busy"  # every engine slot is taken
     SERVER_DRAINING = "server_draining"  # the server is shutting down
     SLOW_CONSUMER = "slow_consumer"  # the client does not read its output

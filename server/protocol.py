@@ -156,9 +156,17 @@ class Item(_Loose):
     content: list[ContentPart]
 
 
+class FunctionCallOutputItem(_Loose):
+    """The client's answer to `response.function_call_arguments.done` (a client-declared tool ran)."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
 class ConversationItemCreate(_ClientEvent):
     type: Literal["conversation.item.create"]
-    item: Item
+    item: Item | FunctionCallOutputItem
 
 
 class ResponseCreate(_ClientEvent):

@@ -148,6 +148,8 @@ class TaskHooks(Protocol):
 
     def on_turn(self, out: SlotOutput, model_speaking: bool) -> None: ...
 
+    def function_call_output(self, call_id: str, output: str) -> bool: ...
+
 
 class Session:
     def __init__(

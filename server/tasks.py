@@ -117,6 +117,9 @@ class SessionBackground:
     def set_tools(self, tools: list[ToolSpec]) -> None:
         self.tasks.client_tools = tools
 
+    def function_call_output(self, call_id: str, output: str) -> bool:
+        return self.tasks.function_call_output(call_id, output)
+
     def on_user_text(self, text: str) -> None:
         self.tasks.record.add_user_text(text)
 
@@ -132,10 +135,11 @@ class SessionBackground:
             self.tasks.record.end_model_turn()
         self._model_was_speaking = model_speaking
         for task_text in self._markers.feed(out.text_tokens):
-            # "name: input" where name is a declared background tool runs that tool; else free text
+            # "name: input" where name is a declared background tool runs that tool (on the server when
+            # its registry has it, else on the client); else free text
             name, _, rest = task_text.partition(":")
             tool = self._client_tool(name.strip())
-            if tool is not None and tool.name in self.tasks.registry:
+            if tool is not None:
                 self.tasks.submit(rest.strip() or task_text, "when_idle", tool=tool.name, origin="tool_call")
             else:
                 self.tasks.submit(task_text, "when_idle", origin="model")

@@ -11,7 +11,7 @@ import pytest
 from task_events import Sink
 
 from microturn.server.background.backends import LocalBackend, TaskDelta, TaskEvent, TaskResult
-from microturn.server.background.context import ContextPackage
+from microturn.server.background.context import ContextPackage, ToolSpec
 from microturn.server.background.link import SessionTasks
 from microturn.server.background.pool import PoolConfig, WorkerPool
 from microturn.server.background.tools import default_registry
@@ -86,6 +86,29 @@ async def test_result_mode_puts_the_brief_form_of_the_clock_into_text_in() -> No
     assert done["result"]["output"].endswith("(UTC, UTC+0000)"), "the client still gets the full line"
     spoken = _spoken(tasks)
     assert spoken == done["result"]["brief"] and re.fullmatch(r"(1[0-2]|[1-9]):[0-5]\d", spoken)
+
+
+async def test_a_task_on_a_client_tool_waits_for_the_client_and_stops_waiting_when_cancelled() -> None:
+    tasks, client = _session(LocalBackend(default_registry()))
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tasks.client_tools = [ToolSpec(name="weather", description="the weather in a city", parameters=city)]
+    assert tasks.submit("weather", tool="nope") is None
+    assert client.events[-1]["error"]["code"] == "unknown_tool"
+    answered = tasks.submit("Paris", tool="weather")
+    waiting = tasks.submit("Oslo", tool="weather")
+    for _ in range(100):
+        calls = [e for e in client.events if e["type"] == "response.function_call_arguments.done"]
+        if len(calls) == 2:
+            break
+        await asyncio.sleep(0.01)
+    by_task = {c["task_id"]: c for c in calls}
+    assert by_task[answered]["name"] == "weather" and by_task[answered]["arguments"] == '{"city": "Paris"}'
+    assert tasks.function_call_output(by_task[answered]["call_id"], "sunny, 21 C")
+    done = await client.final(answered)
+    assert done["result"]["text"] == "sunny, 21 C" and done["result"]["output"] == "sunny, 21 C"
+    assert tasks.cancel(waiting)
+    assert (await client.final(waiting))["type"] == "task.cancelled"
+    assert not tasks.function_call_output(by_task[waiting]["call_id"], "too late")
 
 
 async def test_later_context_holds_earlier_results_and_session_state() -> None:

@@ -16,7 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from microturn.server.background.backends import OpenAIBackend, OpenAIBackendConfig, TaskDelta, TaskResult
-from microturn.server.background.context import ConversationRecord, TaskSpec
+from microturn.server.background.context import ConversationRecord, TaskSpec, ToolSpec
+from microturn.server.background.link import SessionTasks
 from microturn.server.background.pool import WorkerPool
 from microturn.server.background.tools import ToolRegistry, default_registry
 
@@ -35,7 +36,8 @@ def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-def _tool_call_stream(model: str) -> Iterator[str]:
+def _tool_call_stream(model: str, name: str = "calculator", arguments: tuple[str, str] = (
+        '{"expression":', ' "17*23"}')) -> Iterator[str]:
     yield _chunk(model, {"role": "assistant", "content": "Let me compute. "})
     yield _chunk(
         model,
@@ -45,13 +47,13 @@ def _tool_call_stream(model: str) -> Iterator[str]:
                     "index": 0,
                     "id": "call_1",
                     "type": "function",
-                    "function": {"name": "calculator", "arguments": ""},
+                    "function": {"name": name, "arguments": ""},
                 }
             ]
         },
     )
-    yield _chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": '{"expression":'}}]})
-    yield _chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": ' "17*23"}'}}]})
+    for part in arguments:
+        yield _chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
     yield _chunk(model, {}, finish="tool_calls")
     yield "data: [DONE]\n\n"
 
@@ -78,7 +80,11 @@ def make_app(requests: list[dict[str, Any]]) -> FastAPI:
                 {"error": {"message": "model exploded", "type": "server_error"}}, status_code=500
             )
         last = body["messages"][-1]
-        if last["role"] == "tool":
+        if model == "client-tools" and last["role"] == "tool":
+            stream = _text_stream(model, [f"your order: {last['content']}"])
+        elif model == "client-tools":
+            stream = _tool_call_stream(model, "lookup_order", ('{"order": ', '"A17"}'))
+        elif last["role"] == "tool":
             stream = _text_stream(model, [f"17 times 23 is {last['content']}", "."])
         elif body.get("tools"):
             stream = _tool_call_stream(model)
@@ -193,3 +199,36 @@ async def test_endpoint_failure_fails_the_task_through_the_pool(endpoint: tuple[
     await backend.aclose()
     error = events[-1]["error"]
     assert error["code"] == "backend_error" and "model exploded" in error["message"]
+
+
+async def test_the_model_calls_a_client_declared_tool_and_the_client_answers(endpoint: tuple[str, list]):
+    """A tool the server registry lacks runs on the client: the call goes out as
+    response.function_call_arguments.done and the client's function_call_output goes back to the model."""
+    url, requests = endpoint
+    requests.clear()
+    registry = default_registry()
+    backend = _backend(url, registry, model="client-tools")
+    events: list[dict[str, Any]] = []
+    tasks = SessionTasks("s1", WorkerPool(backend), registry, events.append)
+    order = {"type": "object", "properties": {"order": {"type": "string"}}, "required": ["order"]}
+    tasks.client_tools = [ToolSpec(name="lookup_order", description="an order's status", parameters=order)]
+    task_id = tasks.submit("where is my order A17?")
+    deadline = time.monotonic() + START_WAIT_S
+    while not any(e["type"] == "response.function_call_arguments.done" for e in events):
+        assert time.monotonic() < deadline, events
+        await asyncio.sleep(0.01)
+    (call,) = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert call["task_id"] == task_id and call["name"] == "lookup_order"
+    assert json.loads(call["arguments"]) == {"order": "A17"}
+    assert not tasks.function_call_output("call_unknown", "x")
+    assert tasks.function_call_output(call["call_id"], "shipped on Monday")
+    while events[-1]["type"] != "task.done":
+        assert time.monotonic() < deadline, events
+        await asyncio.sleep(0.01)
+    await backend.aclose()
+    assert events[-1]["result"]["text"] == "Let me compute. your order: shipped on Monday"
+    first, second = (r["body"] for r in requests)
+    assert "lookup_order" in {t["function"]["name"] for t in first["tools"]}
+    answer = {"role": "tool", "tool_call_id": "call_1", "content": "shipped on Monday"}
+    assert second["messages"][-1] == answer
+    assert not tasks.function_call_output(call["call_id"], "again"), "a call is answered once"

@@ -133,6 +133,40 @@ async def test_model_task_marker_starts_a_task(server: _Server, engine: Engine) 
         assert "144" in next(e for e in events if e["type"] == "task.done")["result"]["text"]
 
 
+async def test_model_calls_a_client_declared_tool_over_the_websocket(server: _Server, engine: Engine) -> None:
+    """A background tool only the client has: the model's marker names it, the server asks the client
+    (response.function_call_arguments.done), the client's function_call_output finishes the task."""
+    sp = engine.tokenizer.special
+    order = {"type": "object", "properties": {"order": {"type": "string"}}, "required": ["order"]}
+    tool = {"type": "function", "name": "lookup_order", "description": "an order's status",
+            "parameters": order, "behavior": "background"}
+    async with websockets.connect(server.ws_url) as ws:
+        await ws.send(json.dumps({"type": "session.update", "session": {"tools": [tool]}}))
+        await _events(ws, 0.5)
+        server.sessions()[0].script_text_out([sp.TASK_START, *b"lookup_order: A17", sp.TASK_END])
+        events = await _events(ws, 15, until=lambda e: e["type"] == "response.function_call_arguments.done")
+        call = events[-1]
+        assert call["type"] == "response.function_call_arguments.done", [e["type"] for e in events]
+        assert call["name"] == "lookup_order" and json.loads(call["arguments"]) == {"order": "A17"}
+        created = next(e for e in events if e["type"] == "task.created")
+        assert created["task"]["tool"] == "lookup_order" and created["task"]["origin"] == "tool_call"
+
+        bad = [{"type": "function_call_output", "call_id": "call_nope", "output": "x"},
+               {"type": "function_call_output", "output": "no call id"}]
+        for i, item in enumerate(bad):
+            await ws.send(json.dumps({"type": "conversation.item.create", "event_id": f"bad{i}",
+                                      "item": item}))
+        answer = {"type": "function_call_output", "call_id": call["call_id"], "output": "shipped on Monday"}
+        await ws.send(json.dumps({"type": "conversation.item.create", "event_id": "ok", "item": answer}))
+        events = await _events(ws, 15, until=lambda e: e["type"] == "task.done")
+        errors = {e["error"]["event_id"]: e["error"]["code"] for e in events if e["type"] == "error"}
+        assert errors == {"bad0": "unknown_call", "bad1": "invalid_event"}
+        added = [e for e in events if e["type"] == "conversation.item.added"]
+        assert added and added[0]["item"]["call_id"] == call["call_id"]
+        done = events[-1]
+        assert done["task_id"] == call["task_id"] and done["result"]["output"] == "shipped on Monday"
+
+
 def test_marker_parser_spans_turns_and_drops_runaways(engine: Engine) -> None:
     sp = engine.tokenizer.special
     parser = TaskMarkerParser(engine.tokenizer)

@@ -181,6 +181,11 @@ class Client:
     async def cancel_task(self, task_id: str) -> str:
         return await self.send_event({"type": "task.cancel", "task_id": task_id})
 
+    async def function_call_output(self, call_id: str, output: str) -> str:
+        """Answer a `response.function_call_arguments.done` (a tool this client declared and runs)."""
+        item = {"type": "function_call_output", "call_id": call_id, "output": output}
+        return await self.send_event({"type": "conversation.item.create", "item": item})
+
     async def clear_output(self) -> str:
         """Barge in: the server drops queued output and answers `output_audio_buffer.cleared`."""
         return await self.send_event({"type": "output_audio_buffer.clear"})

@@ -17,13 +17,24 @@ the way it is also:
   `brief` form when the backend gave one (the clock's "2:43"), else the tool's output
   when it is a non-empty string (e.g. "36300"), else the result text.
 
+Client tools: a tool the client declared that the server registry lacks runs on
+the client, OpenAI Realtime style. A task calling it sends
+`response.function_call_arguments.done {task_id, call_id, name, arguments}` and
+waits (within the task's timeout; a cancelled task stops waiting) until the
+client answers with a `function_call_output` item for that `call_id`
+(`function_call_output` here).
+
 Refusals (over a limit, unknown tool) are sent as a `task.error` for a fresh
 task id with no `task.created` before it. No sockets, tokenizer or tensors.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -31,7 +42,7 @@ from typing import Any, Literal, get_args
 from .context import ConversationRecord, Origin, Scheduling, TaskSpec, ToolSpec
 from .pool import Emit, TaskRejected, WorkerPool, new_task_id
 from .scheduling import Piece, ResultScheduler
-from .tools import ToolRegistry
+from .tools import Tool, ToolRegistry
 
 SCHEDULINGS: tuple[str, ...] = get_args(Scheduling)
 TextIn = Literal["stream", "result"]  # a task's streamed steps enter text-in, or only its final result
@@ -68,6 +79,7 @@ class SessionTasks:
         self.client_tools: list[ToolSpec] = []
         self.epoch = 0  # the session's barge-in epoch
         self._tasks: dict[str, _Task] = {}
+        self._client_calls: dict[str, asyncio.Future[str]] = {}  # call_id -> the client's output
 
     def submit(
         self,
@@ -85,7 +97,8 @@ class SessionTasks:
             raise ValueError(f"scheduling must be one of {', '.join(SCHEDULINGS)}, not {scheduling!r}")
         task_id = new_task_id()
         extra = {"client_event_id": client_event_id} if client_event_id else {}
-        if tool is not None and tool not in self.registry:
+        on_client = self._client_tools(task_id)
+        if tool is not None and tool not in self.registry and tool not in on_client:
             self._refuse(task_id, "unknown_tool", f"no background tool named {tool!r}", extra)
             return None
         spec = TaskSpec(
@@ -100,12 +113,41 @@ class SessionTasks:
         ctx = self.record.build(spec, self.registry.specs() + self.client_tools, self.instructions)
         self._tasks[task_id] = _Task(scheduling)
         try:
-            self.pool.submit(ctx, self._on_event, epoch=self.epoch, timeout_s=timeout_s, created_extra=extra)
+            self.pool.submit(ctx, self._on_event, epoch=self.epoch, timeout_s=timeout_s, created_extra=extra,
+                             tools=on_client)
         except TaskRejected as exc:
             del self._tasks[task_id]
             self._refuse(task_id, exc.code, exc.message, extra)
             return None
         return task_id
+
+    def function_call_output(self, call_id: str, output: str) -> bool:
+        """The client's answer to a client tool call; False when no call with that id is waiting."""
+        waiting = self._client_calls.get(call_id)
+        if waiting is None or waiting.done():
+            return False
+        waiting.set_result(output)
+        return True
+
+    def _client_tools(self, task_id: str) -> dict[str, Tool]:
+        """The declared tools the registry lacks, as tools that ask this session's client."""
+        return {
+            spec.name: Tool(spec.name, spec.description, spec.parameters,
+                            functools.partial(self._call_client, task_id, spec.name))
+            for spec in self.client_tools if spec.name not in self.registry
+        }
+
+    async def _call_client(self, task_id: str, name: str, **arguments: Any) -> str:
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._client_calls[call_id] = answer
+        self.send({"type": "response.function_call_arguments.done", "task_id": task_id, "call_id": call_id,
+                   "item_id": f"item_{call_id[5:]}", "output_index": 0, "name": name,
+                   "arguments": json.dumps(arguments)})
+        try:
+            return await answer
+        finally:
+            del self._client_calls[call_id]
 
     def cancel(self, task_id: str, reason: str = "cancelled") -> bool:
         """Cancel one of this session's tasks; False when it is not active (the client gets an error)."""

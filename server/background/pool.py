@@ -11,7 +11,8 @@ session gives) with the client events of DESIGN.md section 4, in this order:
     {"type": "task.error",     "task_id": id, "error": {"code": str, "message": str}}
     {"type": "task.cancelled", "task_id": id, "reason": str}
 
-`task.created` is emitted before `submit` returns. Error codes: `timeout` (the
+`task.created` is emitted before `submit` returns. `tools` (the session's
+client-declared tools) are seen by the backend's registry inside that task only. Error codes: `timeout` (the
 task ran past its timeout, counted from submit), `tool_error` (a tool refused
 or failed), `backend_error` (the backend raised). A request over the session's
 limit (`task_limit`), over the pool's waiting bound (`pool_full`) or with a
@@ -32,13 +33,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .backends.base import Backend, TaskDelta, TaskResult
 from .context import ContextPackage
-from .tools import ToolError
+from .tools import Tool, ToolError, session_tools
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class WorkerPool:
         timeout_s: float | None = None,
         backend: Backend | None = None,
         created_extra: dict[str, Any] | None = None,
+        tools: Mapping[str, Tool] | None = None,
     ) -> str:
         """Start `ctx.task`; return its id (ctx.task.task_id). Raises `TaskRejected` over a limit."""
         task_id, session_id = ctx.task.task_id, ctx.session_id
@@ -132,7 +134,7 @@ class WorkerPool:
             },
         )
         job.task = asyncio.get_running_loop().create_task(
-            self._run(job, ctx, backend or self.backend, timeout), name=f"background:{task_id}"
+            self._run(job, ctx, backend or self.backend, timeout, tools or {}), name=f"background:{task_id}"
         )
         job.task.add_done_callback(lambda _: self._finish(job))
         return task_id
@@ -174,7 +176,10 @@ class WorkerPool:
             self.cancel(task_id, "shutdown")
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self, job: _Job, ctx: ContextPackage, backend: Backend, timeout_s: float) -> None:
+    async def _run(
+        self, job: _Job, ctx: ContextPackage, backend: Backend, timeout_s: float, tools: Mapping[str, Tool]
+    ) -> None:
+        session_tools.set(tools)  # this task's own context: its backend's registry sees the session's tools
         deadline = asyncio.timeout(timeout_s)
         try:
             async with deadline:

@@ -10,18 +10,23 @@ User tools are added with `register(Tool(...))` or the `@registry.tool(...)`
 decorator. Built-ins (`default_registry`): `calculator`, `clock`,
 `knowledge_search`.
 
-Tools run on the asyncio loop: a tool doing blocking or CPU-heavy work must
-offload it (the knowledge search runs in a thread). It does not know about
-tasks, sessions or backends.
+Tools a client declared (session.update) run on the client: the pool sets
+`session_tools` inside each task's own asyncio context to that session's client
+tools, and `get`, `call` and `in` see them beside the registered ones, so a
+backend reaches them without knowing sessions. Tools run on the asyncio loop: a
+tool doing blocking or CPU-heavy work must offload it (the knowledge search runs
+in a thread). It does not know about tasks, sessions or backends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -33,6 +38,12 @@ from .knowledge import KnowledgeBase, default_knowledge
 
 ToolFn = Callable[..., Awaitable[Any]]
 MAX_SEARCH_HITS = 5  # upper bound of knowledge_search's `k`
+
+
+# the running task's client-declared tools (name -> Tool); set by the pool in each task's own context
+session_tools: ContextVar[Mapping[str, Tool]] = ContextVar(
+    "session_tools", default=MappingProxyType({})
+)
 
 
 class ToolError(Exception):
@@ -96,13 +107,14 @@ class ToolRegistry:
         return wrap
 
     def __contains__(self, name: object) -> bool:
-        return name in self._tools
+        return name in self._tools or name in session_tools.get()
 
     def get(self, name: str) -> Tool:
-        try:
-            return self._tools[name]
-        except KeyError:
-            raise ToolError(f"unknown tool {name!r}; known: {', '.join(sorted(self._tools))}") from None
+        tool = self._tools.get(name) or session_tools.get().get(name)
+        if tool is None:
+            known = ", ".join(sorted({*self._tools, *session_tools.get()}))
+            raise ToolError(f"unknown tool {name!r}; known: {known}")
+        return tool
 
     def specs(self) -> list[ToolSpec]:
         return [tool.spec() for tool in self._tools.values()]
