@@ -15,7 +15,7 @@ import torch
 from microturn.cli import main as cli_main
 from microturn.model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from microturn.model.config import tiny
-from microturn.model.data import DuplexGenerator
+from microturn.model.data import REFINE, DuplexGenerator
 from microturn.model.evaluate import (
     METRIC_KEYS,
     OBSERVATIONS,
@@ -83,12 +83,12 @@ def test_train_cli_saves_resumes_and_plots(tmp_path: Path, capsys: pytest.Captur
 def test_data_worker_processes_make_the_same_batches_as_the_thread() -> None:
     """--data-workers (a GPU's feed) must not change what a recipe trains on: batches hang on (seed, step)."""
     cfg = _small()
-    args = argparse.Namespace(seed=5, turns=6, data_workers=2)
+    args = argparse.Namespace(seed=5, turns=6, data_workers=2, curriculum="refine")
     pool, make_batch = _batch_source(cfg, args)
     with pool:
         made = [pool.submit(make_batch, step, 2) for step in (3, 0)]
         (prefix3, turns3), (prefix0, turns0) = (f.result() for f in made)
-    gen = DuplexGenerator(cfg, "train", seed=5, turns=6)
+    gen = DuplexGenerator(cfg, "train", seed=5, turns=6, curriculum=REFINE)
     for (prefix, turns), step in (((prefix3, turns3), 3), ((prefix0, turns0), 0)):
         ref_prefix, ref_turns = gen.batch(step, 2)
         assert torch.equal(prefix, ref_prefix)
