@@ -22,6 +22,8 @@ plays during [(t+1)*200, (t+2)*200) ms, so one tick of compute is always counted
   answer_accuracy_speech: the model's spoken answer is,
   by DTW distance over log-mel frames, nearer to the reference rendering (the model voice
   saying the right answer) than to renderings of N_CANDIDATES wrong answers;
+- task_text_accuracy: of those questions, the ones whose task text (between the markers) is
+  the reference task ("499 times 34", "what time is it") after normalisation;
 - answers_right_by_intent: "right/asked" text answers per intent and typed / spoken question;
 - task_delegation_rate: hard sums and time questions whose text-out held TASK_START..TASK_END
   before the background result arrived; vision_accuracy: colour answers naming the frame's
@@ -54,11 +56,11 @@ ANSWER_KINDS = ("answer", "pause", "typed", "task")  # episodes whose answer tex
 METRIC_KEYS = ("pause_takeover_rate", "turn_takeover_rate", "turn_latency_ms_p50", "interrupt_stop_ms_p50",
                "interrupt_stop_rate", "answer_accuracy_text", "answer_accuracy_text_typed",
                "answer_accuracy_text_spoken", "answer_accuracy_speech",
-               "task_delegation_rate", "vision_accuracy")
+               "task_delegation_rate", "task_text_accuracy", "vision_accuracy")
 
 # what `score` appends to, per episode (plus "text INTENT typed|spoken" keys it adds)
-OBSERVATIONS = ("pause", "takeover", "latency", "stop", "stop_ms", "delegation", "vision", "text",
-                "text_typed", "text_spoken", "speech")
+OBSERVATIONS = ("pause", "takeover", "latency", "stop", "stop_ms", "delegation", "task_text", "vision",
+                "text", "text_typed", "text_spoken", "speech")
 
 
 def normalise(text: str) -> str:
@@ -179,6 +181,8 @@ def score(ep: Episode, rec: Recording, judge: SpeechJudge, out: dict[str, list])
         held = [i for row in rec.text_out[ep.input_end_turn : ep.result_turn] for i in row]
         opened = held.index(sp.TASK_START) if sp.TASK_START in held else len(held)
         out["delegation"].append(sp.TASK_END in held[opened:])
+        task = held[opened + 1 : held.index(sp.TASK_END, opened)] if sp.TASK_END in held[opened:] else []
+        out["task_text"].append(normalise(tok.decode(task)) == normalise(ep.task))
         answer_turn = ep.result_end_turn
     if ep.kind == "vision":
         said = set(normalise(tok.decode(rec.span(ep.input_end_turn, ep.input_end_turn + window))).split())
@@ -214,6 +218,7 @@ def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator) ->
         "interrupt_stop_rate": rate("stop"), "answer_accuracy_text": rate("text"),
         "answer_accuracy_text_typed": rate("text_typed"), "answer_accuracy_text_spoken": rate("text_spoken"),
         "answer_accuracy_speech": rate("speech"), "task_delegation_rate": rate("delegation"),
+        "task_text_accuracy": rate("task_text"),
         "vision_accuracy": rate("vision"),
     }
     by_intent = {k[len("text ") :]: f"{sum(v)}/{len(v)}" for k, v in sorted(obs.items())
