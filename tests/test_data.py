@@ -9,7 +9,18 @@ import pytest
 import torch
 
 from microturn.model.config import tiny
-from microturn.model.data import CURRICULA, PHRASINGS, REFINE, SCENARIOS, DuplexGenerator, user_voices
+from microturn.model.data import (
+    CURRICULA,
+    HELD_OUT_BASES,
+    HELD_OUT_VARIANTS,
+    NAMED_VARIANTS,
+    PHRASINGS,
+    REFINE,
+    SCENARIOS,
+    VOICES,
+    DuplexGenerator,
+    user_voices,
+)
 from microturn.model.engine import Engine
 from microturn.model.layout import Turns
 from microturn.model.slots import TURN_SAMPLES
@@ -127,6 +138,25 @@ def test_refine_curriculum_asks_for_sums_pauses_and_digit_strings() -> None:
     assert kinds == set(SCENARIOS), kinds
 
 
+def test_voices_curriculum_adds_speakers_never_held_out() -> None:
+    gen = DuplexGenerator(tiny(), "train", seed=3, curriculum=VOICES)
+    plain = DuplexGenerator(tiny(), "train", seed=3)
+    assert set(plain.voices) < set(gen.voices)
+    assert not set(gen.voices) & set(user_voices("heldout"))
+    assert not set(NAMED_VARIANTS) & set(HELD_OUT_VARIANTS)
+    assert not {b for b, _ in gen.voices} & set(HELD_OUT_BASES)
+    assert {v for _, v in gen.voices} >= set(NAMED_VARIANTS)
+    # the speaker perturbation resamples each utterance: same text, voice and draws, another length
+    voice, text = ("en-us+Andy", 155, 45), "what is two plus two"
+    warped = gen._utterance(text, voice, np.random.default_rng(0))
+    again = gen._utterance(text, voice, np.random.default_rng(0))
+    unwarped = plain._utterance(text, voice, np.random.default_rng(0))
+    np.testing.assert_array_equal(warped, again)
+    assert len(warped) != len(unwarped)
+    assert abs(len(warped) / len(unwarped) - 1) <= VOICES.warp + 1e-3
+    assert max(np.abs(gen.conversation(i).user_audio).max() for i in range(3)) > 0.05
+
+
 def test_engine_sees_exactly_the_generated_inputs() -> None:
     cfg = _small()
     gen = DuplexGenerator(cfg, "heldout", seed=3)
@@ -141,3 +171,10 @@ def test_engine_sees_exactly_the_generated_inputs() -> None:
         seen = torch.stack([step[name][0] for step in engine.trace])
         assert torch.equal(seen, getattr(ref, name)[0]), name
 
+
+
+def test_train_command_offers_every_curriculum() -> None:
+    from microturn.cli import build_parser
+
+    for name in CURRICULA:
+        assert build_parser().parse_args(["train", "--out", "x", "--curriculum", name]).curriculum == name
