@@ -95,6 +95,21 @@ async def test_clock_result_has_a_brief_twelve_hour_form(registry: ToolRegistry)
     assert result.data["brief"] == f"{int(hour) % 12 or 12}:{minute}"
     _, sum_result = await _run(registry, "What is 17 times 23?")
     assert "brief" not in sum_result.data, "the calculator's output is already its brief form"
+    clock = registry.get("clock").brief
+    assert clock is not None and clock("Tuesday 2026-12-01 00:05:09 (UTC, UTC+0000)") == "12:05"
+    assert clock("not a time") is None
+
+
+async def test_a_registered_tool_gives_its_own_brief_form() -> None:
+    async def weather(city: str) -> dict[str, Any]:
+        return {"city": city, "celsius": 21, "sky": "clear"}
+
+    registry = ToolRegistry()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    registry.register(Tool("weather", "Weather now.", schema, weather,
+                           brief=lambda out: f"{out['celsius']} degrees, {out['sky']}"))
+    _, result = await _run(registry, "weather in Oslo", tool="weather", arguments={"city": "Oslo"})
+    assert result.data["output"]["city"] == "Oslo" and result.data["brief"] == "21 degrees, clear"
 
 
 @pytest.mark.parametrize(

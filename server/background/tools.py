@@ -38,6 +38,7 @@ from .knowledge import KnowledgeBase, default_knowledge
 
 ToolFn = Callable[..., Awaitable[Any]]
 MAX_SEARCH_HITS = 5  # upper bound of knowledge_search's `k`
+CLOCK_FORMAT = "%A %Y-%m-%d %H:%M:%S"  # the clock's line, before its "(zone, UTC+hhmm)"
 
 
 # the running task's client-declared tools (name -> Tool); set by the pool in each task's own context
@@ -57,6 +58,9 @@ class Tool:
     parameters: dict[str, Any]  # JSON schema (type "object") of the keyword arguments
     fn: ToolFn  # async callable(**arguments) -> JSON-serialisable result
     background: bool = False  # a call from the live model runs as a background task
+    # the short form of an output that an interaction model speaks from text-in ("2:43" for the clock's
+    # full line); None, or returning None: the output is that form already
+    brief: Callable[[Any], str | None] | None = None
 
     def spec(self) -> ToolSpec:
         return ToolSpec(
@@ -154,7 +158,16 @@ async def _clock(timezone: str = "UTC") -> str:
         raise ToolError(
             f"clock: unknown time zone {timezone!r} (use an IANA name like 'Europe/Paris')"
         ) from None
-    return now.strftime(f"%A %Y-%m-%d %H:%M:%S ({timezone}, UTC%z)")
+    return now.strftime(f"{CLOCK_FORMAT} ({timezone}, UTC%z)")
+
+
+def _clock_brief(output: Any) -> str | None:
+    """12-hour "h:mm", no leading zero: how the demo model was trained to say a time."""
+    try:
+        now = datetime.strptime(str(output).split(" (")[0], CLOCK_FORMAT)
+    except ValueError:
+        return None
+    return f"{now.hour % 12 or 12}:{now.minute:02d}"
 
 
 def _knowledge_tool(knowledge: KnowledgeBase) -> ToolFn:
@@ -200,7 +213,8 @@ def default_registry(knowledge: KnowledgeBase | None = None) -> ToolRegistry:
         )
     )
     registry.register(
-        Tool("clock", "The current date, weekday and time in a time zone.", CLOCK_SCHEMA, _clock)
+        Tool("clock", "The current date, weekday and time in a time zone.", CLOCK_SCHEMA, _clock,
+             brief=_clock_brief)
     )
     registry.register(
         Tool(

@@ -101,17 +101,6 @@ def _answer(tool: str, arguments: dict[str, Any], output: Any) -> str:
     return output_text(output)
 
 
-_CLOCK_TIME = re.compile(r"\b(\d{2}):(\d{2}):\d{2}\b")
-
-
-def _brief(tool: str, output: Any) -> str | None:
-    """The shortest form of a result an interaction model speaks from text-in ("2:43" for the clock's full
-    line, as the demo model was trained: 12-hour, no leading zero), or None when the output is it already."""
-    if tool == "clock" and isinstance(output, str) and (m := _CLOCK_TIME.search(output)):
-        return f"{int(m[1]) % 12 or 12}:{m[2]}"
-    return None
-
-
 class LocalBackend:
     """Tool runner over a `ToolRegistry`; the offline default backend."""
 
@@ -138,6 +127,6 @@ class LocalBackend:
         answer = _answer(tool, arguments, output)
         yield TaskDelta(f"Result: {answer}\n")
         data = {"tool": tool, "arguments": arguments, "output": output}
-        if (brief := _brief(tool, output)) is not None:
+        if spec.brief is not None and (brief := spec.brief(output)) is not None:
             data["brief"] = brief
         yield TaskResult(text=answer, data=data)
