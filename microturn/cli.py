@@ -112,8 +112,12 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
 
 def _eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--conversations", type=int, default=96, help="held-out conversations")
-    parser.add_argument("--seed", type=int, default=0, help="held-out data seed")
+    parser.add_argument("--conversations", type=int, default=96, help="conversations, one episode each")
+    parser.add_argument("--seed", type=int, default=0, help="data seed")
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                        help="heldout: held-out voices and phrasings (the reported figures); train: the "
+                             "training ones in new conversations (pick a --seed no training run used), so "
+                             "the gap between the two is what fails to generalise")
     parser.add_argument("--batch", type=int, default=16, help="conversations run side by side")
     _device(parser)
 

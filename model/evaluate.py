@@ -5,7 +5,9 @@ text, camera frames, background results; scripted, not reactive) into the real `
 micro-turn by micro-turn, several conversations side by side in one batch, greedy sampling,
 and scores what the model did against the episode labels of model/data.py. `main(args)`
 loads `--checkpoint`, draws `--conversations` held-out conversations (held-out voices and
-phrasings, one episode each, scenarios in turn), prints a table and a JSON last line.
+phrasings, one episode each, scenarios in turn; `--split train` draws them from the training
+voices and phrasings instead, to measure the generalisation gap), prints a table and a JSON
+last line.
 
 Definitions (Full-Duplex-Bench v1 style, on the user's clock: the output of micro-turn t
 plays during [(t+1)*200, (t+2)*200) ms, so one tick of compute is always counted):
@@ -231,16 +233,18 @@ def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator) ->
 
 
 def heldout_conversations(gen: DuplexGenerator, n: int) -> list[Conversation]:
-    """n single-episode held-out conversations, the scenarios in turn."""
+    """n single-episode conversations of `gen`'s split (held-out for the figures), the scenarios in turn."""
     return [gen.conversation(i, kinds=(SCENARIOS[i % len(SCENARIOS)],)) for i in range(n)]
 
 
 def main(args: argparse.Namespace) -> int:
     engine = Engine.from_checkpoint(args.checkpoint, max_slots=args.batch, device=args.device)
-    gen = DuplexGenerator(engine.config, "heldout", seed=args.seed)
-    result = evaluate(engine, heldout_conversations(gen, args.conversations), gen)
-    print(f"duplex evaluation of {args.checkpoint}: {result['conversations']} held-out conversations "
-          f"(held-out voices and phrasings), greedy sampling, speech judged by DTW to reference renderings")
+    split = args.split
+    gen = DuplexGenerator(engine.config, split, seed=args.seed)
+    result = {**evaluate(engine, heldout_conversations(gen, args.conversations), gen), "split": split}
+    voices = "held-out voices and phrasings" if split == "heldout" else "training voices and phrasings"
+    print(f"duplex evaluation of {args.checkpoint}: {result['conversations']} {split} conversations "
+          f"({voices}), greedy sampling, speech judged by DTW to reference renderings")
     for key in METRIC_KEYS:
         value = result[key]
         print(f"  {key:<24} {'n/a' if value is None else value}")

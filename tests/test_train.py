@@ -123,3 +123,6 @@ def test_eval_duplex_runs_end_to_end_on_a_random_model(tmp_path: Path, capsys: p
     result = _json_tail(capsys)
     assert set(METRIC_KEYS) <= set(result) and result["conversations"] == 2
     assert all(re.fullmatch(r"\d+/\d+", v) for v in result["answers_right_by_intent"].values())
+    assert result["split"] == "heldout"
+    assert cli_main([*argv, "--split", "train", "--seed", "77"]) == 0
+    assert _json_tail(capsys)["split"] == "train"
