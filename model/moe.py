@@ -116,10 +116,15 @@ class MoE(nn.Module):
         counts = torch.zeros(self.w13.shape[0], dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         offs = counts.cumsum(0).to(torch.int32)  # (E,)
+        w13, w2 = self.w13, self.w2
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast leaves _grouped_mm alone: cast by hand, or training runs the experts in fp32
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
         xs = x[tok]  # (M, D)
-        h = self._swiglu(torch._grouped_mm(xs, self.w13, offs=offs))  # (M, F)
-        out = torch._grouped_mm(h, self.w2, offs=offs)  # (M, D)
-        out = out * weights.flatten()[order, None]
+        h = self._swiglu(torch._grouped_mm(xs, w13, offs=offs))  # (M, F)
+        out = torch._grouped_mm(h, w2, offs=offs)  # (M, D)
+        out = out * weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, tok, out)
 
     def _bmm(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

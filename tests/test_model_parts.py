@@ -50,6 +50,20 @@ def test_moe_gradients_flow_to_router() -> None:
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
 
+def test_grouped_moe_runs_its_experts_in_bf16_under_autocast() -> None:
+    """autocast skips _grouped_mm, so the backend casts: bf16 experts, fp32 weight gradients."""
+    torch.manual_seed(0)
+    moe = MoE(tiny(), "grouped_mm")
+    x = torch.randn(64, moe.w13.shape[1])
+    exact = moe(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, losses = moe(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), exact, atol=0.05 * exact.abs().max().item())
+    (y.float().square().mean() + losses.aux).backward()
+    assert moe.w13.grad is not None and moe.w13.grad.dtype == torch.float32 and moe.w2.grad.abs().sum() > 0
+
+
 def test_rope_float64_angles_relative_at_huge_positions() -> None:
     inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
     q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
