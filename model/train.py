@@ -201,9 +201,9 @@ def main(args: argparse.Namespace) -> int:
             if step + ahead < args.steps:
                 pending.append(pool.submit(make_batch, step + ahead, args.batch))
             turns = Turns(**{k: v.to(device) for k, v in vars(turns).items()})
-            # bf16 autocast (the MoE experts too, cast in model/moe.py): about 2x fp32 on this AMX CPU
-            # (0.8 s vs 1.6 s forward and backward of a tiny batch) and the usual mixed precision on a
-            # GPU; weights, optimiser state and the loss reductions stay fp32
+            # bf16 autocast (the MoE experts too, cast in model/moe.py): forward and backward about 2x
+            # fp32 on this AMX CPU (0.8 s vs 1.6 s for a tiny batch) and the usual mixed precision on
+            # a GPU; weights, optimiser state and the loss reductions stay fp32
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 losses = compute_losses(model, prefix.to(device), turns)
             opt.zero_grad(set_to_none=True)
