@@ -103,8 +103,8 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                         help="processes making batches (1 = a thread beside the step; more for a GPU)")
     parser.add_argument("--curriculum", choices=("base", "refine", "voices"), default="base",
                         help="what conversations are made of (model/data.py CURRICULA): base is the first "
-                             "stage of the demo recipe; refine adds sums, pauses and digit strings; voices "
-                             "is refine with many more speakers (the second stage)")
+                             "stage of the demo recipe; refine (its second stage) adds sums, pauses, digit "
+                             "strings; voices is refine with many more speakers (an experiment)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: autocast matmuls to bfloat16 (weights and optimiser stay fp32)")
     _device(parser)

@@ -232,18 +232,17 @@ def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator) ->
             "speech_judge": "dtw-nearest-reference-rendering", "sampling": "greedy"}
 
 
-def heldout_conversations(gen: DuplexGenerator, n: int) -> list[Conversation]:
+def eval_conversations(gen: DuplexGenerator, n: int) -> list[Conversation]:
     """n single-episode conversations of `gen`'s split (held-out for the figures), the scenarios in turn."""
     return [gen.conversation(i, kinds=(SCENARIOS[i % len(SCENARIOS)],)) for i in range(n)]
 
 
 def main(args: argparse.Namespace) -> int:
     engine = Engine.from_checkpoint(args.checkpoint, max_slots=args.batch, device=args.device)
-    split = args.split
-    gen = DuplexGenerator(engine.config, split, seed=args.seed)
-    result = {**evaluate(engine, heldout_conversations(gen, args.conversations), gen), "split": split}
-    voices = "held-out voices and phrasings" if split == "heldout" else "training voices and phrasings"
-    print(f"duplex evaluation of {args.checkpoint}: {result['conversations']} {split} conversations "
+    gen = DuplexGenerator(engine.config, args.split, seed=args.seed)
+    result = {**evaluate(engine, eval_conversations(gen, args.conversations), gen), "split": args.split}
+    voices = "held-out voices and phrasings" if args.split == "heldout" else "training voices and phrasings"
+    print(f"duplex evaluation of {args.checkpoint}: {result['conversations']} {args.split} conversations "
           f"({voices}), greedy sampling, speech judged by DTW to reference renderings")
     for key in METRIC_KEYS:
         value = result[key]

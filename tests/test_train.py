@@ -21,7 +21,7 @@ from microturn.model.evaluate import (
     OBSERVATIONS,
     Recording,
     SpeechJudge,
-    heldout_conversations,
+    eval_conversations,
     score,
 )
 from microturn.model.train import _batch_source, compute_losses, make_optimizer
@@ -101,7 +101,7 @@ def test_eval_scores_the_reference_streams_perfectly() -> None:
     gen = DuplexGenerator(tiny(), "heldout", seed=0)
     obs: dict[str, list] = {k: [] for k in OBSERVATIONS}
     judge = SpeechJudge(gen)
-    for conv in heldout_conversations(gen, 12):
+    for conv in eval_conversations(gen, 12):
         codes = gen.dmel.encode(torch.from_numpy(conv.model_audio)[None])[0].numpy()
         for ep in conv.episodes:
             score(ep, Recording(conv.text_out, codes), judge, obs)
