@@ -11,7 +11,7 @@ applied). Backends compute the same function and must agree to 1e-5 in fp32:
               (no host sync, no data-dependent shapes: small GPU batches,
               CUDA-graph friendly)
 
-Legend: N tokens, D d_model, F expert hidden, E experts, K top_k, M = N*K.
+Legend: N tokens, D d_model, F expert hidden, E experts, K top_k, M = N*K, R padded rows.
 This module knows nothing about sequences, caches or sessions.
 """
 
@@ -26,6 +26,7 @@ from torch import nn
 from .config import ModelConfig
 
 BACKENDS = ("loop", "grouped_mm", "bmm")
+GROUP_SIG_BITS = 3  # CPU expert groups padded to 3 significant bits of their row count (see _grouped_cpu)
 
 
 @dataclass
@@ -109,23 +110,48 @@ class MoE(nn.Module):
         return y
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        n_experts = self.w13.shape[0]
         flat = experts.flatten()  # (M,)
         order = flat.argsort(stable=True)  # (M,) assignments grouped by expert
         tok = order // self.top_k  # (M,) source token of each assignment
         # counts by scatter_add, not bincount: CUDA bincount reads the max back to the host (no graphs)
-        counts = torch.zeros(self.w13.shape[0], dtype=torch.int64, device=x.device)
+        counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
-        offs = counts.cumsum(0).to(torch.int32)  # (E,)
         w13, w2 = self.w13, self.w2
         if torch.is_autocast_enabled(x.device.type):
             # autocast leaves _grouped_mm alone: cast by hand, or training runs the experts in fp32
             dtype = torch.get_autocast_dtype(x.device.type)
             x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
-        xs = x[tok]  # (M, D)
-        h = self._swiglu(torch._grouped_mm(xs, w13, offs=offs))  # (M, F)
-        out = torch._grouped_mm(h, w2, offs=offs)  # (M, D)
+        if x.device.type != "cpu" or x.dtype == torch.float32:  # fp32 CPU matmuls build no kernels
+            offs = counts.cumsum(0).to(torch.int32)  # (E,)
+            xs = x[tok]  # (M, D)
+            h = self._swiglu(torch._grouped_mm(xs, w13, offs=offs))  # (M, F)
+            out = torch._grouped_mm(h, w2, offs=offs)  # (M, D)
+        else:
+            out = self._grouped_cpu(x, w13, w2, flat[order], tok, counts)
         out = out * weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, tok, out)
+
+    def _grouped_cpu(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert: torch.Tensor,
+                     tok: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """CPU _grouped_mm is one matmul per expert, and oneDNN builds a kernel for every new row count
+        (about 4 ms: most of a training step, where thousands of counts occur). Groups padded with
+        zero rows to GROUP_SIG_BITS significant bits take ~8 sizes per octave (cached after the first
+        steps) for at most 1/8 more rows; small groups (decode) are left as they are. Rows are
+        computed alone, so the result is exact. expert/tok (M,) in expert order -> (M, D)."""
+        octave = counts.clamp(min=1).float().log2().floor()  # exact for integers below 2**24
+        step = torch.exp2((octave - GROUP_SIG_BITS).clamp(min=0)).long()  # (E,) row granularity
+        padded = (counts + step - 1) // step * step  # (E,)
+        ends = padded.cumsum(0)
+        rank = torch.arange(len(tok), device=x.device) - (counts.cumsum(0) - counts)[expert]  # (M,) in group
+        pos = (ends - padded)[expert] + rank  # (M,) row of each assignment among the padded groups
+        rows = int(ends[-1])  # host read: free on CPU
+        src = torch.full((rows,), x.shape[0], dtype=torch.long, device=x.device)  # padding reads a zero row
+        src[pos] = tok
+        xs = torch.cat([x, x.new_zeros(1, x.shape[1])])[src]  # (R, D)
+        offs = ends.to(torch.int32)
+        h = self._swiglu(torch._grouped_mm(xs, w13, offs=offs))  # (R, F)
+        return torch._grouped_mm(h, w2, offs=offs)[pos]  # (M, D)
 
     def _bmm(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         flat = experts.flatten()  # (M,)

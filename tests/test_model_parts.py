@@ -64,6 +64,20 @@ def test_grouped_moe_runs_its_experts_in_bf16_under_autocast() -> None:
     assert moe.w13.grad is not None and moe.w13.grad.dtype == torch.float32 and moe.w2.grad.abs().sum() > 0
 
 
+def test_padded_cpu_expert_groups_are_exact_in_bf16() -> None:
+    """bf16 CPU groups are padded with zero rows (few matmul shapes): every row equals the unpadded
+    per-expert loop, and the gradients reach the weights."""
+    torch.manual_seed(0)
+    moe = MoE(tiny(), "grouped_mm").to(torch.bfloat16)
+    x = torch.randn(3000, moe.w13.shape[1], dtype=torch.bfloat16)  # groups of hundreds: padded
+    grouped = moe(x)[0]
+    moe.backend = "loop"
+    assert torch.equal(grouped, moe(x)[0])
+    moe.backend = "grouped_mm"
+    moe(x)[0].float().square().mean().backward()
+    assert moe.w13.grad is not None and moe.w13.grad.abs().sum() > 0
+
+
 def test_rope_float64_angles_relative_at_huge_positions() -> None:
     inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
     q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
