@@ -101,10 +101,11 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--data-workers", type=int, default=1,
                         help="processes making batches (1 = a thread beside the step; more for a GPU)")
-    parser.add_argument("--curriculum", choices=("base", "refine", "voices"), default="base",
+    parser.add_argument("--curriculum", choices=("base", "refine", "voices", "phrases"), default="base",
                         help="what conversations are made of (model/data.py CURRICULA): base is the first "
                              "stage of the demo recipe; refine (its second stage) adds sums, pauses, digit "
-                             "strings; voices is refine with many more speakers (an experiment)")
+                             "strings; voices is refine with many more speakers, phrases with hundreds "
+                             "of wordings per question (model/grammar.py)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: autocast matmuls to bfloat16 (weights and optimiser stay fp32)")
     _device(parser)

@@ -14,6 +14,7 @@ from microturn.model.data import (
     HELD_OUT_BASES,
     HELD_OUT_VARIANTS,
     NAMED_VARIANTS,
+    PHRASES,
     PHRASINGS,
     REFINE,
     SCENARIOS,
@@ -107,9 +108,13 @@ def test_held_out_voices_and_phrasings_are_disjoint_from_training() -> None:
     assert user_voices("heldout")
     for train, held in PHRASINGS.values():
         assert held and not set(train) & set(held)
+    def words(p: str) -> str:
+        return " ".join(p.replace(",", " ").replace("'", "").lower().split())
+
     for curriculum in CURRICULA.values():
         for intent, extra in curriculum.extra_phrasings:
-            assert not set(extra) & set(PHRASINGS[intent][1]), intent
+            for held in PHRASINGS[intent][1]:  # not even inside a longer training phrasing
+                assert not [p for p in extra if words(held) in words(p)], (intent, held)
     with pytest.raises(ValueError, match="held-out"):
         DuplexGenerator(tiny(), "heldout", curriculum=REFINE)
 
@@ -155,6 +160,20 @@ def test_voices_curriculum_adds_speakers_never_held_out() -> None:
     assert len(warped) != len(unwarped)
     assert abs(len(warped) / len(unwarped) - 1) <= VOICES.warp + 1e-3
     assert max(np.abs(gen.conversation(i).user_audio).max() for i in range(3)) > 0.05
+
+
+def test_phrases_curriculum_spreads_questions_over_many_wordings() -> None:
+    extra = dict(PHRASES.extra_phrasings)
+    assert set(extra) == set(PHRASINGS)
+    assert all(len(p) > 100 and len(set(p)) == len(p) for p in extra.values())
+    assert set(dict(REFINE.extra_phrasings)["greeting"]) < set(extra["greeting"])
+    gen = DuplexGenerator(tiny(), "train", seed=3, curriculum=PHRASES)
+    rng = np.random.default_rng(0)
+    asked = [gen.question("arith", rng) for _ in range(40)]
+    assert len({q.text for q in asked}) > 30
+    for q in asked:  # the answer still follows from the numbers in the question
+        a, op, b = q.answer.rstrip(".").split(" is ")[0].split()
+        assert op in q.text
 
 
 def test_engine_sees_exactly_the_generated_inputs() -> None:
