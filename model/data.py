@@ -46,8 +46,9 @@ MODEL_VOICE = ("en-us", 165, 45)  # (voice, words per minute, pitch): the model'
 HOLDING_PHRASE = "one moment."
 BARGE_IN_REACT_MS = 100  # the model stops in the first turn holding this much of a barge-in
 INSTRUCTIONS = ("", "You are a helpful voice assistant.", "Answer briefly and kindly.")
-# user voices = base x variant; held-out: one base and two variants never seen in training
-VOICE_BASES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan",
+# user voices = base x variant; held-out: one base and two variants never seen in training. British
+# English is "en" (its voice file): espeak-ng finds "en-gb" only as a language and then drops the variant
+VOICE_BASES = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan",
                "en-gb-x-gbcwmd")
 VOICE_VARIANTS = ("", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5")
 HELD_OUT_BASES = ("en-gb-x-gbcwmd",)

@@ -23,6 +23,7 @@ from microturn.model.data import (
     user_voices,
 )
 from microturn.model.engine import Engine
+from microturn.model.espeak import speak
 from microturn.model.layout import Turns
 from microturn.model.slots import TURN_SAMPLES
 from microturn.model.tokenizer import ByteTokenizer
@@ -117,6 +118,16 @@ def test_held_out_voices_and_phrasings_are_disjoint_from_training() -> None:
                 assert not [p for p in extra if words(held) in words(p)], (intent, held)
     with pytest.raises(ValueError, match="held-out"):
         DuplexGenerator(tiny(), "heldout", curriculum=REFINE)
+
+
+def test_every_voice_variant_changes_the_voice() -> None:
+    """espeak-ng resolves some names as languages and then ignores "+variant": every base must take one."""
+    bases = {b for b, _ in user_voices("train") + user_voices("heldout")}
+    for base in sorted(bases):
+        plain = speak("one two", voice=base)
+        for variant in ("+m3", *HELD_OUT_VARIANTS):
+            other = speak("one two", voice=base + variant)
+            assert len(other) != len(plain) or not np.array_equal(other, plain), base + variant
 
 
 def test_base_curriculum_keeps_the_first_stage_draws() -> None:
