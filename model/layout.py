@@ -86,14 +86,13 @@ def embed_sequence(
     cfg = model.cfg
     B, L = prefix.shape
     N = turns.ctrl.shape[1]
-    chunks = [model.embed_text(prefix)] if L else []
-    for n in range(N):
-        chunks.append(embed_inputs(
-            model, turns.ctrl[:, n], turns.patches[:, n], turns.patch_idx[:, n],
-            turns.audio_in[:, n], turns.text_in[:, n], turns.source[:, n],
-        ))
-        chunks.append(embed_outputs(model, turns.text_out[:, n], turns.audio_out[:, n]))
-    x = torch.cat(chunks, dim=1)
+    # every turn of every row at once, as B*N rows of one turn (per-turn calls cost ~200 small ops)
+    rows = {k: v.flatten(0, 1) for k, v in vars(turns).items()}  # (B*N, ...)
+    inputs = embed_inputs(model, rows["ctrl"], rows["patches"], rows["patch_idx"], rows["audio_in"],
+                          rows["text_in"], rows["source"])  # (B*N, Pin, D)
+    outputs = embed_outputs(model, rows["text_out"], rows["audio_out"])  # (B*N, Pout, D)
+    body = torch.cat([inputs, outputs], dim=1).view(B, N * cfg.positions_per_turn, -1)
+    x = torch.cat([model.embed_text(prefix), body], dim=1) if L else body
     conv = cfg.prefix_len + torch.arange(N * cfg.positions_per_turn, device=x.device)
     pos = torch.cat([torch.arange(L, device=x.device), conv])[None].expand(B, -1)
     is_prefix = (pos < L) & (torch.arange(pos.shape[1], device=x.device) < L)
