@@ -149,6 +149,8 @@ def _unheard(intent: str, phrasings: tuple[str, ...]) -> tuple[str, ...]:
 
 # Refine plus hundreds of wordings per intent (model/grammar.py): the refined model answers 0.90 of
 # spoken questions in training phrasings but 0.79 in held-out ones (training voices both times).
+# Measured as a third stage from the shipped weights (4000 steps, lr 3e-4): held-out text accuracy
+# 0.79 -> 0.81 (noise), turn takeover 0.93 -> 0.87, vision 1.0 -> 0.875; not in the recipe.
 PHRASES = dataclasses.replace(REFINE, extra_phrasings=tuple(
     (intent, dict(REFINE.extra_phrasings).get(intent, ()) + _unheard(intent, expand(intent)))
     for intent in PHRASINGS))
