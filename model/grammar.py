@@ -4,8 +4,8 @@ The demo model heard seven or eight fixed phrasings per intent and answers the h
 of an intent about 0.1 less often than its training phrasings: it learns wordings, not content.
 `expand(intent)` gives every opener + core + closer of an intent (hundreds), in a fixed order,
 so that a curriculum can spread the same questions over many wordings. Cores use the placeholders
-of model/data.py's PHRASINGS ({a} {op} {b}, {w}). This module knows nothing about held-out
-phrasings: model/data.py drops any expansion that contains one.
+of model/data.py's PHRASINGS ({a} {op} {b}, {w}); the caller names the held-out phrasings to
+avoid. This module knows nothing about voices, audio or training.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ CORES = {
 }
 
 
-def expand(intent: str) -> tuple[str, ...]:
-    """Every opener + core + closer of `intent`, in a fixed order."""
-    return tuple(o + c + e for o, c, e in itertools.product(OPENERS, CORES[intent], CLOSERS))
+def _words(phrasing: str) -> str:
+    return " ".join(phrasing.replace(",", " ").replace("'", "").lower().split())
+
+
+def expand(intent: str, avoid: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Every opener + core + closer of `intent`, in a fixed order, except those holding a phrasing of
+    `avoid` (punctuation and case aside)."""
+    held = [_words(a) for a in avoid]
+    every = (o + c + e for o, c, e in itertools.product(OPENERS, CORES[intent], CLOSERS))
+    return tuple(p for p in every if not any(h in _words(p) for h in held))
