@@ -37,13 +37,14 @@ CORES = {
 }
 
 
-def _words(phrasing: str) -> str:
+def plain_words(phrasing: str) -> str:
+    """Lower case, no commas or apostrophes, single spaces: how phrasings are compared."""
     return " ".join(phrasing.replace(",", " ").replace("'", "").lower().split())
 
 
 def expand(intent: str, avoid: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Every opener + core + closer of `intent`, in a fixed order, except those holding a phrasing of
     `avoid` (punctuation and case aside)."""
-    held = [_words(a) for a in avoid]
+    held = [plain_words(a) for a in avoid]
     every = (o + c + e for o, c, e in itertools.product(OPENERS, CORES[intent], CLOSERS))
-    return tuple(p for p in every if not any(h in _words(p) for h in held))
+    return tuple(p for p in every if not any(h in plain_words(p) for h in held))

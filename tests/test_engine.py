@@ -10,7 +10,7 @@ import torch
 
 from microturn.model.config import tiny
 from microturn.model.engine import Engine, EngineFull
-from microturn.model.layout import Turns, sequence_logits
+from microturn.model.layout import Turns, embed_inputs, embed_outputs, embed_sequence, sequence_logits
 from microturn.model.slots import TURN_SAMPLES, SamplingParams, SlotInput
 from microturn.model.transformer import build_model
 
@@ -63,6 +63,32 @@ def test_streaming_equals_offline(speech_16k: np.ndarray) -> None:
     text_ref, audio_ref = _offline(engine, INSTR, turns)
     assert torch.allclose(text_stream, text_ref, atol=1e-4), (text_stream - text_ref).abs().max()
     assert torch.allclose(audio_stream, audio_ref, atol=1e-4), (audio_stream - audio_ref).abs().max()
+
+
+def test_sequence_embedding_keeps_rows_and_turns_apart(speech_16k: np.ndarray) -> None:
+    """embed_sequence embeds all B*N turns at once: each row must equal that row embedded turn by turn."""
+    engine = _engine()
+    rng = np.random.default_rng(1)
+    rows = []
+    for b in range(2):
+        engine.trace = []
+        slot = engine.join(INSTR, SamplingParams(seed=b))
+        for t in range(3):
+            engine.step({slot: _inputs(rng, speech_16k, t + 5 * b)})
+        rows.append(_row_turns(engine.trace, slot)[0])
+        engine.leave(slot)
+    both = Turns(**{f.name: torch.cat([getattr(r, f.name) for r in rows]) for f in dataclasses.fields(Turns)})
+    prefix = torch.tensor([[engine.tokenizer.special.INSTR, *engine.tokenizer.encode(INSTR)]])
+    with torch.no_grad():
+        x = embed_sequence(engine.model, prefix.expand(2, -1), both)[0]
+        for b, row in enumerate(rows):
+            alone = [engine.model.embed_text(prefix)]
+            model = engine.model
+            for t in range(3):
+                alone.append(embed_inputs(model, row.ctrl[:, t], row.patches[:, t], row.patch_idx[:, t],
+                                          row.audio_in[:, t], row.text_in[:, t], row.source[:, t]))
+                alone.append(embed_outputs(model, row.text_out[:, t], row.audio_out[:, t]))
+            assert torch.allclose(x[b], torch.cat(alone, dim=1)[0], atol=1e-5)
 
 
 def test_wrap_around_matches_sliding_window_reference(speech_16k: np.ndarray) -> None:
