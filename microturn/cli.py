@@ -101,11 +101,13 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--data-workers", type=int, default=1,
                         help="processes making batches (1 = a thread beside the step; more for a GPU)")
-    parser.add_argument("--curriculum", choices=("base", "refine", "voices", "phrases"), default="base",
+    parser.add_argument("--curriculum", choices=("base", "refine", "voices", "phrases", "focus"),
+                        default="base",
                         help="what conversations are made of (model/data.py CURRICULA): base is the first "
                              "stage of the demo recipe; refine (its second stage) adds sums, pauses, digit "
-                             "strings; voices is refine with many more speakers, phrases with hundreds "
-                             "of wordings per question (model/grammar.py)")
+                             "strings; focus gives spoken and vision questions more share; voices is refine "
+                             "with many more speakers, phrases with hundreds of wordings per question "
+                             "(model/grammar.py)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: autocast matmuls to bfloat16 (weights and optimiser stay fp32)")
     _device(parser)
@@ -119,6 +121,9 @@ def _eval_flags(parser: argparse.ArgumentParser) -> None:
                         help="heldout: held-out voices and phrasings (the reported figures); train: the "
                              "training ones in new conversations (pick a --seed no training run used), so "
                              "the gap between the two is what fails to generalise")
+    parser.add_argument("--voices", choices=("heldout", "train"), default=None,
+                        help="whose voices speak the questions (default: the --split's own); "
+                             "--split heldout --voices train measures held-out phrasings alone")
     parser.add_argument("--batch", type=int, default=16, help="conversations run side by side")
     _device(parser)
 

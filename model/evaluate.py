@@ -6,8 +6,9 @@ micro-turn by micro-turn, several conversations side by side in one batch, greed
 and scores what the model did against the episode labels of model/data.py. `main(args)`
 loads `--checkpoint`, draws `--conversations` held-out conversations (held-out voices and
 phrasings, one episode each, scenarios in turn; `--split train` draws them from the training
-voices and phrasings instead, to measure the generalisation gap), prints a table and a JSON
-last line.
+voices and phrasings instead, to measure the generalisation gap, and `--voices` speaks one split's
+phrasings in the other's voices, to tell the two halves of that gap apart), prints a table and a
+JSON last line.
 
 Definitions (Full-Duplex-Bench v1 style, on the user's clock: the output of micro-turn t
 plays during [(t+1)*200, (t+2)*200) ms, so one tick of compute is always counted):
@@ -237,13 +238,18 @@ def eval_conversations(gen: DuplexGenerator, n: int) -> list[Conversation]:
     return [gen.conversation(i, kinds=(SCENARIOS[i % len(SCENARIOS)],)) for i in range(n)]
 
 
+_SPLIT_NAMES = {"heldout": "held-out", "train": "training"}
+
+
 def main(args: argparse.Namespace) -> int:
     engine = Engine.from_checkpoint(args.checkpoint, max_slots=args.batch, device=args.device)
-    gen = DuplexGenerator(engine.config, args.split, seed=args.seed)
-    result = {**evaluate(engine, eval_conversations(gen, args.conversations), gen), "split": args.split}
-    voices = "held-out voices and phrasings" if args.split == "heldout" else "training voices and phrasings"
-    print(f"duplex evaluation of {args.checkpoint}: {result['conversations']} {args.split} conversations "
-          f"({voices}), greedy sampling, speech judged by DTW to reference renderings")
+    voices = args.voices or args.split
+    gen = DuplexGenerator(engine.config, args.split, seed=args.seed, voices=voices)
+    result = {**evaluate(engine, eval_conversations(gen, args.conversations), gen), "split": args.split,
+              "voices": voices}
+    print(f"duplex evaluation of {args.checkpoint}: {result['conversations']} conversations "
+          f"({_SPLIT_NAMES[voices]} voices, {_SPLIT_NAMES[args.split]} phrasings), greedy sampling, "
+          "speech judged by DTW to reference renderings")
     for key in METRIC_KEYS:
         value = result[key]
         print(f"  {key:<24} {'n/a' if value is None else value}")

@@ -11,6 +11,7 @@ import torch
 from microturn.model.config import tiny
 from microturn.model.data import (
     CURRICULA,
+    FOCUS,
     HELD_OUT_BASES,
     HELD_OUT_VARIANTS,
     NAMED_VARIANTS,
@@ -119,6 +120,19 @@ def test_held_out_voices_and_phrasings_are_disjoint_from_training() -> None:
         DuplexGenerator(tiny(), "heldout", curriculum=REFINE)
 
 
+def test_phrasings_of_one_split_in_voices_of_the_other() -> None:
+    """What `eval duplex --voices` draws: the gap of held-out phrasings alone, or of held-out voices alone."""
+    phrasings = DuplexGenerator(tiny(), "heldout", seed=0, voices="train")
+    assert phrasings.voices == user_voices("train")
+    rng = np.random.default_rng(0)
+    assert phrasings.question("colour", rng).text in PHRASINGS["colour"][1]
+    speakers = DuplexGenerator(tiny(), "train", seed=0, voices="heldout")
+    assert speakers.voices == user_voices("heldout")
+    assert speakers.question("colour", rng).text in PHRASINGS["colour"][0]
+    with pytest.raises(ValueError, match="voices"):
+        DuplexGenerator(tiny(), "train", voices="everyone")
+
+
 def test_every_voice_variant_changes_the_voice() -> None:
     """espeak-ng resolves some names as languages and then ignores "+variant": every base must take one."""
     bases = {b for b, _ in user_voices("train") + user_voices("heldout")}
@@ -151,6 +165,19 @@ def test_refine_curriculum_asks_for_sums_pauses_and_digit_strings() -> None:
     assert numbers and all(e.answer.endswith(".") for e in numbers)
     kinds = {e.kind for e in episodes}
     assert kinds == set(SCENARIOS), kinds
+
+
+def test_focus_curriculum_asks_more_spoken_and_vision_questions() -> None:
+    gen = DuplexGenerator(tiny(), "train", seed=3, curriculum=FOCUS)
+    refine = DuplexGenerator(tiny(), "train", seed=3, curriculum=REFINE)
+
+    def share(g: DuplexGenerator, kinds: tuple[str, ...]) -> float:
+        episodes = [e for i in range(80) for e in g.conversation(i).episodes]
+        return sum(e.kind in kinds for e in episodes) / len(episodes)
+
+    assert share(gen, ("answer", "vision")) > share(refine, ("answer", "vision")) + 0.05
+    assert share(gen, ("interrupt",)) < share(refine, ("interrupt",))
+    assert FOCUS.number_repeat_share == REFINE.number_repeat_share  # the rest of refine stays
 
 
 def test_voices_curriculum_adds_speakers_never_held_out() -> None:
