@@ -133,6 +133,8 @@ def _export_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory of the exported checkpoint")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                         help="storage dtype of the weights")
+    parser.add_argument("--average", nargs="+", default=[], metavar="CHECKPOINT",
+                        help="export the mean of --checkpoint's weights and these checkpoints' (same config)")
 
 
 def params_main(args: argparse.Namespace) -> int:

@@ -3,7 +3,9 @@
 Contract: `main(args)` loads `--checkpoint` (validated by model/checkpoint.py), writes its
 weights to `--out` stored as `--dtype` (bf16 halves the file; loading casts back to the
 engine's dtype), keeps the config and the training `extra` (plus where and how it was
-exported) and copies the loss plot when there is one. Optimiser state is not carried: an
+exported) and copies the loss plot when there is one. `--average A B ...` exports the
+element-wise mean, in fp32, of `--checkpoint` and those checkpoints (same config: points
+along one training run, as in checkpoint averaging). Optimiser state is not carried: an
 exported checkpoint is for serving and evaluation, not for `train --resume`. Prints a JSON
 line with the file size.
 
@@ -19,11 +21,26 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import WEIGHTS_FILE, load_checkpoint, read_config, save_checkpoint
+from .checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint, read_config, save_checkpoint
+from .config import ModelConfig
 from .transformer import InteractionModel
 
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PLOT_FILE = "loss.png"
+
+
+def average_into(model: InteractionModel, cfg: ModelConfig, others: list[Path]) -> None:
+    """Replace `model`'s weights by their mean with those of `others` (fp32 sums, cast back)."""
+    total = {k: v.float().clone() for k, v in model.state_dict().items()}
+    for path in others:
+        other, other_cfg = load_checkpoint(path, InteractionModel)
+        if other_cfg != cfg:
+            raise CheckpointError(f"{path}: its config differs from the checkpoint's; only one model's "
+                                  "checkpoints can be averaged")
+        for k, v in other.state_dict().items():
+            total[k] += v.float()
+    n = 1 + len(others)
+    model.load_state_dict({k: (v / n).to(model.state_dict()[k].dtype) for k, v in total.items()})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -31,6 +48,9 @@ def main(args: argparse.Namespace) -> int:
     model, cfg = load_checkpoint(source, InteractionModel)
     _, extra = read_config(source)
     extra = {**extra, "exported_from": str(source), "stored_dtype": args.dtype}
+    if args.average:
+        average_into(model, cfg, [Path(p) for p in args.average])
+        extra["averaged_with"] = list(args.average)
     save_checkpoint(out, model, cfg, extra=extra, dtype=EXPORT_DTYPES[args.dtype])
     if (source / PLOT_FILE).is_file():
         shutil.copyfile(source / PLOT_FILE, out / PLOT_FILE)

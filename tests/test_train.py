@@ -80,6 +80,28 @@ def test_train_cli_saves_resumes_and_plots(tmp_path: Path, capsys: pytest.Captur
         assert b.dtype == a.dtype and torch.equal(b, a.to(torch.bfloat16).to(a.dtype)), name
 
 
+def test_export_averages_checkpoints_of_one_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = _small()
+    paths = []
+    for seed in (1, 2, 3):
+        paths.append(tmp_path / f"seed{seed}")
+        save_checkpoint(paths[-1], build_model(cfg, seed=seed), cfg, extra={"step": seed})
+    out = tmp_path / "mean"
+    argv = ["export", "--checkpoint", str(paths[0]), "--out", str(out), "--dtype", "float32"]
+    assert cli_main([*argv, "--average", str(paths[1]), str(paths[2])]) == 0
+    assert _json_tail(capsys)["checkpoint"] == str(out)
+    mean, _ = load_checkpoint(out, InteractionModel)
+    models = [load_checkpoint(p, InteractionModel)[0].state_dict() for p in paths]
+    for name, value in mean.state_dict().items():
+        torch.testing.assert_close(value, sum(m[name] for m in models) / 3, rtol=1e-6, atol=1e-6)
+    assert read_config(out)[1]["averaged_with"] == [str(paths[1]), str(paths[2])]
+    other = tmp_path / "other"
+    other_cfg = dataclasses.replace(cfg, rope_theta=500.0)  # same shapes, another model
+    save_checkpoint(other, build_model(other_cfg, seed=4), other_cfg)
+    assert cli_main([*argv, "--average", str(other)]) != 0
+    assert "config differs" in capsys.readouterr().err
+
+
 def test_data_worker_processes_make_the_same_batches_as_the_thread() -> None:
     """--data-workers (a GPU's feed) must not change what a recipe trains on: batches hang on (seed, step)."""
     cfg = _small()
