@@ -31,7 +31,8 @@ PLOT_FILE = "loss.png"
 
 def average_into(model: InteractionModel, cfg: ModelConfig, others: list[Path]) -> None:
     """Replace `model`'s weights by their mean with those of `others` (fp32 sums, cast back)."""
-    total = {k: v.float().clone() for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    total = {k: v.float().clone() for k, v in own.items()}
     for path in others:
         other, other_cfg = load_checkpoint(path, InteractionModel)
         if other_cfg != cfg:
@@ -40,7 +41,7 @@ def average_into(model: InteractionModel, cfg: ModelConfig, others: list[Path]) 
         for k, v in other.state_dict().items():
             total[k] += v.float()
     n = 1 + len(others)
-    model.load_state_dict({k: (v / n).to(model.state_dict()[k].dtype) for k, v in total.items()})
+    model.load_state_dict({k: (v / n).to(own[k].dtype) for k, v in total.items()})
 
 
 def main(args: argparse.Namespace) -> int:
