@@ -36,6 +36,7 @@ from .config import ModelConfig
 from .dmel import DMel
 from .espeak import speak
 from .grammar import expand
+from .heard import NUMBER_WORDS, Heard, heard_targets
 from .layout import Turns, image_patches, patch_indices
 from .resample import resample
 from .slots import SAMPLE_RATE, TURN_SAMPLES, SlotInput
@@ -74,7 +75,6 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), 
            "black": (15, 15, 15)}
 WORDS = ("apple", "banana", "river", "window", "garden", "pencil", "rocket", "tiger", "summer", "coffee",
          "music", "dragon", "planet", "silver", "candle", "monkey")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
 # (train phrasings, held-out phrasings) per intent; the last piece of a spoken question can be paused before
 PHRASINGS = {
@@ -107,6 +107,7 @@ class Curriculum:
     chat_weights: tuple[float, float, float] | None = None  # CHAT_INTENTS shares; None: uniform
     hard_share: float | None = None  # task episodes that are hard sums (the rest ask the time); None: half
     number_repeat_share: float = 0.0  # repeat questions whose word is a digit string (copying numbers)
+    number_phrasings: tuple[str, ...] = ()  # wordings of digit-string repeats; () = the intent's phrasings
     extra_phrasings: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (intent, train phrasings added)
     extra_variants: tuple[str, ...] = ()  # espeak-ng voice variants added to every train voice base
     warp: float = 0.0  # user utterances resampled by a factor in [1 - warp, 1 + warp] (speaker perturbation)
@@ -149,7 +150,13 @@ PHRASES = dataclasses.replace(REFINE, extra_phrasings=tuple(
 # and turn takeover 0.93 -> 0.90 (it answers sooner, pauses too), so it is not in the recipe.
 FOCUS = dataclasses.replace(REFINE, scenario_weights=(0.28, 0.18, 0.08, 0.12, 0.18, 0.16),
                             chat_weights=(0.30, 0.40, 0.30))
-CURRICULA = {"base": Curriculum(), "refine": REFINE, "voices": VOICES, "phrases": PHRASES, "focus": FOCUS}
+# Refine whose digit strings are asked for as numbers: in "say {w}" wordings they taught the model
+# to guess a digit string when it does not place a word ("please say the word planet" -> "708.").
+NUMBERS = dataclasses.replace(REFINE, number_phrasings=(
+    "repeat the number {w}", "say the number {w}", "can you say the number {w}",
+    "please repeat the number {w}"))
+CURRICULA = {"base": Curriculum(), "refine": REFINE, "voices": VOICES, "phrases": PHRASES, "focus": FOCUS,
+             "numbers": NUMBERS}
 NUMBER_DIGITS = (1, 5)  # digit-string length range of number repeats (inclusive)
 
 
@@ -193,6 +200,7 @@ class Conversation:
     background: list[bool]  # per turn: text_in carries a background result
     text_out: list[list[int]]  # per turn, exactly text_out_slots ids
     episodes: list[Episode]
+    user_said: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end sample, text) each
 
     @property
     def turns(self) -> int:
@@ -230,11 +238,13 @@ class _Timeline:
         self.text_out: list[list[int]] = [[] for _ in range(turns)]
         self.owner = [-1] * turns  # which model utterance wrote each turn's text
         self.images: dict[int, np.ndarray] = {}
+        self.said: list[tuple[int, int, str]] = []  # user utterances: (start, end sample, text)
 
-    def user_say(self, start: int, wave: np.ndarray) -> int:
-        """Mix an utterance in at sample `start`; returns its end sample (exclusive)."""
+    def user_say(self, start: int, wave: np.ndarray, text: str) -> int:
+        """Mix an utterance of `text` in at sample `start`; returns its end sample (exclusive)."""
         end = min(start + len(wave), len(self.user))
         self.user[start:end] += wave[: end - start]
+        self.said.append((start, start + len(wave), text))
         return start + len(wave)
 
     def type_in(self, turn: int, ids: list[int], background: bool) -> int:
@@ -285,6 +295,7 @@ class _Timeline:
             images={t: im for t, im in self.images.items() if t < keep}, text_in=self.text_in[:keep],
             background=self.background[:keep], text_out=text_out[:keep],
             episodes=[e for e in episodes if e.end_turn < keep],
+            user_said=sorted(u for u in self.said if u[1] <= n),
         )
 
 
@@ -340,6 +351,8 @@ class DuplexGenerator:
         if intent == "repeat" and numbers and rng.random() < numbers:
             digits = int(rng.integers(NUMBER_DIGITS[0], NUMBER_DIGITS[1] + 1))
             n = int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10**digits))
+            if self.curriculum.number_phrasings:
+                tpl = self.curriculum.number_phrasings[rng.integers(len(self.curriculum.number_phrasings))]
             others = [f"{n + d}." for d in range(1, N_CANDIDATES + 1)]
             return Question(intent, tpl.format(w=n), f"{n}.", others)
         if intent == "repeat":
@@ -440,12 +453,13 @@ class DuplexGenerator:
                 if len(words) < 2:
                     words = [*words, "please"]
                 k = int(rng.integers(1, len(words)))
-                first_end = tl.user_say(start, self._utterance(" ".join(words[:k]) + ",", voice, rng))
+                head, tail = " ".join(words[:k]) + ",", " ".join(words[k:]) + "?"
+                first_end = tl.user_say(start, self._utterance(head, voice, rng), head)
                 resume = first_end + int(rng.integers(*PAUSE_SAMPLES))
                 pause = (first_end * 1000 / SAMPLE_RATE, resume * 1000 / SAMPLE_RATE)
-                end = tl.user_say(resume, self._utterance(" ".join(words[k:]) + "?", voice, rng))
+                end = tl.user_say(resume, self._utterance(tail, voice, rng), tail)
             else:
-                end = tl.user_say(start, self._utterance(q.text + "?", voice, rng))
+                end = tl.user_say(start, self._utterance(q.text + "?", voice, rng), q.text)
             end_ms, end_turn = end * 1000 / SAMPLE_RATE, (end - 1) // TURN_SAMPLES
         ep = Episode(kind, intent, typed, end_ms, end_turn, end_turn + 1, q.answer, q.candidates,
                      pause_ms=pause, colour=colour)
@@ -469,7 +483,8 @@ class DuplexGenerator:
             ep.stop_turn = (onset + BARGE_IN_REACT_MS * SAMPLE_RATE // 1000) // TURN_SAMPLES
             tl.cut_model(ep.stop_turn, utt)
             phrases = BARGE_INS[self.split == "heldout"]
-            barge_end = tl.user_say(onset, self._utterance(phrases[rng.integers(len(phrases))], voice, rng))
+            phrase = phrases[rng.integers(len(phrases))]
+            barge_end = tl.user_say(onset, self._utterance(phrase, voice, rng), phrase)
             ep.end_turn = max(ep.stop_turn, (barge_end - 1) // TURN_SAMPLES)
         return ep
 
@@ -515,8 +530,10 @@ class DuplexGenerator:
                       audio_out=audio_out)
         return prefix.expand(len(convs), -1).clone(), turns
 
-    def batch(self, step: int, size: int) -> tuple[torch.Tensor, Turns]:
-        """Training batch `step`: conversations step*size .. step*size+size-1, one instruction string."""
+    def batch(self, step: int, size: int) -> tuple[torch.Tensor, Turns, Heard]:
+        """Training batch `step`: conversations step*size .. step*size+size-1, one instruction string,
+        with what the user said in them (model/heard.py)."""
         convs = [self.conversation(step * size + i) for i in range(size)]
         instructions = INSTRUCTIONS[np.random.default_rng([self.seed, step]).integers(len(INSTRUCTIONS))]
-        return self.turns_of([dataclasses.replace(c, instructions=instructions) for c in convs])
+        prefix, turns = self.turns_of([dataclasses.replace(c, instructions=instructions) for c in convs])
+        return prefix, turns, heard_targets([c.user_said for c in convs], self.cfg)

@@ -99,23 +99,38 @@ def embed_sequence(
     return x, pos, is_prefix
 
 
-def sequence_logits(
-    model: InteractionModel, prefix: torch.Tensor, turns: Turns
-) -> tuple[torch.Tensor, torch.Tensor, list]:
+def sequence_hidden(model: InteractionModel, prefix: torch.Tensor, turns: Turns) -> tuple[torch.Tensor, list]:
     """Offline (teacher-forced) forward over whole turns with the inference mask.
 
-    -> text logits (B, N, To, vocab), audio logits (B, N, A, k, C, L), router losses.
+    -> final hidden states of the conversation positions (B, N, P, D), router losses.
     """
     cfg = model.cfg
     x, pos, is_prefix = embed_sequence(model, prefix, turns)
     h, losses = model(x, pos, sequence_mask(pos, is_prefix, cfg.window))
     B, L = prefix.shape
-    N = turns.ctrl.shape[1]
-    h = h[:, L:].view(B, N, cfg.positions_per_turn, -1)
+    return h[:, L:].view(B, turns.ctrl.shape[1], cfg.positions_per_turn, -1), losses
+
+
+def output_logits(model: InteractionModel, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (B, N, P, D) -> text-out logits (B, N, To, vocab), audio-out (B, N, A, k, C, L)."""
+    cfg = model.cfg
     pred = h[:, :, cfg.input_positions - 1 : cfg.positions_per_turn - 1]  # (B, N, To + A, D)
-    return model.text_logits(pred[:, :, : cfg.text_out_slots]), model.audio_logits(
-        pred[:, :, cfg.text_out_slots :]
-    ), losses
+    To = cfg.text_out_slots
+    return model.text_logits(pred[:, :, :To]), model.audio_logits(pred[:, :, To:])
+
+
+def audio_in_hidden(cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
+    """Hidden states (B, N, P, D) -> those of the audio-in positions in time order (B, N*A, D)."""
+    first = 1 + cfg.video_patches
+    return h[:, :, first : first + cfg.audio_tokens].flatten(1, 2)
+
+
+def sequence_logits(
+    model: InteractionModel, prefix: torch.Tensor, turns: Turns
+) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Offline forward -> text logits (B, N, To, vocab), audio logits (B, N, A, k, C, L), router losses."""
+    h, losses = sequence_hidden(model, prefix, turns)
+    return *output_logits(model, h), losses
 
 
 def image_patches(image: np.ndarray, cfg: ModelConfig) -> np.ndarray:

@@ -1,11 +1,12 @@
 """Training of the interaction model on synthetic duplex conversations (`microturn train`).
 
 Contract: `main(args)` trains `--preset` (or the weights of `--checkpoint`) for `--steps`
-optimiser steps on batches from `model/data.py`, teacher-forced through `layout.sequence_logits`
+optimiser steps on batches from `model/data.py`, teacher-forced through `layout.sequence_hidden`
 (the inference mask, sliding window included). Loss = weighted text CE on text-out (answer bytes
 and task markers CONTENT_TEXT_WEIGHT, each turn's first slot at least DECISION_TEXT_WEIGHT,
 PAD/EPAD filler 1) + dMel CE per (frame, channel) on audio-out + the config's aux / z
-coefficients times the MoE router losses summed over layers. AdamW, linear warm-up then cosine
+coefficients times the MoE router losses summed over layers + `--heard-weight` times the CTC loss
+of what the user said, read on the audio-in positions (model/heard.py). AdamW, linear warm-up then cosine
 decay, gradient clipping; `--precision bf16` autocasts the step, MoE experts included (weights
 and optimiser state stay fp32). Batches come from a thread beside the step, or from
 `--data-workers` processes when the step outruns one core (a GPU). Every `--save-every` steps
@@ -38,7 +39,8 @@ from .checkpoint import load_checkpoint, read_config, save_checkpoint
 from .config import ModelConfig, preset
 from .data import CURRICULA, DuplexGenerator
 from .engine import resolve_device
-from .layout import Turns, sequence_logits
+from .heard import Heard, heard_loss
+from .layout import Turns, audio_in_hidden, output_logits, sequence_hidden
 from .tokenizer import ByteTokenizer
 from .transformer import InteractionModel, build_model
 
@@ -59,15 +61,19 @@ class Losses:
     audio: torch.Tensor
     aux: torch.Tensor
     z: torch.Tensor
+    heard: torch.Tensor
 
     def floats(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("total", "text", "audio", "aux", "z")}
+        return {k: float(getattr(self, k).detach()) for k in ("total", "text", "audio", "aux", "z", "heard")}
 
 
-def compute_losses(model: InteractionModel, prefix: torch.Tensor, turns: Turns) -> Losses:
-    """Teacher-forced losses of one batch (router losses only exist with grads on)."""
+def compute_losses(model: InteractionModel, prefix: torch.Tensor, turns: Turns, heard: Heard | None = None,
+                   heard_weight: float = 0.0) -> Losses:
+    """Teacher-forced losses of one batch (router losses only exist with grads on); with
+    `heard_weight` > 0, plus that times the CTC loss of what the user said (model/heard.py)."""
     cfg = model.cfg
-    text_logits, audio_logits, router = sequence_logits(model, prefix, turns)
+    h, router = sequence_hidden(model, prefix, turns)
+    text_logits, audio_logits = output_logits(model, h)
     targets = turns.text_out  # (B, T, To)
     per_token = F.cross_entropy(text_logits.flatten(0, -2), targets.flatten(), reduction="none")
     # most text-out slots are PAD/EPAD: without weighting, a low loss hides unlearned answer bytes;
@@ -81,8 +87,11 @@ def compute_losses(model: InteractionModel, prefix: torch.Tensor, turns: Turns) 
     zero = text.new_zeros(())
     aux = sum((r.aux for r in router if r is not None), zero)
     z = sum((r.z for r in router if r is not None), zero)
-    total = text + audio + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
-    return Losses(total, text, audio, aux, z)
+    heard_ctc = zero
+    if heard is not None and heard_weight:
+        heard_ctc = heard_loss(model, audio_in_hidden(cfg, h), heard)
+    total = text + audio + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z + heard_weight * heard_ctc
+    return Losses(total, text, audio, aux, z, heard_ctc)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -110,8 +119,9 @@ def plot_losses(history: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     steps = [h["step"] for h in history]
-    for key in ("total", "text", "audio"):
-        ax.plot(steps, [h[key] for h in history], label=key)
+    for key in ("total", "text", "audio", "heard"):
+        if any(h.get(key) for h in history):
+            ax.plot(steps, [h.get(key, 0.0) for h in history], label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")
     ax.set_yscale("log")
@@ -131,7 +141,7 @@ def _init_worker(cfg: ModelConfig, seed: int, turns: int, curriculum: str) -> No
     _WORKER_GEN = DuplexGenerator(cfg, "train", seed=seed, turns=turns, curriculum=CURRICULA[curriculum])
 
 
-def _worker_batch(step: int, size: int) -> tuple[torch.Tensor, Turns]:
+def _worker_batch(step: int, size: int) -> tuple[torch.Tensor, Turns, Heard]:
     assert _WORKER_GEN is not None
     return _WORKER_GEN.batch(step, size)
 
@@ -178,7 +188,8 @@ def main(args: argparse.Namespace) -> int:
         step, history = state["step"], state["history"]
         read_config(out)  # fail early on a damaged checkpoint
     recipe = {k: getattr(args, k) for k in ("preset", "steps", "batch", "turns", "lr", "warmup", "seed",
-                                             "weight_decay", "clip", "precision", "curriculum")}
+                                             "weight_decay", "clip", "precision", "curriculum",
+                                             "heard_weight")}
     if args.checkpoint and not args.resume:
         recipe["from"] = str(args.checkpoint)
 
@@ -197,7 +208,7 @@ def main(args: argparse.Namespace) -> int:
         first = range(step, min(step + ahead, args.steps))
         pending = deque(pool.submit(make_batch, s, args.batch) for s in first)
         while step < args.steps:
-            prefix, turns = pending.popleft().result()
+            prefix, turns, heard = pending.popleft().result()
             if step + ahead < args.steps:
                 pending.append(pool.submit(make_batch, step + ahead, args.batch))
             turns = Turns(**{k: v.to(device) for k, v in vars(turns).items()})
@@ -205,7 +216,7 @@ def main(args: argparse.Namespace) -> int:
             # fp32 on this AMX CPU (0.8 s vs 1.6 s for a tiny batch) and the usual mixed precision on
             # a GPU; weights, optimiser state and the loss reductions stay fp32
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                losses = compute_losses(model, prefix.to(device), turns)
+                losses = compute_losses(model, prefix.to(device), turns, heard.to(device), args.heard_weight)
             opt.zero_grad(set_to_none=True)
             losses.total.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
@@ -217,6 +228,7 @@ def main(args: argparse.Namespace) -> int:
             if step % args.log_every == 0 or step == args.steps:
                 h, rate = history[-1], (time.perf_counter() - t_start) / (step - start_step)
                 print(f"step {step:6d}  loss {h['total']:.4f}  text {h['text']:.4f}  audio {h['audio']:.4f}  "
+                      f"heard {h['heard']:.4f}  "
                       f"aux {h['aux']:.3f}  z {h['z']:.3f}  |g| {grad_norm:.2f}  lr {h['lr']:.2e}  "
                       f"{rate:.2f} s/step", flush=True)
             if step % args.save_every == 0:
@@ -225,7 +237,8 @@ def main(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t_start
     last = history[-1] if history else {}
     print(json.dumps({"steps": step, "loss": last.get("total"), "text_loss": last.get("text"),
-                      "audio_loss": last.get("audio"), "first_loss": history[0]["total"] if history else None,
+                      "audio_loss": last.get("audio"), "heard_loss": last.get("heard"),
+                      "first_loss": history[0]["total"] if history else None,
                       "seconds": round(seconds, 2),
                       "sec_per_step": round(seconds / max(1, step - start_step), 3), "checkpoint": str(out)}))
     return 0

@@ -16,6 +16,7 @@ from microturn.model.data import (
     HELD_OUT_VARIANTS,
     NAMED_VARIANTS,
     NUMBER_WORDS,
+    NUMBERS,
     PHRASES,
     PHRASINGS,
     REFINE,
@@ -28,7 +29,7 @@ from microturn.model.engine import Engine
 from microturn.model.espeak import speak
 from microturn.model.grammar import plain_words
 from microturn.model.layout import Turns
-from microturn.model.slots import TURN_SAMPLES
+from microturn.model.slots import SAMPLE_RATE, TURN_SAMPLES
 from microturn.model.tokenizer import ByteTokenizer
 from microturn.model.transformer import build_model
 
@@ -47,11 +48,13 @@ def test_same_seed_same_conversations_other_seed_differs() -> None:
         assert np.array_equal(x.user_audio, y.user_audio) and np.array_equal(x.model_audio, y.model_audio)
         assert x.text_out == y.text_out and x.text_in == y.text_in and x.episodes == y.episodes
         assert not np.array_equal(x.user_audio, z.user_audio)
-    pa, ta = a.batch(1, 3)
-    pb, tb = b.batch(1, 3)
+    pa, ta, ha = a.batch(1, 3)
+    pb, tb, hb = b.batch(1, 3)
     assert torch.equal(pa, pb)
     for f in dataclasses.fields(Turns):
         assert torch.equal(getattr(ta, f.name), getattr(tb, f.name)), f.name
+    for name, value in vars(ha).items():
+        assert torch.equal(getattr(hb, name), value), name
 
 
 def test_streams_have_equal_turns_and_speech_never_leads_text() -> None:
@@ -178,6 +181,38 @@ def test_focus_curriculum_asks_more_spoken_and_vision_questions() -> None:
     assert share(gen, ("answer", "vision")) > share(refine, ("answer", "vision")) + 0.05
     assert share(gen, ("interrupt",)) < share(refine, ("interrupt",))
     assert FOCUS.number_repeat_share == REFINE.number_repeat_share  # the rest of refine stays
+
+
+def test_numbers_curriculum_asks_for_digit_strings_as_numbers() -> None:
+    """Digit strings are asked for in their own wordings, so "say the word {w}" never means a number."""
+    gen = DuplexGenerator(tiny(), "train", seed=3, curriculum=NUMBERS)
+    rng = np.random.default_rng(0)
+    asked = [gen.question("repeat", rng) for _ in range(80)]
+    numbers = [q for q in asked if q.answer[:-1].isdigit()]
+    words = [q for q in asked if not q.answer[:-1].isdigit()]
+    assert numbers and words
+    assert all(" number " in q.text and q.text.endswith(q.answer[:-1]) for q in numbers)
+    assert not any(" number " in q.text for q in words)
+
+
+def test_user_said_marks_every_whole_utterance() -> None:
+    """The transcript target of model/heard.py: each spoken question is one utterance whose end is the
+    episode's input end (a paused question is two), typed ones are none, and every span is inside."""
+    gen = DuplexGenerator(tiny(), "train", seed=2)
+    for conv in (gen.conversation(0, kinds=kinds) for kinds in (("answer",), ("pause",), ("typed",))):
+        ep = conv.episodes[0]
+        spans = conv.user_said
+        assert all(0 <= s0 < s1 <= len(conv.user_audio) for s0, s1, _ in spans)
+        if ep.typed:
+            assert spans == []
+            continue
+        assert len(spans) == (2 if ep.kind == "pause" else 1)
+        assert spans[-1][1] * 1000 / SAMPLE_RATE == pytest.approx(ep.input_end_ms)
+        said = " ".join(text for _, _, text in spans)
+        assert ep.answer.rstrip(".").split()[-1] in said or ep.intent != "repeat", (said, ep.answer)
+    interrupt = gen.conversation(1, kinds=("interrupt",))
+    if interrupt.episodes[0].onset_ms is not None:  # the barge-in is an utterance of its own
+        assert len(interrupt.user_said) == 2
 
 
 def test_voices_curriculum_adds_speakers_never_held_out() -> None:

@@ -36,7 +36,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch() -> None:
     cfg = _small()
     torch.manual_seed(0)
     model = build_model(cfg, seed=0).train()
-    prefix, turns = DuplexGenerator(cfg, "train", seed=0, turns=12).batch(0, 2)
+    prefix, turns, _ = DuplexGenerator(cfg, "train", seed=0, turns=12).batch(0, 2)
     opt = make_optimizer(model, lr=3e-3, weight_decay=0.0)
     first = compute_losses(model, prefix, turns)
     assert first.aux > 0 and first.z > 0  # router losses are live while training
@@ -57,9 +57,11 @@ def test_train_cli_saves_resumes_and_plots(tmp_path: Path, capsys: pytest.Captur
     out = tmp_path / "run"
     flags = ["--out", str(out), "--batch", "1", "--turns", "8", "--warmup", "1", "--save-every", "1",
              "--device", "cpu"]
-    assert cli_main(["train", *flags, "--steps", "2", "--precision", "bf16"]) == 0
-    assert _json_tail(capsys)["steps"] == 2
-    assert read_config(out)[1]["recipe"]["precision"] == "bf16"
+    assert cli_main(["train", *flags, "--steps", "2", "--precision", "bf16", "--heard-weight", "0.1"]) == 0
+    first = _json_tail(capsys)
+    assert first["steps"] == 2 and first["heard_loss"] > 0
+    recipe = read_config(out)[1]["recipe"]
+    assert recipe["precision"] == "bf16" and recipe["heard_weight"] == 0.1
     assert (out / "loss.png").stat().st_size > 0 and (out / "train_state.pt").is_file()
     assert cli_main(["train", *flags, "--steps", "3", "--resume"]) == 0
     result = _json_tail(capsys)
@@ -109,10 +111,10 @@ def test_data_worker_processes_make_the_same_batches_as_the_thread() -> None:
     pool, make_batch = _batch_source(cfg, args)
     with pool:
         made = [pool.submit(make_batch, step, 2) for step in (3, 0)]
-        (prefix3, turns3), (prefix0, turns0) = (f.result() for f in made)
+        (prefix3, turns3, _), (prefix0, turns0, _) = (f.result() for f in made)
     gen = DuplexGenerator(cfg, "train", seed=5, turns=6, curriculum=REFINE)
     for (prefix, turns), step in (((prefix3, turns3), 3), ((prefix0, turns0), 0)):
-        ref_prefix, ref_turns = gen.batch(step, 2)
+        ref_prefix, ref_turns, _ = gen.batch(step, 2)
         assert torch.equal(prefix, ref_prefix)
         for name, value in vars(ref_turns).items():
             assert torch.equal(getattr(turns, name), value), (step, name)
