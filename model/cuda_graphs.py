@@ -44,12 +44,12 @@ class GraphedGenerate:
         self.forced = torch.full((S, cfg.text_out_slots), -1, dtype=torch.long, device=dev)
         self.exec_mask = torch.zeros(S, dtype=torch.bool, device=dev)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for b in reversed(buckets(S)):  # largest first so smaller graphs reuse its pool memory
             self.graphs[b] = self._capture(b)
 
     @torch.inference_mode()
-    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]:
         e = self.engine
         e.model.set_moe_backend(e.moe_backend_for(b))
         args = (b, self.exec_mask[:b], self.text_in[:b], self.source[:b], self.audio_in[:b], self.forced[:b])
@@ -61,8 +61,8 @@ class GraphedGenerate:
         torch.cuda.current_stream(e.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            text_out, audio_out = e._generate(*args)
-        return graph, text_out, audio_out
+            text_out, audio_out, heard = e._generate(*args)
+        return graph, text_out, audio_out, heard
 
     def run(
         self,
@@ -71,12 +71,12 @@ class GraphedGenerate:
         source: torch.Tensor,
         audio_in: torch.Tensor,
         forced: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = next(k for k in sorted(self.graphs) if k >= B)
-        graph, text_out, audio_out = self.graphs[b]
+        graph, text_out, audio_out, heard = self.graphs[b]
         self.text_in[:B], self.source[:B] = text_in, source
         self.audio_in[:B], self.forced[:B] = audio_in, forced
         self.exec_mask.zero_()
         self.exec_mask[:B] = True
         graph.replay()
-        return text_out[:B], audio_out[:B]
+        return text_out[:B], audio_out[:B], heard[:B]

@@ -7,6 +7,10 @@ Contract
   batched forward: dMel-encode each slot's 200 ms of input audio, prefill the
   input positions (plus the previous turn's last output token), decode the
   text-out then audio-out tokens one position at a time, vocode the audio.
+  Each output also carries `heard_tokens`: the text head's greedy reading
+  of the turn's audio-in positions (CTC ids, PAD = blank), a transcript of
+  the user's speech for checkpoints trained with `--heard-weight`
+  (`Engine.hears`); noise for others.
   Slots missing from `inputs` get silence. Bad input in one slot (wrong
   shape, non-finite samples, bad token ids) is replaced by silence and
   reported in that slot's `SlotOutput.error`; other slots are untouched.
@@ -112,12 +116,14 @@ class Engine:
         device: str = "auto",
         vocoder: Vocoder | None = None,
         dtype: torch.dtype | None = None,
+        hears: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.config: ModelConfig = model.cfg
         self.model = model.to(self.device, self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.to(torch.float64)
+        self.hears = hears  # the text head transcribes the audio-in positions (model/heard.py)
         self.max_slots = max_slots
         self.tokenizer = ByteTokenizer()
         self.dmel = DMel(device=self.device)
@@ -161,10 +167,11 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path: str, max_slots: int = 64, device: str = "auto", **kw) -> Engine:
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, read_config
 
         model, _ = load_checkpoint(path, lambda cfg: InteractionModel(cfg), "cpu")
-        return cls(model, max_slots=max_slots, device=device, **kw)
+        recipe = read_config(path)[1].get("recipe") or {}  # the last training stage's flags
+        return cls(model, max_slots=max_slots, device=device, hears=bool(recipe.get("heard_weight")), **kw)
 
     # --- slots ---
     @property
@@ -282,12 +289,12 @@ class Engine:
         audio_in = codes.view(B, cfg.audio_tokens, cfg.frames_per_audio_token, cfg.dmel_channels)
 
         if self.graphs is not None and self.trace is None:
-            text_out, audio_out = self.graphs.run(B, text_in, source, audio_in, forced)
+            text_out, audio_out, heard = self.graphs.run(B, text_in, source, audio_in, forced)
         else:
             self.model.set_moe_backend(self.moe_backend_for(B))
             exec_mask = torch.ones(B, dtype=torch.bool, device=dev)
-            # (B, To), (B, A, k, C)
-            text_out, audio_out = self._generate(B, exec_mask, text_in, source, audio_in, forced)
+            # (B, To), (B, A, k, C), (B, A)
+            text_out, audio_out, heard = self._generate(B, exec_mask, text_in, source, audio_in, forced)
         self._mark(marks)
 
         logmel = self.dmel.decode(audio_out.reshape(B, -1, cfg.dmel_channels))  # (B, F, C)
@@ -300,13 +307,13 @@ class Engine:
                              zip(("prepare", "dmel", "model", "vocoder"), [t0, *marks], marks, strict=False)}
 
         pcm_host = pcm.float().clamp(-1, 1).cpu().numpy()
-        text_host = text_out.cpu().tolist()
+        text_host, heard_host = text_out.cpu().tolist(), heard.cpu().tolist()
         turns = self.turn[:B].cpu().tolist()
         outputs = {}
         for b, meta in enumerate(self._rows):
             outputs[meta.slot] = SlotOutput(
                 audio=pcm_host[b], text_tokens=text_host[b], text=meta.decoder.feed(text_host[b]),
-                turn_index=turns[b] - 1, error=checked[b][1],
+                turn_index=turns[b] - 1, error=checked[b][1], heard_tokens=heard_host[b],
             )
         self.last_step_ms = (time.perf_counter() - t0) * 1e3
         return outputs
@@ -319,8 +326,9 @@ class Engine:
         source: torch.Tensor,  # (B, Ti)
         audio_in: torch.Tensor,  # (B, A, k, C)
         forced: torch.Tensor,  # (B, To) text-out ids to force, -1 = sample
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prefill the inputs, decode every output slot for rows [0, B); update cache, positions, carry, turn.
+        -> text-out (B, To), audio-out (B, A, k, C), the greedy reading of the audio-in positions (B, A).
 
         Pure tensor work with static shapes and no host sync, so CUDA graphs can capture it; rows whose
         exec_mask (B,) is off (graph padding) write only to the trash cell.
@@ -339,7 +347,10 @@ class Engine:
         pos = next_pos[:, None] - 1 + torch.arange(self.chunk, device=dev)  # (B, 1 + Pin)
         cells = cache.conversation_cells(pos, exec_mask)
         cells[:, 0] = torch.where(self.has_carry[:B], cells[:, 0], cache.trash)
-        h = self._forward(x, pos, cells, rows)[:, -1]  # (B, D)
+        h = self._forward(x, pos, cells, rows)  # (B, 1 + Pin, D)
+        first = 2 + cfg.video_patches  # after the carried token and CTRL
+        heard = model.text_logits(h[:, first : first + cfg.audio_tokens]).argmax(-1)  # (B, A)
+        h = h[:, -1]  # (B, D)
 
         counter = turn * DRAWS_PER_TURN
         text_out, audio_out, logits = [], [], []
@@ -374,7 +385,7 @@ class Engine:
         self.has_carry[:B] = True
         self.next_pos[:B] += cfg.positions_per_turn
         self.turn[:B] += 1
-        return torch.stack(text_out, dim=1), torch.stack(audio_out, dim=1)
+        return torch.stack(text_out, dim=1), torch.stack(audio_out, dim=1), heard
 
     def moe_backend_for(self, rows: int) -> str:
         """gather+bmm for small GPU batches (fixed shapes, no sorting); grouped_mm otherwise."""

@@ -42,3 +42,6 @@ class SlotOutput:
     text: str  # printable text decoded from text_tokens (specials dropped)
     turn_index: int  # micro-turns this slot has run since join (0-based)
     error: str | None = None  # set when this slot's row failed this step; others unaffected
+    # the text head's greedy ids at this turn's audio-in positions (CTC, PAD = blank): what the model
+    # heard the user say, for checkpoints trained with --heard-weight (Engine.hears)
+    heard_tokens: list[int] = field(default_factory=list)

@@ -71,3 +71,20 @@ class ByteStreamDecoder:
     def feed(self, ids: list[int]) -> str:
         return self._dec.decode(bytes(i for i in ids if i < ByteTokenizer.n_bytes))
 
+
+class CtcStreamDecoder:
+    """Greedy CTC read-out, streamed: a run of one id is one byte, specials (PAD is the blank) are
+    gaps, so a doubled letter needs a blank between its two; runs continue across calls."""
+
+    def __init__(self) -> None:
+        self._bytes = ByteStreamDecoder()
+        self._last = -1
+
+    def feed(self, ids: list[int]) -> str:
+        kept = []
+        for i in ids:
+            if i != self._last and i < ByteTokenizer.n_bytes:
+                kept.append(i)
+            self._last = i
+        return self._bytes.feed(kept)
+

@@ -116,6 +116,7 @@ class Connection:
                 ErrorCode.SLOW_CONSUMER, "client is not reading its output"
             ),
             beta=beta,
+            hears=engine.hears,
         )
         self._closing: asyncio.Future[tuple[ErrorCode, str]] = asyncio.get_running_loop().create_future()
         self._last_message = time.monotonic()
@@ -341,9 +342,17 @@ class Connection:
             sampling = replace(sampling, text_temperature=cfg.temperature, audio_temperature=cfg.temperature)
         if cfg.seed is not None:
             sampling = replace(sampling, seed=cfg.seed)
+        audio_in = cfg.audio.input if cfg.audio else None
+        transcribe = session.transcribe
+        if audio_in is not None and "transcription" in audio_in.model_fields_set:
+            transcribe = audio_in.transcription is not None
+            if transcribe and not session.hears:
+                message = "this checkpoint was not trained to transcribe its input (train --heard-weight)"
+                raise ProtocolError(ErrorCode.UNSUPPORTED, message, eid, "audio.input.transcription")
         instructions = cfg.instructions if cfg.instructions is not None else session.instructions
         restart = instructions != session.instructions or sampling != session.sampling
         session.instructions, session.sampling = instructions, sampling
+        session.transcribe = transcribe
         if in_rate is not None:
             session.input_rate = in_rate
         session.set_output_format(out_rate or session.output_rate, out.transport if out else None)

@@ -86,6 +86,9 @@ class AudioFormat(_Loose):
 
 class AudioInput(_Loose):
     format: AudioFormat | None = None
+    # OpenAI's {"model", "language", "prompt"}: any object turns transcripts of the user's speech on,
+    # null off; microturn's are the model's own reading of its audio-in (no second model, no fields used)
+    transcription: dict | None = None
 
 
 class AudioOutput(_Loose):
@@ -287,6 +290,21 @@ class OutputAudioTranscriptDelta(_ResponsePart):
     type: str = "response.output_audio_transcript.delta"
     delta: str
     seq: int
+
+
+class InputAudioTranscriptionDelta(ServerEvent):
+    type: str = "conversation.item.input_audio_transcription.delta"
+    item_id: str  # the user speech item (input_audio_buffer.speech_started)
+    content_index: int = 0
+    delta: str
+    seq: int  # microturn: the micro-turn whose audio-in gave this text
+
+
+class InputAudioTranscriptionCompleted(ServerEvent):
+    type: str = "conversation.item.input_audio_transcription.completed"
+    item_id: str
+    content_index: int = 0
+    transcript: str
 
 
 class OutputAudioBufferCleared(ServerEvent):

@@ -27,7 +27,7 @@ import numpy as np
 
 from microturn.model.resample import StreamResampler
 from microturn.model.slots import SAMPLE_RATE, TURN_SAMPLES, SamplingParams, SlotInput, SlotOutput
-from microturn.model.tokenizer import ByteTokenizer
+from microturn.model.tokenizer import ByteTokenizer, CtcStreamDecoder
 
 from . import protocol as p
 from .errors import ErrorCode, ProtocolError
@@ -35,6 +35,9 @@ from .settings import ServerSettings
 
 TURN_MS = TURN_SAMPLES * 1000 // SAMPLE_RATE
 SPEECH_HANGOVER_TURNS = 2  # silent input turns before user speech counts as ended
+# turns without new transcript bytes, once speech has ended, before a transcript counts as complete:
+# the model may name a word up to 400 ms after hearing it (model/heard.py HEARD_LAG_TOKENS)
+TRANSCRIPT_SETTLE_TURNS = 3
 
 
 def level_dbfs(audio: np.ndarray) -> float:
@@ -160,6 +163,7 @@ class Session:
         text_out_slots: int,
         on_overflow: Callable[[Session], None],
         beta: bool = False,
+        hears: bool = False,
     ) -> None:
         self.id = p.new_id("sess")
         self.settings = settings
@@ -200,6 +204,15 @@ class Session:
         self.tasks: TaskHooks | None = None
         self.tools: list = []  # declared tools (server/background ToolSpec), passed to background work
         self.debug = settings.debug_events  # send debug.text_in events
+        # transcripts of the user's speech: the model's own reading of its audio-in, where it was trained
+        # for that (Engine.hears); on by default there, and audio.input.transcription = null turns it off
+        self.hears = hears
+        self.transcribe = hears
+        self._heard = CtcStreamDecoder()
+        self._user_item: str | None = None  # the speech item of the latest onset
+        self._transcript: list[str] = []
+        self._transcript_item = ""
+        self._heard_quiet = 0
 
     # --- event loop: input ---
     def queue_text(self, text: str, event_id: str | None = None) -> None:
@@ -269,6 +282,7 @@ class Session:
         if self.closed:
             return
         self._voice_activity(inp.audio, out.audio)
+        self._transcribe(out.heard_tokens)
         if self.debug and inp.text_in:
             self.send(p.DebugTextIn(
                 seq=self.seq, source="background" if inp.text_in_background else "user",
@@ -333,12 +347,35 @@ class Session:
         elif self._silent_turns >= SPEECH_HANGOVER_TURNS:
             self._user_speaking = False
         if onset:
-            self.send(
-                p.InputAudioBufferSpeechStarted(audio_start_ms=self.seq * TURN_MS, item_id=p.new_id("item"))
-            )
+            self._complete_transcript()
+            self._user_item = item = p.new_id("item")
+            self.send(p.InputAudioBufferSpeechStarted(audio_start_ms=self.seq * TURN_MS, item_id=item))
             if self.settings.barge_in and self._model_speaking:
                 self.barge_in()
         self._model_speaking = level_dbfs(output_audio) > self.settings.speaking_threshold_dbfs
+
+    def _transcribe(self, heard_tokens: list[int]) -> None:
+        """Stream what the model heard this turn as transcript deltas of the current speech item."""
+        if not self.transcribe:
+            return
+        text = self._heard.feed(heard_tokens)
+        if text:
+            if not self._transcript:
+                self._transcript_item = self._user_item or p.new_id("item")
+            self._transcript.append(text)
+            self._heard_quiet = 0
+            self.send(p.InputAudioTranscriptionDelta(item_id=self._transcript_item, delta=text, seq=self.seq))
+            return
+        self._heard_quiet += 1
+        if not self._user_speaking and self._heard_quiet >= TRANSCRIPT_SETTLE_TURNS:
+            self._complete_transcript()
+
+    def _complete_transcript(self) -> None:
+        if self._transcript:
+            transcript = "".join(self._transcript).strip()
+            item = self._transcript_item
+            self.send(p.InputAudioTranscriptionCompleted(item_id=item, transcript=transcript))
+            self._transcript = []
 
     def barge_in(self) -> None:
         """Drop queued output of the current response and tell the client to flush its playback."""
@@ -369,7 +406,10 @@ class Session:
             "instructions": self.instructions,
             "output_modalities": ["audio"],
             "audio": {
-                "input": {"format": {"type": "audio/pcm", "rate": self.input_rate}},
+                "input": {
+                    "format": {"type": "audio/pcm", "rate": self.input_rate},
+                    "transcription": {"model": "microturn"} if self.transcribe else None,
+                },
                 "output": {
                     "format": {"type": "audio/pcm", "rate": self.output_rate},
                     "transport": self.output_transport,

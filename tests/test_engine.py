@@ -8,9 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from microturn.model.checkpoint import save_checkpoint
 from microturn.model.config import tiny
 from microturn.model.engine import Engine, EngineFull
-from microturn.model.layout import Turns, embed_inputs, embed_outputs, embed_sequence, sequence_logits
+from microturn.model.layout import (
+    Turns,
+    audio_in_hidden,
+    embed_inputs,
+    embed_outputs,
+    embed_sequence,
+    sequence_hidden,
+    sequence_logits,
+)
 from microturn.model.slots import TURN_SAMPLES, SamplingParams, SlotInput
 from microturn.model.transformer import build_model
 
@@ -222,3 +231,30 @@ def test_forced_text_out_goes_through_the_model(speech_16k: np.ndarray) -> None:
     assert turns.text_out[0, 0].tolist() == forced
     text_ref, _ = _offline(engine, INSTR, turns)
     assert torch.allclose(text_stream, text_ref, atol=1e-4)
+
+
+def test_heard_tokens_are_the_offline_reading_of_the_audio_in(speech_16k: np.ndarray) -> None:
+    """What the engine says it heard is the text head's greedy reading of the audio-in positions,
+    the same positions and head the --heard-weight CTC loss trains (model/heard.py)."""
+    engine = _engine()
+    engine.trace = []
+    slot = engine.join(INSTR, SamplingParams(seed=3))
+    rng = np.random.default_rng(2)
+    heard = [engine.step({slot: _inputs(rng, speech_16k, t)})[slot].heard_tokens for t in range(6)]
+    turns, _, _ = _row_turns(engine.trace, slot)
+    tok = engine.tokenizer
+    prefix = torch.tensor([[tok.special.INSTR, *tok.encode(INSTR)]])
+    with torch.no_grad():
+        h, _ = sequence_hidden(engine.model, prefix, turns)
+        ref = engine.model.text_logits(audio_in_hidden(engine.config, h)).argmax(-1)  # (1, N*A)
+    assert ref.view(6, engine.config.audio_tokens).tolist() == heard
+
+
+def test_engine_hears_where_the_checkpoint_was_trained_to(tmp_path) -> None:
+    cfg = tiny()
+    model = build_model(cfg, seed=0)
+    for name, weight in (("hears", 0.1), ("deaf", 0.0)):
+        save_checkpoint(tmp_path / name, model, cfg, extra={"recipe": {"heard_weight": weight}})
+    assert Engine.from_checkpoint(tmp_path / "hears", max_slots=1, device="cpu").hears
+    assert not Engine.from_checkpoint(tmp_path / "deaf", max_slots=1, device="cpu").hears
+    assert not _engine(max_slots=1).hears

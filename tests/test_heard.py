@@ -1,19 +1,24 @@
-"""The transcript target on the audio-in positions (model/heard.py): targets, spans and CTC."""
+"""What the user said: the CTC target on the audio-in positions (model/heard.py) and its read-out,
+streamed by the server as input transcription events."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
+import numpy as np
 import torch
 
 from microturn.model.config import tiny
 from microturn.model.data import REFINE, DuplexGenerator
 from microturn.model.heard import HEARD_LAG_TOKENS, heard_loss, heard_targets, normalise
 from microturn.model.layout import audio_in_hidden, sequence_hidden
-from microturn.model.slots import TURN_SAMPLES
-from microturn.model.tokenizer import ByteTokenizer
+from microturn.model.slots import TURN_SAMPLES, SlotInput, SlotOutput
+from microturn.model.tokenizer import ByteTokenizer, CtcStreamDecoder
 from microturn.model.train import compute_losses, make_optimizer
 from microturn.model.transformer import build_model
+from microturn.server.session import Session
+from microturn.server.settings import ServerSettings
 
 TOK = ByteTokenizer()
 
@@ -73,3 +78,60 @@ def test_a_few_steps_lower_the_transcript_loss_of_a_fixed_batch() -> None:
     # the loss reads the audio-in positions: their hidden states are what it trains
     h, _ = sequence_hidden(model, prefix, turns)
     assert audio_in_hidden(cfg, h).shape == (2, 24 * cfg.audio_tokens, cfg.d_model)
+
+
+def test_ctc_read_out_collapses_runs_across_turns_and_drops_blanks() -> None:
+    pad, h, i, l_ = TOK.special.PAD, *TOK.encode("hil")
+    dec = CtcStreamDecoder()
+    assert dec.feed([pad, h, h, pad]) == "h"
+    assert dec.feed([pad, i, i, i]) == "i"
+    assert dec.feed([i, l_, pad, l_]) == "ll"  # a run continues across turns; a blank splits a double
+    assert dec.feed([TOK.special.CTRL, pad, pad, pad]) == ""
+
+
+def _session(hears: bool) -> Session:
+    return Session(ServerSettings(), TOK, 4, 4, on_overflow=lambda _: None, hears=hears)
+
+
+def _events(session: Session) -> list[dict]:
+    out = []
+    while (message := session.pop_message()) is not None:
+        if isinstance(message, str):
+            out.append(json.loads(message))
+    return [e for e in out if e["type"] != "response.output_audio.delta"]
+
+
+def _turn(session: Session, heard: str, loud: bool) -> None:
+    pad = TOK.special.PAD
+    ids = [x for c in TOK.encode(heard) for x in (c, pad)][:4]
+    ids += [pad] * (4 - len(ids))
+    audio = np.full(TURN_SAMPLES, 0.3 if loud else 0.0, np.float32)
+    out = SlotOutput(audio=np.zeros(TURN_SAMPLES, np.float32), text_tokens=[pad] * 4, text="", turn_index=0,
+                     heard_tokens=ids)
+    session.deliver(out, SlotInput(audio=audio))
+
+
+def test_session_streams_what_the_model_heard_as_one_speech_item() -> None:
+    session = _session(hears=True)
+    assert session.session_dict()["audio"]["input"]["transcription"] == {"model": "microturn"}
+    for heard in ("hi", " t", "he", "re"):
+        _turn(session, heard, loud=True)
+    _turn(session, "!", loud=False)  # the model names the last byte after the speech ended
+    for _ in range(6):
+        _turn(session, "", loud=False)
+    events = _events(session)
+    started = [e for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    deltas = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.delta"]
+    done = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert len(started) == 1 and len(done) == 1
+    assert {e["item_id"] for e in deltas + done} == {started[0]["item_id"]}
+    assert "".join(e["delta"] for e in deltas) == "hi there!" and done[0]["transcript"] == "hi there!"
+    assert [e["seq"] for e in deltas] == [0, 1, 2, 3, 4]
+
+
+def test_session_without_a_hearing_model_sends_no_transcripts() -> None:
+    session = _session(hears=False)
+    assert session.session_dict()["audio"]["input"]["transcription"] is None
+    for heard in ("hi", "", "", "", ""):
+        _turn(session, heard, loud=heard != "")
+    assert not [e for e in _events(session) if "transcription" in e["type"]]

@@ -197,6 +197,12 @@ async def test_bad_input_matrix(engine, speech):
                     "text_too_long",
                     "e10",
                 ),
+                (  # seeded weights were never trained to transcribe what they hear
+                    json.dumps({"type": "session.update", "event_id": "e11", "session": {
+                        "audio": {"input": {"transcription": {"model": "whisper-1"}}}}}),
+                    "unsupported",
+                    "e11",
+                ),
             ]
             await collect(victim, 0.3)
             for message, code, event_id in bad:

@@ -78,6 +78,8 @@ class Recorder:
         if kind == "response.output_text.delta":
             self.text.append(event.delta)
             self._say(f"text {event.delta!r}")
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            self._say(f"heard {event.transcript!r}")
         elif kind == "error":
             self.errors.append(event.error)
             self._say(f"error {event.error.get('code')}: {event.error.get('message')}")

@@ -65,6 +65,8 @@ EVENT_MODELS: dict[str, type[p.ServerEvent]] = {
     "input_audio_buffer.committed": p.InputAudioBufferCommitted,
     "input_audio_buffer.cleared": p.InputAudioBufferCleared,
     "input_audio_buffer.speech_started": p.InputAudioBufferSpeechStarted,
+    "conversation.item.input_audio_transcription.delta": p.InputAudioTranscriptionDelta,
+    "conversation.item.input_audio_transcription.completed": p.InputAudioTranscriptionCompleted,
     "conversation.item.added": p.ConversationItemAdded,
     "error": p.ErrorEvent,
     "session.go_away": p.SessionGoAway,

@@ -74,6 +74,19 @@ function appendModelText(delta) {
   $("transcript").scrollTop = $("transcript").scrollHeight;
 }
 
+// What the model heard you say (its own reading of its audio-in), one line per speech item.
+const heardLines = new Map();
+function appendHeardText(itemId, delta, final) {
+  let line = heardLines.get(itemId);
+  if (!line) {
+    line = transcriptLine("heard", "you (heard): ");
+    heardLines.set(itemId, line);
+    modelLine = null;
+  }
+  line.textContent = final === undefined ? line.textContent + delta : `you (heard): ${final}`;
+  $("transcript").scrollTop = $("transcript").scrollHeight;
+}
+
 function taskCard(taskId, input) {
   let card = document.querySelector(`.task[data-task-id="${CSS.escape(taskId)}"]`);
   if (card) return card;
@@ -127,6 +140,12 @@ function onEvent(ev) {
       break;
     case "response.output_text.delta":
       appendModelText(ev.delta);
+      break;
+    case "conversation.item.input_audio_transcription.delta":
+      appendHeardText(ev.item_id, ev.delta);
+      break;
+    case "conversation.item.input_audio_transcription.completed":
+      appendHeardText(ev.item_id, "", ev.transcript);
       break;
     case "output_audio_buffer.cleared":
       audio.flush();
