@@ -30,7 +30,10 @@ plays during [(t+1)*200, (t+2)*200) ms, so one tick of compute is always counted
 - answers_right_by_intent: "right/asked" text answers per intent and typed / spoken question;
 - task_delegation_rate: hard sums and time questions whose text-out held TASK_START..TASK_END
   before the background result arrived; vision_accuracy: colour answers naming the frame's
-  colour and no other.
+  colour and no other;
+- heard_cer / heard_wer (models that hear, Engine.hears): character / word error rate (jiwer,
+  over all utterances) of the model's reading of its audio-in over each user utterance's span
+  (model/heard.py `utterance_spans`) against the normalised words said; None for other models.
 This module does not know how the model was trained.
 """
 
@@ -40,15 +43,18 @@ import argparse
 import json
 import re
 
+import jiwer
 import librosa
 import numpy as np
 import torch
 
+from .config import ModelConfig
 from .data import COLOURS, SCENARIOS, TURN_MS, Conversation, DuplexGenerator, Episode
 from .dmel import DMel
 from .engine import Engine
+from .heard import utterance_spans
 from .slots import SamplingParams
-from .tokenizer import ByteTokenizer
+from .tokenizer import ByteTokenizer, CtcStreamDecoder
 
 SPEECH_MEAN_CODE = 3.0  # frame mean code above this = speech (silence 1, model voice 5-9)
 FRAME_MS = 12.5  # one dMel frame
@@ -59,7 +65,7 @@ ANSWER_KINDS = ("answer", "pause", "typed", "task")  # episodes whose answer tex
 METRIC_KEYS = ("pause_takeover_rate", "turn_takeover_rate", "turn_latency_ms_p50", "interrupt_stop_ms_p50",
                "interrupt_stop_rate", "answer_accuracy_text", "answer_accuracy_text_typed",
                "answer_accuracy_text_spoken", "answer_accuracy_speech",
-               "task_delegation_rate", "task_text_accuracy", "vision_accuracy")
+               "task_delegation_rate", "task_text_accuracy", "vision_accuracy", "heard_cer", "heard_wer")
 
 # what `score` appends to, per episode (plus "text INTENT typed|spoken" keys it adds)
 OBSERVATIONS = ("pause", "takeover", "latency", "stop", "stop_ms", "delegation", "task_text", "vision",
@@ -71,11 +77,14 @@ def normalise(text: str) -> str:
 
 
 class Recording:
-    """What the model produced in one conversation: text-out ids and output dMel codes per turn."""
+    """What the model produced in one conversation: text-out ids and output dMel codes per turn, and
+    what it heard (its greedy reading of the audio-in positions)."""
 
-    def __init__(self, text_out: list[list[int]], codes: np.ndarray) -> None:
+    def __init__(self, text_out: list[list[int]], codes: np.ndarray,
+                 heard: list[list[int]] | None = None) -> None:
         self.text_out = text_out  # (T, To)
         self.codes = codes  # (T * F, C) output dMel codes
+        self.heard = [i for row in heard or [] for i in row]  # (T * A,) CTC ids
         self.speech = codes.mean(axis=1) > SPEECH_MEAN_CODE  # (T * F,)
         self.time_ms = TURN_MS + np.arange(len(codes)) * FRAME_MS  # playback time of each frame
 
@@ -118,21 +127,25 @@ def run(engine: Engine, convs: list[Conversation]) -> list[Recording]:
                  for i, c in enumerate(group)]
         text = [[] for _ in group]
         codes = [[] for _ in group]
+        heard = [[] for _ in group]
         engine.trace = []
         try:
             for t in range(max(c.turns for c in group)):
-                engine.step({s: c.slot_input(t) for s, c in zip(slots, group, strict=True) if t < c.turns})
+                out = engine.step({s: c.slot_input(t) for s, c in zip(slots, group, strict=True)
+                                   if t < c.turns})
                 rec = engine.trace.pop()
                 for i, (s, c) in enumerate(zip(slots, group, strict=True)):
                     if t < c.turns:
                         row = rec["slots"].index(s)
                         text[i].append(rec["text_out"][row].tolist())
                         codes[i].append(rec["audio_out"][row].reshape(-1, cfg.dmel_channels).numpy())
+                        heard[i].append(out[s].heard_tokens)
         finally:
             engine.trace = None
             for s in slots:
                 engine.leave(s)
-        recordings += [Recording(tx, np.concatenate(cd)) for tx, cd in zip(text, codes, strict=True)]
+        recordings += [Recording(tx, np.concatenate(cd), hd)
+                       for tx, cd, hd in zip(text, codes, heard, strict=True)]
     return recordings
 
 
@@ -202,12 +215,27 @@ def score(ep: Episode, rec: Recording, judge: SpeechJudge, out: dict[str, list])
         out["speech"].append(judge.correct(spoken, ep.answer, ep.candidates))
 
 
+def heard_error_rates(convs: list[Conversation], recordings: list[Recording],
+                      cfg: ModelConfig) -> tuple[float, float] | None:
+    """(CER, WER) of what the model read at each user utterance's audio-in span against what was said."""
+    said, heard = [], []
+    for conv, rec in zip(convs, recordings, strict=True):
+        for first, length, text in utterance_spans(conv.user_said, cfg):
+            said.append(text)
+            heard.append(" ".join(CtcStreamDecoder().feed(rec.heard[first : first + length]).split()))
+    if not said:
+        return None
+    return round(float(jiwer.cer(said, heard)), 4), round(float(jiwer.wer(said, heard)), 4)
+
+
 def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator) -> dict:
     obs: dict[str, list] = {k: [] for k in OBSERVATIONS}
     judge = SpeechJudge(gen)
-    for conv, rec in zip(convs, run(engine, convs), strict=True):
+    recordings = run(engine, convs)
+    for conv, rec in zip(convs, recordings, strict=True):
         for ep in conv.episodes:
             score(ep, rec, judge, obs)
+    heard = heard_error_rates(convs, recordings, engine.config) if engine.hears else None
 
     def rate(key: str) -> float | None:
         return round(float(np.mean(obs[key])), 4) if obs[key] else None
@@ -223,6 +251,7 @@ def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator) ->
         "answer_accuracy_speech": rate("speech"), "task_delegation_rate": rate("delegation"),
         "task_text_accuracy": rate("task_text"),
         "vision_accuracy": rate("vision"),
+        "heard_cer": heard and heard[0], "heard_wer": heard and heard[1],
     }
     by_intent = {k[len("text ") :]: f"{sum(v)}/{len(v)}" for k, v in sorted(obs.items())
                  if k.startswith("text ")}

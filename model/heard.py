@@ -9,7 +9,8 @@ checkpoint trained with it loads anywhere.
 Contract: `heard_targets(said, cfg)` takes each batch row's whole user utterances (start sample,
 end sample, text) and returns a `Heard`: per utterance a normalised byte target (`normalise`)
 and a span of audio-in positions from its first audio token to HEARD_LAG_TOKENS past its last
-(a causal model hears a word before it can name it), cut at the row's next utterance.
+(a causal model hears a word before it can name it), cut at the row's next utterance
+(`utterance_spans`, which the evaluation reads the model's transcripts over too).
 `heard_loss(model, h, heard)` is the mean CTC loss per target byte over those spans.
 This module knows nothing about how conversations are made or about optimisers.
 
@@ -56,21 +57,29 @@ class Heard:
         return Heard(**{k: v.to(device) for k, v in vars(self).items()})
 
 
+def utterance_spans(utterances: list[tuple[int, int, str]], cfg: ModelConfig) -> list[tuple[int, int, str]]:
+    """One conversation's utterances (start sample, end sample, text), sorted by start -> (first
+    audio-in position, positions, normalised text) of each that has something to transcribe."""
+    token = TURN_SAMPLES // cfg.audio_tokens  # samples per audio token
+    spans = []
+    for i, (s0, s1, text) in enumerate(utterances):
+        first, last = s0 // token, (s1 - 1) // token + HEARD_LAG_TOKENS
+        if i + 1 < len(utterances):
+            last = min(last, utterances[i + 1][0] // token - 1)
+        if normalise(text) and last >= first:
+            spans.append((first, last - first + 1, normalise(text)))
+    return spans
+
+
 def heard_targets(said: list[list[tuple[int, int, str]]], cfg: ModelConfig) -> Heard:
     """Per batch row, its utterances (start sample, end sample, text), sorted by start -> `Heard`."""
-    token = TURN_SAMPLES // cfg.audio_tokens  # samples per audio token
     rows, starts, lengths, targets = [], [], [], []
     for b, utterances in enumerate(said):
-        for i, (s0, s1, text) in enumerate(utterances):
-            ids = _TOK.encode(normalise(text))
-            first, last = s0 // token, (s1 - 1) // token + HEARD_LAG_TOKENS
-            if i + 1 < len(utterances):
-                last = min(last, utterances[i + 1][0] // token - 1)
-            if ids and last >= first:
-                rows.append(b)
-                starts.append(first)
-                lengths.append(last - first + 1)
-                targets.append(ids)
+        for first, length, text in utterance_spans(utterances, cfg):
+            rows.append(b)
+            starts.append(first)
+            lengths.append(length)
+            targets.append(_TOK.encode(text))
     width = max((len(t) for t in targets), default=1)
     padded = [t + [_TOK.special.PAD] * (width - len(t)) for t in targets]
     long = torch.long

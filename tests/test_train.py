@@ -22,8 +22,11 @@ from microturn.model.evaluate import (
     Recording,
     SpeechJudge,
     eval_conversations,
+    heard_error_rates,
     score,
 )
+from microturn.model.heard import utterance_spans
+from microturn.model.tokenizer import ByteTokenizer
 from microturn.model.train import _batch_source, compute_losses, make_optimizer
 from microturn.model.transformer import InteractionModel, build_model
 
@@ -136,6 +139,31 @@ def test_eval_scores_the_reference_streams_perfectly() -> None:
     assert {"text arith spoken", "text hard typed"} <= by_intent, by_intent
     assert sum(len(obs[k]) for k in by_intent) == len(obs["text"])
     assert 200 < np.median(obs["latency"]) <= 400 and max(obs["stop_ms"]) <= 400
+
+
+def test_heard_error_rates_read_each_utterance_span() -> None:
+    """A model that reads every utterance right scores 0; one that hears nothing scores 1; one word
+    wrong costs that word."""
+    cfg = tiny()
+    gen = DuplexGenerator(cfg, "heldout", seed=0)
+    convs = eval_conversations(gen, 6)
+    pad = ByteTokenizer().special.PAD
+
+    def reading(conv, change: dict[str, str]) -> Recording:
+        ids = [pad] * (conv.turns * cfg.audio_tokens)
+        for first, _, text in utterance_spans(conv.user_said, cfg):
+            text = " ".join(change.get(w, w) for w in text.split())
+            spelled = []
+            for b in text.encode():  # a blank between doubled letters, as CTC needs
+                spelled += [pad, b] if spelled and spelled[-1] == b else [b]
+            ids[first : first + len(spelled)] = spelled
+        return Recording(conv.text_out, np.zeros((1, cfg.dmel_channels)), [ids])
+
+    assert heard_error_rates(convs, [reading(c, {}) for c in convs], cfg) == (0.0, 0.0)
+    deaf = [Recording(c.text_out, np.zeros((1, cfg.dmel_channels)), []) for c in convs]
+    assert heard_error_rates(convs, deaf, cfg) == (1.0, 1.0)
+    cer, wer = heard_error_rates(convs, [reading(c, {"the": "da"}) for c in convs], cfg)
+    assert 0 < cer < wer < 0.5
 
 
 def test_eval_duplex_runs_end_to_end_on_a_random_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
