@@ -129,6 +129,10 @@ def _eval_flags(parser: argparse.ArgumentParser) -> None:
                         help="whose voices speak the questions (default: the --split's own); "
                              "--split heldout --voices train measures held-out phrasings alone")
     parser.add_argument("--batch", type=int, default=16, help="conversations run side by side")
+    parser.add_argument("--wait-bias", type=float, default=0.0,
+                        help="turn-taking eagerness offset in nats over the checkpoint's own (SamplingParams."
+                             "wait_bias): > 0 waits longer before taking the turn; calibrate it with --split "
+                             "train, never on the held-out set")
     _device(parser)
 
 
@@ -137,6 +141,9 @@ def _export_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory of the exported checkpoint")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                         help="storage dtype of the weights")
+    parser.add_argument("--wait-bias", type=float, default=None,
+                        help="the checkpoint's calibrated turn-taking bias in nats (default: keep the "
+                             "source's); engines add it to every session's SamplingParams.wait_bias")
     parser.add_argument("--average", nargs="+", default=[], metavar="CHECKPOINT",
                         help="export the mean of --checkpoint's weights and these checkpoints' (same config)")
 

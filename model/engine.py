@@ -117,6 +117,7 @@ class Engine:
         vocoder: Vocoder | None = None,
         dtype: torch.dtype | None = None,
         hears: bool = False,
+        wait_bias: float = 0.0,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
@@ -124,8 +125,10 @@ class Engine:
         self.model = model.to(self.device, self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.to(torch.float64)
         self.hears = hears  # the text head transcribes the audio-in positions (model/heard.py)
+        self.wait_bias_default = wait_bias  # the checkpoint's calibrated turn-taking bias, under every slot's
         self.max_slots = max_slots
         self.tokenizer = ByteTokenizer()
+        self.pad_id = torch.tensor([self.tokenizer.special.PAD], device=self.device)
         self.dmel = DMel(device=self.device)
         self.vocoder = vocoder or GriffinLimVocoder(device=self.device)
         cfg = self.config
@@ -146,10 +149,13 @@ class Engine:
         self.audio_temp = torch.zeros(S, device=dev)
         self.audio_top_k = torch.zeros(S, dtype=torch.long, device=dev)
         self.seed = torch.zeros(S, dtype=torch.long, device=dev)
+        self.wait_bias = torch.zeros(S, device=dev)  # SamplingParams.wait_bias
+        self.idle = torch.ones(S, dtype=torch.bool, device=dev)  # no text-out since the last EPAD
         self.dmel_state = self.dmel.init_stream(S)
         self.voc_state = self.vocoder.init_state(S, dev)
         self._per_row = [self.next_pos, self.turn, self.carry, self.has_carry, self.patches, self.text_temp,
-                         self.text_top_k, self.audio_temp, self.audio_top_k, self.seed]
+                         self.text_top_k, self.audio_temp, self.audio_top_k, self.seed, self.wait_bias,
+                         self.idle]
         self._rows: list[_SlotMeta] = []  # row -> slot
         self._row_of: dict[int, int] = {}  # slot -> row
         self.last_step_ms = 0.0
@@ -170,8 +176,10 @@ class Engine:
         from .checkpoint import load_checkpoint, read_config
 
         model, _ = load_checkpoint(path, lambda cfg: InteractionModel(cfg), "cpu")
-        recipe = read_config(path)[1].get("recipe") or {}  # the last training stage's flags
-        return cls(model, max_slots=max_slots, device=device, hears=bool(recipe.get("heard_weight")), **kw)
+        extra = read_config(path)[1]
+        recipe = extra.get("recipe") or {}  # the last training stage's flags
+        return cls(model, max_slots=max_slots, device=device, hears=bool(recipe.get("heard_weight")),
+                   wait_bias=float(extra.get("wait_bias", 0.0)), **kw)
 
     # --- slots ---
     @property
@@ -192,6 +200,7 @@ class Engine:
         self.vocoder.reset(self.voc_state, mask)
         for t in (self.turn, self.has_carry, self.patches):
             t[row] = 0
+        self.idle[row] = True
         self.next_pos[row] = self.config.prefix_len
         self.set_sampling(slot, sampling or SamplingParams())
         self.set_instructions(slot, instructions)
@@ -215,6 +224,7 @@ class Engine:
         self.text_temp[row], self.text_top_k[row] = p.text_temperature, p.text_top_k
         self.audio_temp[row], self.audio_top_k[row] = p.audio_temperature, p.audio_top_k
         self.seed[row] = p.seed
+        self.wait_bias[row] = self.wait_bias_default + p.wait_bias
 
     @torch.inference_mode()
     def set_instructions(self, slot: int, instructions: str) -> None:
@@ -353,12 +363,16 @@ class Engine:
         h = h[:, -1]  # (B, D)
 
         counter = turn * DRAWS_PER_TURN
+        idle = self.idle[:B]  # (B,) no text-out since the last EPAD
         text_out, audio_out, logits = [], [], []
         for o in range(cfg.output_positions):
             if o < cfg.text_out_slots:
                 lg = model.text_logits(h)  # (B, vocab)
+                # the turn-taking decision: while idle, staying silent (PAD) gains the row's wait_bias
+                lg = lg.index_add(1, self.pad_id, (self.wait_bias[:B] * idle)[:, None])
                 tok = sample(lg, self.text_temp[:B], self.text_top_k[:B], self.seed[:B], counter + o)
                 tok = torch.where(forced[:, o] >= 0, forced[:, o], tok)
+                idle = torch.where(tok == sp.PAD, idle, tok == sp.EPAD)
                 text_out.append(tok)
             else:
                 lg = model.audio_logits(h)  # (B, k, C, L)
@@ -381,6 +395,7 @@ class Engine:
                 "text_logits": torch.stack(logits[: cfg.text_out_slots], 1),
                 "audio_logits": torch.stack(logits[cfg.text_out_slots :], 1),
             })
+        self.idle[:B] = idle
         self.carry[:B] = audio_out[-1]
         self.has_carry[:B] = True
         self.next_pos[:B] += cfg.positions_per_turn

@@ -117,13 +117,14 @@ class Recording:
         return ids[: ids.index(sp.EPAD)] if sp.EPAD in ids else ids
 
 
-def run(engine: Engine, convs: list[Conversation]) -> list[Recording]:
-    """Play conversations side by side through the engine (at most its max_slots at once)."""
+def run(engine: Engine, convs: list[Conversation], wait_bias: float = 0.0) -> list[Recording]:
+    """Play conversations side by side through the engine (at most its max_slots at once), greedy,
+    with `wait_bias` over the checkpoint's own turn-taking bias."""
     cfg = engine.config
     recordings: list[Recording] = []
     for lo in range(0, len(convs), engine.max_slots):
         group = convs[lo : lo + engine.max_slots]
-        slots = [engine.join(c.instructions, SamplingParams(0.0, 0, 0.0, 0, seed=lo + i))
+        slots = [engine.join(c.instructions, SamplingParams(0.0, 0, 0.0, 0, seed=lo + i, wait_bias=wait_bias))
                  for i, c in enumerate(group)]
         text = [[] for _ in group]
         codes = [[] for _ in group]
@@ -228,10 +229,10 @@ def heard_error_rates(convs: list[Conversation], recordings: list[Recording],
     return round(float(jiwer.cer(said, heard)), 4), round(float(jiwer.wer(said, heard)), 4)
 
 
-def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator) -> dict:
+def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator, wait_bias: float = 0.0) -> dict:
     obs: dict[str, list] = {k: [] for k in OBSERVATIONS}
     judge = SpeechJudge(gen)
-    recordings = run(engine, convs)
+    recordings = run(engine, convs, wait_bias)
     for conv, rec in zip(convs, recordings, strict=True):
         for ep in conv.episodes:
             score(ep, rec, judge, obs)
@@ -259,7 +260,8 @@ def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator) ->
               "interruptions_measured": len(obs["stop"]), "answers": len(obs["text"]),
               "tasks": len(obs["delegation"]), "vision_questions": len(obs["vision"])}
     return {**metrics, "answers_right_by_intent": by_intent, "counts": counts, "conversations": len(convs),
-            "speech_judge": "dtw-nearest-reference-rendering", "sampling": "greedy"}
+            "speech_judge": "dtw-nearest-reference-rendering", "sampling": "greedy",
+            "wait_bias": round(engine.wait_bias_default + wait_bias, 3)}
 
 
 def eval_conversations(gen: DuplexGenerator, n: int) -> list[Conversation]:
@@ -274,8 +276,8 @@ def main(args: argparse.Namespace) -> int:
     engine = Engine.from_checkpoint(args.checkpoint, max_slots=args.batch, device=args.device)
     voices = args.voices or args.split
     gen = DuplexGenerator(engine.config, args.split, seed=args.seed, voices=voices)
-    result = {**evaluate(engine, eval_conversations(gen, args.conversations), gen), "split": args.split,
-              "voices": voices}
+    result = {**evaluate(engine, eval_conversations(gen, args.conversations), gen, args.wait_bias),
+              "split": args.split, "voices": voices}
     print(f"duplex evaluation of {args.checkpoint}: {result['conversations']} conversations "
           f"({_SPLIT_NAMES[voices]} voices, {_SPLIT_NAMES[args.split]} phrasings), greedy sampling, "
           "speech judged by DTW to reference renderings")

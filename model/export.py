@@ -49,6 +49,8 @@ def main(args: argparse.Namespace) -> int:
     model, cfg = load_checkpoint(source, InteractionModel)
     _, extra = read_config(source)
     extra = {**extra, "exported_from": str(source), "stored_dtype": args.dtype}
+    if args.wait_bias is not None:
+        extra["wait_bias"] = args.wait_bias
     if args.average:
         average_into(model, cfg, [Path(p) for p in args.average])
         extra["averaged_with"] = list(args.average)

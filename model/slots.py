@@ -22,6 +22,10 @@ class SamplingParams:
     audio_temperature: float = 0.8  # 0 = greedy
     audio_top_k: int = 8  # over the 16 bins of each (frame, channel); 0 = all
     seed: int = 0  # per-session seed: same seed + same inputs = same output bytes
+    # turn-taking eagerness: nats added to PAD ("stay silent") on each text-out slot while the model
+    # is idle (no text since its last EPAD): > 0 waits longer before taking the turn (fewer
+    # takeovers in pauses, later answers), < 0 takes it sooner; 0 = the model as trained
+    wait_bias: float = 0.0
 
 
 @dataclass

@@ -101,6 +101,10 @@ def b64decode(data: str, code: ErrorCode, event_id: str | None) -> bytes:
         raise ProtocolError(code, "field is not valid base64", event_id) from None
 
 
+# turn_detection.eagerness -> SamplingParams.wait_bias (nats over the checkpoint's own calibrated bias):
+# low waits longer before taking the turn, high takes it sooner
+EAGERNESS_WAIT_BIAS = {"low": 2.0, "medium": 0.0, "high": -2.0, "auto": 0.0}
+
 class Connection:
     def __init__(self, ws: WebSocket, state: ServerState, beta: bool) -> None:
         self.ws = ws
@@ -331,7 +335,8 @@ class Connection:
     async def _configure(self, cfg: p.SessionConfig, eid: str | None) -> None:
         """Apply a session config all-or-nothing; a new prefix or sampling re-joins the slot."""
         session = self.session
-        in_fmt = cfg.audio.input.format if cfg.audio and cfg.audio.input else None
+        audio_in = cfg.audio.input if cfg.audio else None
+        in_fmt = audio_in.format if audio_in else None
         out = cfg.audio.output if cfg.audio else None
         in_rate = _format_rate(in_fmt, cfg.input_audio_format, p.PCM_RATES, eid, "audio.input.format")
         out_rate = _format_rate(
@@ -342,7 +347,9 @@ class Connection:
             sampling = replace(sampling, text_temperature=cfg.temperature, audio_temperature=cfg.temperature)
         if cfg.seed is not None:
             sampling = replace(sampling, seed=cfg.seed)
-        audio_in = cfg.audio.input if cfg.audio else None
+        turns = (audio_in.turn_detection if audio_in else None) or cfg.turn_detection
+        eagerness = turns.eagerness if turns is not None and turns.eagerness else session.eagerness
+        sampling = replace(sampling, wait_bias=EAGERNESS_WAIT_BIAS[eagerness])
         transcribe = session.transcribe
         if audio_in is not None and "transcription" in audio_in.model_fields_set:
             transcribe = audio_in.transcription is not None
@@ -352,7 +359,7 @@ class Connection:
         instructions = cfg.instructions if cfg.instructions is not None else session.instructions
         restart = instructions != session.instructions or sampling != session.sampling
         session.instructions, session.sampling = instructions, sampling
-        session.transcribe = transcribe
+        session.transcribe, session.eagerness = transcribe, eagerness
         if in_rate is not None:
             session.input_rate = in_rate
         session.set_output_format(out_rate or session.output_rate, out.transport if out else None)

@@ -84,8 +84,16 @@ class AudioFormat(_Loose):
     rate: int = 24_000  # input: 16000 or 24000; output: 16000 or 24000
 
 
+class TurnDetection(_Loose):
+    """OpenAI's turn_detection; here the model itself takes turns, and `eagerness` biases it."""
+
+    type: str | None = None  # "server_vad" / "semantic_vad": accepted, the model decides either way
+    eagerness: Literal["low", "medium", "high", "auto"] | None = None
+
+
 class AudioInput(_Loose):
     format: AudioFormat | None = None
+    turn_detection: TurnDetection | None = None
     # OpenAI's {"model", "language", "prompt"}: any object turns transcripts of the user's speech on,
     # null off; microturn's are the model's own reading of its audio-in (no second model, no fields used)
     transcription: dict | None = None
@@ -108,6 +116,7 @@ class SessionConfig(_Loose):
     output_modalities: list[str] | None = None
     input_audio_format: str | None = None  # beta: "pcm16" = 24 kHz PCM16
     output_audio_format: str | None = None  # beta
+    turn_detection: TurnDetection | None = None  # beta spelling of audio.input.turn_detection
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # beta; both streams' sampling temperature
     seed: int | None = None  # microturn extension: sampling seed (same seed + inputs = same output)
     tools: list[dict] | None = None  # function tools; `"behavior": "background"` makes one a background task

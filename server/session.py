@@ -174,6 +174,7 @@ class Session:
         # sampling and prefix: changing either re-joins the engine slot
         self.instructions = ""
         self.sampling = SamplingParams()
+        self.eagerness = "auto"  # turn_detection.eagerness, as SamplingParams.wait_bias
         # input
         self.audio_in = AudioInput(settings.jitter_ms, settings.max_input_ahead_ms)
         self.input_rate = 24_000  # OpenAI's default for audio/pcm
@@ -409,6 +410,7 @@ class Session:
                 "input": {
                     "format": {"type": "audio/pcm", "rate": self.input_rate},
                     "transcription": {"model": "microturn"} if self.transcribe else None,
+                    "turn_detection": {"type": "semantic_vad", "eagerness": self.eagerness},
                 },
                 "output": {
                     "format": {"type": "audio/pcm", "rate": self.output_rate},

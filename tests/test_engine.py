@@ -258,3 +258,39 @@ def test_engine_hears_where_the_checkpoint_was_trained_to(tmp_path) -> None:
     assert Engine.from_checkpoint(tmp_path / "hears", max_slots=1, device="cpu").hears
     assert not Engine.from_checkpoint(tmp_path / "deaf", max_slots=1, device="cpu").hears
     assert not _engine(max_slots=1).hears
+
+
+def test_wait_bias_holds_or_takes_the_turn_only_while_idle(speech_16k: np.ndarray) -> None:
+    """SamplingParams.wait_bias shifts text-out toward PAD (silence) while the model is idle, and
+    leaves it alone once the model has started a text span (until its EPAD)."""
+    engine = _engine()
+    sp = engine.tokenizer.special
+    wait = engine.join(INSTR, SamplingParams(0.0, 0, 0.0, 0, wait_bias=1e4))
+    eager = engine.join(INSTR, SamplingParams(0.0, 0, 0.0, 0, wait_bias=-1e4))
+    rng = np.random.default_rng(3)
+    for t in range(4):
+        out = engine.step({s: _inputs(rng, speech_16k, t, with_text=False) for s in (wait, eager)})
+        assert out[wait].text_tokens == [sp.PAD] * 4, t
+        if t == 0:
+            assert out[eager].text_tokens[0] != sp.PAD  # idle at join: it must start a span
+    row = engine._row_of[wait]
+    silence = np.zeros(TURN_SAMPLES, np.float32)
+    engine.step({wait: SlotInput(audio=silence, force_text_out=list(b"hey "))})
+    assert not engine.idle[row]  # a span is open: the bias no longer applies
+    engine.step({wait: SlotInput(audio=silence, force_text_out=[ord("i"), sp.EPAD, sp.PAD, sp.PAD])})
+    assert engine.idle[row]
+    assert engine.step({wait: SlotInput(audio=silence)})[wait].text_tokens == [sp.PAD] * 4
+
+
+def test_checkpoint_carries_its_calibrated_wait_bias(tmp_path) -> None:
+    cfg = tiny()
+    save_checkpoint(tmp_path / "run", build_model(cfg, seed=0), cfg)
+    from microturn.cli import main as cli_main
+
+    out = tmp_path / "shipped"
+    argv = ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--wait-bias", "1.5"]
+    assert cli_main(argv) == 0
+    engine = Engine.from_checkpoint(out, max_slots=2, device="cpu")
+    assert engine.wait_bias_default == 1.5
+    slot = engine.join("", SamplingParams(wait_bias=-0.5))  # a session's offset adds to it
+    assert float(engine.wait_bias[engine._row_of[slot]]) == 1.0

@@ -112,6 +112,21 @@ async def test_openai_client_sends_audio_and_text_gets_deltas(server, speech):
     assert len(pcm) % 2 == 0 and abs(len(pcm) // 2 - turns * 4800) < 4800  # 24 kHz by default
 
 
+async def test_session_update_sets_turn_taking_eagerness(server):
+    """turn_detection.eagerness (GA under audio.input, beta at the top) becomes the session's wait bias."""
+    async with websockets.connect(server.ws_url) as ws:
+        for session, eagerness in (({"audio": {"input": {"turn_detection": {"type": "semantic_vad",
+                                                                             "eagerness": "low"}}}}, "low"),
+                                   ({"turn_detection": {"eagerness": "high"}}, "high"),
+                                   ({"instructions": "Be brief."}, "high")):  # unchanged when not given
+            await ws.send(json.dumps({"type": "session.update", "session": session}))
+            _, events = await collect(ws, 5.0, until=lambda e: e["type"] in ("session.updated", "error"))
+            assert events[-1]["type"] == "session.updated", events[-1]
+            audio_in = events[-1]["session"]["audio"]["input"]
+            assert audio_in["turn_detection"] == {"type": "semantic_vad", "eagerness": eagerness}
+            assert audio_in["transcription"] is None  # seeded weights do not hear
+
+
 @pytest.mark.slow
 async def test_eight_sessions_for_twenty_seconds(server, speech):
     seconds = 20.0
@@ -202,6 +217,12 @@ async def test_bad_input_matrix(engine, speech):
                         "audio": {"input": {"transcription": {"model": "whisper-1"}}}}}),
                     "unsupported",
                     "e11",
+                ),
+                (
+                    json.dumps({"type": "session.update", "event_id": "e12", "session": {
+                        "audio": {"input": {"turn_detection": {"eagerness": "reckless"}}}}}),
+                    "invalid_event",
+                    "e12",
                 ),
             ]
             await collect(victim, 0.3)
