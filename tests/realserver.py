@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import uvicorn
 
 from microturn.model.engine import Engine
@@ -17,6 +18,8 @@ from microturn.server import protocol as p
 from microturn.server.app import create_app
 from microturn.server.cli import bound_send_buffer, uvicorn_config
 from microturn.server.settings import ServerSettings
+
+PACKET_MS = 20  # client packet size when streaming in real time
 
 
 def warm_engine(max_slots: int) -> Engine:
@@ -98,3 +101,21 @@ async def collect(ws, seconds: float, until=None) -> tuple[list[p.Frame], list[d
             if until is not None and until(events[-1]):
                 break
     return frames, events
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+async def stream_binary(
+    ws, audio: np.ndarray, rate: int, seconds: float | None = None, packet_ms: int = PACKET_MS
+) -> None:
+    """Send `audio` (looped up to `seconds`) as 0x01 frames in real time on an absolute clock."""
+    step = rate * packet_ms // 1000
+    total = int((seconds or len(audio) / rate) * rate)
+    flags = p.FLAG_RATE_24K if rate == 24_000 else 0
+    start = time.monotonic()
+    for i, offset in enumerate(range(0, total, step)):
+        idx = np.arange(offset, offset + step) % len(audio)
+        await ws.send(p.encode_frame(p.KIND_INPUT_PCM16, i, i * packet_ms, pcm16(audio[idx]), flags=flags))
+        await asyncio.sleep(max(0.0, start + (i + 1) * packet_ms / 1000 - time.monotonic()))

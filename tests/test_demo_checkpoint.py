@@ -6,19 +6,23 @@ by `make eval-demo`, not asserted here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 import websockets
-from realserver import DEMO_CHECKPOINT, ServerThread, collect, demo_engine, demo_settings
+from realserver import DEMO_CHECKPOINT, ServerThread, collect, demo_engine, demo_settings, stream_binary
 
 from microturn.model.checkpoint import WEIGHTS_FILE, read_config
 from microturn.model.engine import Engine
+from microturn.model.espeak import speak
 
 MAX_SHIPPED_BYTES = 40 * 2**20  # the repo carries the weights: keep them small
 ANSWER_WAIT_S = 12.0  # typed question (~6 micro-turns) + answer, with room for a loaded machine
 RESULT_WAIT_S = 20.0  # + the background task and the spoken result
+SPEECH_WAIT_S = 8.0  # after the spoken question has been streamed: the answer and the transcript
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +93,32 @@ async def test_model_speaks_the_background_result_of_a_hard_sum(server: ServerTh
     assert done and done[0]["result"]["tool"] == "calculator", events
     assert text.startswith("one moment."), text
     assert text.endswith(f"it is {done[0]['result']['output']}."), text
+
+
+async def test_server_transcribes_and_answers_a_spoken_question(server: ServerThread) -> None:
+    """Speech in, in real time: the model's reading of its audio-in comes back as transcription
+    events of the speech item, and it answers in text. A training voice and phrasing: held-out
+    ones are measured by `make eval-demo` (heard_cer, answer accuracy), not asserted here."""
+    speech = speak("repeat the word tiger", voice="en-us+m3", speed=155, pitch=45, rate=16_000)
+    quiet = np.zeros(8_000, np.float32)
+    audio = np.concatenate([quiet, 0.5 * speech / np.abs(speech).max(), quiet, quiet, quiet, quiet])
+    state = {"answer": "", "transcript": None}
+
+    def until(event: dict) -> bool:
+        if event["type"] == "response.output_text.delta":
+            state["answer"] += event["delta"]
+        if event["type"] == "conversation.item.input_audio_transcription.completed":
+            state["transcript"] = event
+        return "tiger." in state["answer"] and state["transcript"] is not None
+
+    async with websockets.connect(server.ws_url + "?audio=binary") as ws:
+        sender = asyncio.create_task(stream_binary(ws, audio, 16_000))
+        _, events = await collect(ws, len(audio) / 16_000 + SPEECH_WAIT_S, until=until)
+        sender.cancel()
+    assert not [e for e in events if e["type"] == "error"]
+    started = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    deltas = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.delta"]
+    done = state["transcript"]
+    assert done is not None and "tiger" in done["transcript"], [e["delta"] for e in deltas]
+    assert done["item_id"] in started and {e["item_id"] for e in deltas} == {done["item_id"]}
+    assert "tiger." in state["answer"], state["answer"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 from collections.abc import Iterator
 
 import cv2
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import websockets
 from openai import AsyncOpenAI
-from realserver import ServerThread, collect, warm_engine
+from realserver import ServerThread, collect, pcm16, stream_binary, warm_engine
 
 from microturn.model.engine import Engine
 from microturn.model.espeak import speak
@@ -27,7 +26,6 @@ from microturn.model.slots import TURN_SAMPLES
 from microturn.server import protocol as p
 from microturn.server.settings import ServerSettings
 
-PACKET_MS = 20  # client packet size when streaming in real time
 MAX_SLOTS = 8
 
 
@@ -45,24 +43,6 @@ def speech() -> np.ndarray:
 def server(engine) -> Iterator[ServerThread]:
     with ServerThread(ServerSettings(max_sessions=MAX_SLOTS), engine) as srv:
         yield srv
-
-
-def pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-
-
-async def stream_binary(
-    ws, audio: np.ndarray, rate: int, seconds: float | None = None, packet_ms: int = PACKET_MS
-) -> None:
-    """Send `audio` (looped up to `seconds`) as 0x01 frames in real time on an absolute clock."""
-    step = rate * packet_ms // 1000
-    total = int((seconds or len(audio) / rate) * rate)
-    flags = p.FLAG_RATE_24K if rate == 24_000 else 0
-    start = time.monotonic()
-    for i, offset in enumerate(range(0, total, step)):
-        idx = np.arange(offset, offset + step) % len(audio)
-        await ws.send(p.encode_frame(p.KIND_INPUT_PCM16, i, i * packet_ms, pcm16(audio[idx]), flags=flags))
-        await asyncio.sleep(max(0.0, start + (i + 1) * packet_ms / 1000 - time.monotonic()))
 
 
 def assert_every_turn(frames: list[p.Frame], first_seq: int = 0) -> None:
