@@ -8,7 +8,8 @@ rest flowing into later turns) and shows camera frames, and the model answers in
 voice with its text-out stream aligned ahead of its speech (the answer's bytes then EPAD,
 PAD when idle; the speech starts in the turn of its first text token). Background results
 arrive in text-in behind SRC_BACKGROUND. `batch(step, size)` stacks conversations into a
-teacher-forcing `(prefix, Turns)` pair with exactly the tokens the engine would see; each
+teacher-forcing `(prefix, Turns)` pair with exactly the tokens the engine would see, plus
+`Heard` targets of what the user said (`Conversation.user_said`, model/heard.py); each
 `Episode` labels what the model should do and when (for model/evaluate.py).
 
 Reference behaviour (the policy the model learns): answer in the first turn after the
