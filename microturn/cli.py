@@ -103,7 +103,7 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                         help="processes making batches (1 = a thread beside the step; more for a GPU)")
     parser.add_argument("--curriculum", choices=("base", "refine", "voices", "phrases", "focus", "numbers"),
                         default="base",
-                        help="what conversations are made of (model/data.py CURRICULA): base is the first "
+                        help="what conversations are made of (model/curricula.py): base is the first "
                              "stage of the demo recipe; refine (its second stage) adds sums, pauses, digit "
                              "strings; focus gives spoken and vision questions more share; numbers asks for "
                              "digit strings as numbers; voices is refine "

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .curricula import CHAT_INTENTS, PHRASINGS, SCENARIOS, Curriculum
 from .dmel import DMel
 from .espeak import speak
-from .grammar import expand
 from .heard import NUMBER_WORDS, Heard, heard_targets
 from .layout import Turns, image_patches, patch_indices
 from .resample import resample
@@ -67,8 +67,6 @@ RESULT_DELAY_TURNS = (1, 8)  # background latency after the task marker, turns (
 N_CANDIDATES = 4  # wrong answers rendered beside the right one for the speech judge
 EPISODE_ROOM_TURNS = 80  # the longest episode (a typed hard sum) fits well within this
 TAIL_TURNS = 8  # quiet turns after the last scripted episode (evaluation conversations)
-SCENARIOS = ("answer", "pause", "interrupt", "task", "vision", "typed")
-SCENARIO_WEIGHTS = (0.22, 0.16, 0.16, 0.14, 0.14, 0.18)
 TYPED_SHARE = 0.25  # vision and task questions typed instead of spoken
 DISTRACTOR_FRAME_SHARE = 0.5  # conversations showing a camera frame from the start
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
@@ -77,87 +75,10 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), 
 WORDS = ("apple", "banana", "river", "window", "garden", "pencil", "rocket", "tiger", "summer", "coffee",
          "music", "dragon", "planet", "silver", "candle", "monkey")
 OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
-# (train phrasings, held-out phrasings) per intent; the last piece of a spoken question can be paused before
-PHRASINGS = {
-    "greeting": (("hello", "hi there", "good morning", "hey, how are you", "hello there", "hi, good evening",
-                  "hey there, hello"), ("hello, is anyone there",)),
-    "arith": (("what is {a} {op} {b}", "what's {a} {op} {b}", "{a} {op} {b}", "can you tell me {a} {op} {b}",
-               "tell me {a} {op} {b}", "please work out {a} {op} {b}", "quick one, {a} {op} {b}",
-               "so what is {a} {op} {b}"), ("how much is {a} {op} {b}",)),
-    "repeat": (("say {w}", "repeat the word {w}", "can you say {w}", "please repeat {w}", "just say {w}",
-                "could you say {w} for me", "repeat after me, {w}"), ("please say the word {w}",)),
-    "colour": (("what colour is this", "what colour do you see", "which colour is it", "what colour is it",
-                "tell me what colour this is", "what colour am I showing"), ("tell me the colour of this",)),
-    "hard": (("what is {a} {op} {b}", "can you work out {a} {op} {b}", "tell me {a} {op} {b}",
-              "please compute {a} {op} {b}"), ("how much is {a} {op} {b}",)),
-    "time": (("what time is it", "do you know the time", "what's the time now", "what time is it now",
-              "could I have the time", "have you got the time"), ("tell me the time",)),
-}
 BARGE_INS = (("wait", "stop", "hold on", "no, stop please"), ("okay, that's enough",))
 GREETING_ANSWER = "hello! how can I help you?"
-CHAT_INTENTS = ("greeting", "arith", "repeat")  # what answer, pause, interrupt and typed episodes ask
 
 
-@dataclass(frozen=True)
-class Curriculum:
-    """What training conversations are made of. The default is the first stage of the demo recipe;
-    its draws are kept call for call, so a changed curriculum never changes that stage's data.
-    Held-out conversations always use the default (evaluations stay comparable)."""
-
-    scenario_weights: tuple[float, ...] = SCENARIO_WEIGHTS  # share of each of SCENARIOS
-    chat_weights: tuple[float, float, float] | None = None  # CHAT_INTENTS shares; None: uniform
-    hard_share: float | None = None  # task episodes that are hard sums (the rest ask the time); None: half
-    number_repeat_share: float = 0.0  # repeat questions whose word is a digit string (copying numbers)
-    number_phrasings: tuple[str, ...] = ()  # wordings of digit-string repeats; () = the intent's phrasings
-    extra_phrasings: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (intent, train phrasings added)
-    extra_variants: tuple[str, ...] = ()  # espeak-ng voice variants added to every train voice base
-    warp: float = 0.0  # user utterances resampled by a factor in [1 - warp, 1 + warp] (speaker perturbation)
-
-
-# The refinement stage: more sums (the weakest skill), more mid-sentence pauses, digit strings to
-# repeat (exact copying, which hard-sum results need), greetings holding "is"/"are" so that those
-# words stop meaning "a sum"; interruptions already stop reliably, so they give up share.
-REFINE = Curriculum(
-    scenario_weights=(0.22, 0.20, 0.12, 0.14, 0.14, 0.18), chat_weights=(0.25, 0.45, 0.30), hard_share=0.6,
-    number_repeat_share=0.3,
-    extra_phrasings=(("greeting", ("hello, is it you", "hi, are you there", "hey, is this on",
-                                   "good morning, are you listening", "hello, is everything okay",
-                                   "hi there, are you awake")),),
-)
-# espeak-ng's named variants (formant, pitch and voicing sets) that sound like people: never the
-# held-out ones, never robots, whispers or effects
-NAMED_VARIANTS = (
-    "+adam", "+Alex", "+Alicia", "+Andrea", "+Andy", "+Annie", "+antonio", "+aunty", "+belinda", "+benjamin",
-    "+boris", "+caleb", "+david", "+Denis", "+Diogo", "+ed", "+edward", "+Gene", "+gustave", "+Henrique",
-    "+Hugo", "+iven", "+Jacky", "+john", "+kaukovalta", "+Lee", "+linda", "+marcelo", "+Marco", "+Mario",
-    "+max", "+Michael", "+michel", "+miguel", "+Mike", "+Nguyen", "+pablo", "+paul", "+pedro", "+quincy",
-    "+rob", "+robert", "+steph", "+Storm", "+zac", "+anika", "+grandpa", "+grandma", "+klatt", "+klatt2",
-    "+klatt3", "+m8", "+norbert", "+sandro", "+shelby", "+travis", "+victor", "+croak",
-)
-# Experiments, not in the recipe (README "Demo model"). Refine with many more speakers: as stage 2,
-# held-out spoken accuracy stayed 0.70 and training-voice accuracy fell from 0.90 to 0.81.
-VOICES = dataclasses.replace(REFINE, extra_variants=NAMED_VARIANTS, warp=0.1)
-
-
-# Refine with hundreds of wordings per intent (model/grammar.py): as a third stage, held-out text
-# accuracy 0.79 -> 0.81 (noise) while turn takeover fell 0.93 -> 0.87 and vision 1.0 -> 0.875.
-PHRASES = dataclasses.replace(REFINE, extra_phrasings=tuple(
-    (intent, dict(REFINE.extra_phrasings).get(intent, ()) + expand(intent, avoid=PHRASINGS[intent][1]))
-    for intent in PHRASINGS))
-# A fourth stage, tried: what the third left wrong is spoken questions (sums, greetings, words) and
-# the colour asked in a new wording, so spoken answers and vision gain share; interruptions (stopped
-# in every held-out case) and typed questions (0.95) give it up. From the shipped weights, 4400 steps
-# at lr 3e-4: held-out text 0.84 -> 0.86 and vision 0.875 -> 0.95, but pause takeover 0.10 -> 0.25
-# and turn takeover 0.93 -> 0.90 (it answers sooner, pauses too), so it is not in the recipe.
-FOCUS = dataclasses.replace(REFINE, scenario_weights=(0.28, 0.18, 0.08, 0.12, 0.18, 0.16),
-                            chat_weights=(0.30, 0.40, 0.30))
-# Refine whose digit strings are asked for as numbers: in "say {w}" wordings they taught the model
-# to guess a digit string when it does not place a word ("please say the word planet" -> "708.").
-NUMBERS = dataclasses.replace(REFINE, number_phrasings=(
-    "repeat the number {w}", "say the number {w}", "can you say the number {w}",
-    "please repeat the number {w}"))
-CURRICULA = {"base": Curriculum(), "refine": REFINE, "voices": VOICES, "phrases": PHRASES, "focus": FOCUS,
-             "numbers": NUMBERS}
 NUMBER_DIGITS = (1, 5)  # digit-string length range of number repeats (inclusive)
 
 

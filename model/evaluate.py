@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .data import COLOURS, SCENARIOS, TURN_MS, Conversation, DuplexGenerator, Episode
+from .curricula import SCENARIOS
+from .data import COLOURS, TURN_MS, Conversation, DuplexGenerator, Episode
 from .dmel import DMel
 from .engine import Engine
 from .heard import utterance_spans

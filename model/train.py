@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, read_config, save_checkpoint
 from .config import ModelConfig, preset
-from .data import CURRICULA, DuplexGenerator
+from .curricula import CURRICULA
+from .data import DuplexGenerator
 from .engine import resolve_device
 from .heard import Heard, heard_loss
 from .layout import Turns, audio_in_hidden, output_logits, sequence_hidden

@@ -9,25 +9,27 @@ import pytest
 import torch
 
 from microturn.model.config import tiny
-from microturn.model.data import (
+from microturn.model.curricula import (
     CURRICULA,
     FOCUS,
-    HELD_OUT_BASES,
-    HELD_OUT_VARIANTS,
     NAMED_VARIANTS,
-    NUMBER_WORDS,
     NUMBERS,
     PHRASES,
     PHRASINGS,
     REFINE,
     SCENARIOS,
     VOICES,
+)
+from microturn.model.data import (
+    HELD_OUT_BASES,
+    HELD_OUT_VARIANTS,
     DuplexGenerator,
     user_voices,
 )
 from microturn.model.engine import Engine
 from microturn.model.espeak import speak
 from microturn.model.grammar import plain_words
+from microturn.model.heard import NUMBER_WORDS
 from microturn.model.layout import Turns
 from microturn.model.slots import SAMPLE_RATE, TURN_SAMPLES
 from microturn.model.tokenizer import ByteTokenizer

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from microturn.model.config import tiny
-from microturn.model.data import REFINE, DuplexGenerator
+from microturn.model.curricula import REFINE
+from microturn.model.data import DuplexGenerator
 from microturn.model.heard import HEARD_LAG_TOKENS, heard_loss, heard_targets, normalise
 from microturn.model.layout import audio_in_hidden, sequence_hidden
 from microturn.model.slots import TURN_SAMPLES, SlotInput, SlotOutput

@@ -15,7 +15,8 @@ import torch
 from microturn.cli import main as cli_main
 from microturn.model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from microturn.model.config import tiny
-from microturn.model.data import REFINE, DuplexGenerator
+from microturn.model.curricula import REFINE
+from microturn.model.data import DuplexGenerator
 from microturn.model.evaluate import (
     METRIC_KEYS,
     OBSERVATIONS,
