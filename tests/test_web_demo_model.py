@@ -9,6 +9,7 @@ except in the test of what the model heard, where it asks a question.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -75,36 +76,35 @@ def speaking_browser(playwright, tmp_path_factory) -> Iterator[object]:
                          np.concatenate([room[:24_000], 0.5 * speech / np.abs(speech).max(), room]))
 
 
-def test_typed_question_gets_the_models_answer_in_the_transcript(engine, browser):
+@contextmanager
+def started_page(browser, engine: Engine) -> Iterator[object]:
+    """A real server on the demo model and the page, started; on exit: no page or server errors."""
     with ServerThread(demo_settings(2), engine) as srv:
         page = browser.new_page()
         problems: list[str] = []
         page.on("pageerror", lambda e: problems.append(str(e)))
         page.goto(srv.http_url + "/")
         page.click("#start")
+        yield page
+        assert page.evaluate("window.microturnDemo.stats.errors") == [] and problems == []
+        page.click("#stop")
+        page.close()
+
+
+def test_typed_question_gets_the_models_answer_in_the_transcript(engine, browser):
+    with started_page(browser, engine) as page:
         page.wait_for_function("window.microturnDemo.stats.state === 'live'", timeout=WAIT_MS)
         page.fill("#text", "repeat the word tiger")
         page.click("#say")
         page.wait_for_function(MODEL_SAID.format(text="tiger."), timeout=WAIT_MS)
         assert "you: repeat the word tiger" in page.inner_text("#transcript")
-        assert page.evaluate("window.microturnDemo.stats.errors") == [] and problems == []
-        page.click("#stop")
-        page.close()
 
 
 def test_spoken_question_shows_what_the_model_heard(engine, speaking_browser):
     """Microphone in: the page shows the model's reading of the speech as a "you (heard)" line, then
     the model's answer to it."""
-    with ServerThread(demo_settings(2), engine) as srv:
-        page = speaking_browser.new_page()
-        problems: list[str] = []
-        page.on("pageerror", lambda e: problems.append(str(e)))
-        page.goto(srv.http_url + "/")
-        page.click("#start")
+    with started_page(speaking_browser, engine) as page:
         # how well it hears is measured by `make eval-demo` (heard_cer); here: the page shows a reading
         # of the speech ("repeat the word tig" or so), then the model's answer
         page.wait_for_function(HEARD_WORDS.format(pattern="peat|tig"), timeout=WAIT_MS)
         page.wait_for_function(MODEL_SAID.format(text="tiger."), timeout=WAIT_MS)
-        assert page.evaluate("window.microturnDemo.stats.errors") == [] and problems == []
-        page.click("#stop")
-        page.close()
