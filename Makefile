@@ -33,13 +33,14 @@ bench: bench-engine
 bench-engine: install
 	$(VENV)/bin/microturn bench engine --preset $(PRESET) --seconds 5
 
-# The shipped demo checkpoint, four stages on the 2-core CPU. Stage 1 (about 1.8 h, ~1.9 s/step at batch
+# The shipped demo checkpoint, five stages on the 2-core CPU. Stage 1 (about 1.8 h, ~1.9 s/step at batch
 # 8 x 32 micro-turns) trains from scratch in fp32 on the base curriculum and is stored in bf16; stage 2
 # (about 2 h, ~1.55 s/step) continues from those bf16 weights with a fresh optimiser on the refine
 # curriculum (more sums and pauses, digit strings to copy) in bf16 autocast; stage 3 (44 min, ~1.09
 # s/step) is 2400 more refine steps at half the learning rate; stage 4 (69 min, ~1.72 s/step) adds the
 # CTC loss of what the user said on the audio-in positions (--heard-weight, model/heard.py) and asks for
-# digit strings as numbers (--curriculum numbers). Each is stored in bf16.
+# digit strings as numbers (--curriculum numbers); stage 5 (about 45 min) is 1500 more such steps at twice
+# the transcript weight and 2/3 of the learning rate. Each is stored in bf16.
 # Every run resumes: rerun the command with --resume added.
 DEMO_CKPT ?= checkpoints/tiny-demo
 DEMO_RUN ?= .train/tiny-demo
@@ -47,6 +48,7 @@ DEMO_STEPS ?= 3400
 DEMO_REFINE_STEPS ?= 4400
 DEMO_MORE_STEPS ?= 2400
 DEMO_HEARD_STEPS ?= 2400
+DEMO_HEARD_MORE_STEPS ?= 1500
 
 train-demo: install
 	$(VENV)/bin/microturn train --preset tiny --out $(DEMO_RUN) --steps $(DEMO_STEPS) --batch 8 --turns 32 \
@@ -63,7 +65,11 @@ train-demo: install
 	$(VENV)/bin/microturn train --checkpoint $(DEMO_RUN)-stage3 --out $(DEMO_RUN)-heard --curriculum numbers \
 		--heard-weight 0.1 --steps $(DEMO_HEARD_STEPS) --batch 8 --turns 32 --lr 3e-4 --warmup 100 --seed 5 \
 		--save-every 200 --precision bf16 --device cpu
-	$(VENV)/bin/microturn export --checkpoint $(DEMO_RUN)-heard --out $(DEMO_CKPT) --dtype bfloat16
+	$(VENV)/bin/microturn export --checkpoint $(DEMO_RUN)-heard --out $(DEMO_RUN)-stage4 --dtype bfloat16
+	$(VENV)/bin/microturn train --checkpoint $(DEMO_RUN)-stage4 --out $(DEMO_RUN)-heard2 --curriculum numbers \
+		--heard-weight 0.2 --steps $(DEMO_HEARD_MORE_STEPS) --batch 8 --turns 32 --lr 2e-4 --warmup 100 --seed 6 \
+		--save-every 250 --precision bf16 --device cpu
+	$(VENV)/bin/microturn export --checkpoint $(DEMO_RUN)-heard2 --out $(DEMO_CKPT) --dtype bfloat16
 
 eval-demo: install
 	$(VENV)/bin/microturn eval duplex --checkpoint $(DEMO_CKPT) --conversations 240 --device cpu
