@@ -66,8 +66,9 @@ def utterance_spans(utterances: list[tuple[int, int, str]], cfg: ModelConfig) ->
         first, last = s0 // token, (s1 - 1) // token + HEARD_LAG_TOKENS
         if i + 1 < len(utterances):
             last = min(last, utterances[i + 1][0] // token - 1)
-        if normalise(text) and last >= first:
-            spans.append((first, last - first + 1, normalise(text)))
+        said = normalise(text)
+        if said and last >= first:
+            spans.append((first, last - first + 1, said))
     return spans
 
 
