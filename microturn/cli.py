@@ -112,8 +112,10 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heard-weight", type=float, default=0.0,
                         help="weight of the CTC loss transcribing the user's speech on the audio-in "
                              "positions (model/heard.py); 0 = off")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="bf16: autocast matmuls to bfloat16 (weights and optimiser stay fp32)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32",
+                        help="bf16: autocast matmuls to bfloat16 (weights and optimiser stay fp32); auto: "
+                             "bf16 only where the device runs it natively (CUDA, AMX / AVX512-BF16 CPUs), "
+                             "else fp32")
     _device(parser)
 
 

@@ -41,6 +41,7 @@ from .cuda_graphs import GraphedGenerate
 from .dmel import DMel
 from .kv_cache import KVCache
 from .layout import embed_inputs, embed_output, image_patches, patch_indices
+from .precision import slow_bf16_warning
 from .sampling import sample
 from .slots import TURN_SAMPLES, SamplingParams, SlotInput, SlotOutput
 from .tokenizer import ByteStreamDecoder, ByteTokenizer
@@ -77,9 +78,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return default_dtype(device)
     try:
-        return DTYPES[name]
+        dtype = DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; choose auto, float32 or bfloat16") from None
+    if dtype == torch.bfloat16 and (warning := slow_bf16_warning(device)):
+        log.warning(warning)
+    return dtype
 
 
 @dataclasses.dataclass

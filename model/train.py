@@ -8,7 +8,9 @@ PAD/EPAD filler 1) + dMel CE per (frame, channel) on audio-out + the config's au
 coefficients times the MoE router losses summed over layers + `--heard-weight` times the CTC loss
 of what the user said, read on the audio-in positions (model/heard.py). AdamW, linear warm-up then cosine
 decay, gradient clipping; `--precision bf16` autocasts the step, MoE experts included (weights
-and optimiser state stay fp32). Batches come from a thread beside the step, or from
+and optimiser state stay fp32); `--precision auto` does so only where bf16 is native
+(model/precision.py: on an AVX2-only CPU bf16 is ~12x slower than fp32), and the recipe records
+what ran. Batches come from a thread beside the step, or from
 `--data-workers` processes when the step outruns one core (a GPU). Every `--save-every` steps
 and at the end it writes `--out` (a checkpoint via `save_checkpoint`; `extra` holds step and
 recipe), `--out/train_state.pt` (optimiser, schedule, step, loss history: what `--resume`
@@ -25,6 +27,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +45,7 @@ from .data import DuplexGenerator
 from .engine import resolve_device
 from .heard import Heard, heard_loss
 from .layout import Turns, audio_in_hidden, output_logits, sequence_hidden
+from .precision import resolve_precision, slow_bf16_warning
 from .tokenizer import ByteTokenizer
 from .transformer import InteractionModel, build_model
 
@@ -179,6 +183,9 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     model, cfg = _model_and_config(args)
     model = model.to(device).train()
+    precision = resolve_precision(args.precision, device)
+    if precision == "bf16" and (warning := slow_bf16_warning(device)):
+        print(warning, file=sys.stderr, flush=True)
     opt = make_optimizer(model, args.lr, args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps))
     step, history = 0, []
@@ -191,6 +198,7 @@ def main(args: argparse.Namespace) -> int:
     recipe = {k: getattr(args, k) for k in ("preset", "steps", "batch", "turns", "lr", "warmup", "seed",
                                              "weight_decay", "clip", "precision", "curriculum",
                                              "heard_weight")}
+    recipe["precision"] = precision
     if args.checkpoint and not args.resume:
         recipe["from"] = str(args.checkpoint)
 
@@ -214,9 +222,9 @@ def main(args: argparse.Namespace) -> int:
                 pending.append(pool.submit(make_batch, step + ahead, args.batch))
             turns = Turns(**{k: v.to(device) for k, v in vars(turns).items()})
             # bf16 autocast (the MoE experts too, cast in model/moe.py): forward and backward about 2x
-            # fp32 on this AMX CPU (0.8 s vs 1.6 s for a tiny batch) and the usual mixed precision on
+            # fp32 on an AMX CPU (0.8 s vs 1.6 s for a tiny batch) and the usual mixed precision on
             # a GPU; weights, optimiser state and the loss reductions stay fp32
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 losses = compute_losses(model, prefix.to(device), turns, heard.to(device), args.heard_weight)
             opt.zero_grad(set_to_none=True)
             losses.total.backward()
