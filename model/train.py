@@ -186,6 +186,7 @@ def main(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, device)
     if precision == "bf16" and (warning := slow_bf16_warning(device)):
         print(warning, file=sys.stderr, flush=True)
+    print(f"device {device}, precision {precision} (asked: {args.precision})", flush=True)
     opt = make_optimizer(model, args.lr, args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps))
     step, history = 0, []
