@@ -107,11 +107,14 @@ async def test_session_update_sets_turn_taking_eagerness(server):
             assert audio_in["transcription"] is None  # seeded weights do not hear
 
 
+LIVENESS_S = 3.0  # how long a session is watched after its stream ends: several ticks even when 8x slow
+
+
 @pytest.mark.slow
 async def test_eight_sessions_for_twenty_seconds(server, speech):
     seconds = 20.0
 
-    async def one(i: int) -> list[p.Frame]:
+    async def one(i: int) -> tuple[list[p.Frame], list[p.Frame]]:
         async with websockets.connect(server.ws_url + "?audio=binary") as ws:
             # 100 ms packets: the 8 clients share this process (and its GIL) with the server under test
             sender = asyncio.create_task(
@@ -119,16 +122,19 @@ async def test_eight_sessions_for_twenty_seconds(server, speech):
             )
             frames, events = await collect(ws, seconds + 0.4)
             await sender
+            # the session outlived its stream: turns (silence now) keep coming, numbered on
+            after, _ = await collect(ws, LIVENESS_S)
         assert not [e for e in events if e["type"] == "error"]
-        return frames
+        return frames, after
 
     results = await asyncio.gather(*(one(i) for i in range(MAX_SLOTS)))
-    # behaviour, not speed: every session gets every turn in order, for the whole stream. How many
-    # turns 8 sessions get in real time is a capacity figure (bench engine, loadtest report it): on a
-    # slow day this 2-core machine served 85 of 100 with every turn in order
-    for frames in results:
-        assert_every_turn(frames)
-        assert len(frames) >= seconds / 0.2 / 2  # the streams lasted, not just a few turns
+    # behaviour, not speed: every session gets every turn in order, for the whole stream and after
+    # it. How many turns 8 sessions get in real time is a capacity figure (bench engine, loadtest
+    # report it): an AVX-512 host held 24 sessions, a 2-core AMD EPYC VM holds 1 and served 49 of
+    # these 100 turns, so no count of turns is asserted here
+    for frames, after in results:
+        assert after, "no turn after the stream: the session did not last"
+        assert_every_turn(frames + after)
 
 
 def _jpeg() -> bytes:
