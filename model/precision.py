@@ -41,5 +41,5 @@ def slow_bf16_warning(device: torch.device) -> str | None:
     """A line for the user when bf16 was asked for on a device that only emulates it."""
     if native_bf16(device):
         return None
-    return (f"warning: {device.type} has no native bfloat16 matmuls (no AMX / AVX512-BF16 here); bf16 runs "
+    return (f"{device.type} has no native bfloat16 matmuls (no AMX / AVX512-BF16 here); bf16 runs "
             f"about {SLOW_BF16_FACTOR}x slower than fp32 on such CPUs: use fp32 (or auto)")

@@ -185,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
     model = model.to(device).train()
     precision = resolve_precision(args.precision, device)
     if precision == "bf16" and (warning := slow_bf16_warning(device)):
-        print(warning, file=sys.stderr, flush=True)
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     print(f"device {device}, precision {precision} (asked: {args.precision})", flush=True)
     opt = make_optimizer(model, args.lr, args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps))
@@ -197,9 +197,8 @@ def main(args: argparse.Namespace) -> int:
         step, history = state["step"], state["history"]
         read_config(out)  # fail early on a damaged checkpoint
     recipe = {k: getattr(args, k) for k in ("preset", "steps", "batch", "turns", "lr", "warmup", "seed",
-                                             "weight_decay", "clip", "precision", "curriculum",
-                                             "heard_weight")}
-    recipe["precision"] = precision
+                                             "weight_decay", "clip", "curriculum", "heard_weight")}
+    recipe["precision"] = precision  # what ran, not what was asked (auto)
     if args.checkpoint and not args.resume:
         recipe["from"] = str(args.checkpoint)
 
