@@ -93,5 +93,10 @@ FOCUS = dataclasses.replace(REFINE, scenario_weights=(0.28, 0.18, 0.08, 0.12, 0.
 NUMBERS = dataclasses.replace(REFINE, number_phrasings=(
     "repeat the number {w}", "say the number {w}", "can you say the number {w}",
     "please repeat the number {w}"))
+# Numbers with sums as over half of the chat questions: what the shipped model still gets wrong in
+# every wording, typed ones included, is its times table ("3 times 4 is 27."), a fact it can only learn
+# by seeing it more often.
+SUMS = dataclasses.replace(NUMBERS, chat_weights=(0.2, 0.55, 0.25))
 CURRICULA = {"base": Curriculum(), "refine": REFINE, "voices": VOICES, "phrases": PHRASES, "focus": FOCUS,
-             "numbers": NUMBERS}
+             "numbers": NUMBERS,
+             "sums": SUMS}
