@@ -40,7 +40,8 @@ bench-engine: install
 # s/step) is 2400 more refine steps at half the learning rate; stage 4 (69 min, ~1.72 s/step) adds the
 # CTC loss of what the user said on the audio-in positions (--heard-weight, model/heard.py) and asks for
 # digit strings as numbers (--curriculum numbers); stage 5 (about 45 min) is 1500 more such steps at twice
-# the transcript weight and 2/3 of the learning rate. Each is stored in bf16.
+# the transcript weight and 2/3 of the learning rate; stage 6 (46 min, 2.3 s/step on a 2-core AMX host) is
+# 1200 steps of --curriculum sums (more single-digit sums). Each is stored in bf16.
 # Those times are from an Intel CPU with AMX. Stages 2-5 say --precision auto: bf16 autocast where the
 # CPU runs it natively (AMX / AVX512-BF16), fp32 elsewhere, since an AVX2-only CPU (AMD EPYC, 2 cores)
 # emulates bf16 at 56 s/step against 4.5 s/step in fp32; there the recipe takes about 18 h, not 6.5.
@@ -52,6 +53,7 @@ DEMO_REFINE_STEPS ?= 4400
 DEMO_MORE_STEPS ?= 2400
 DEMO_HEARD_STEPS ?= 2400
 DEMO_HEARD_MORE_STEPS ?= 1500
+DEMO_SUMS_STEPS ?= 1200
 
 train-demo: install
 	$(VENV)/bin/microturn train --preset tiny --out $(DEMO_RUN) --steps $(DEMO_STEPS) --batch 8 --turns 32 \
@@ -72,7 +74,11 @@ train-demo: install
 	$(VENV)/bin/microturn train --checkpoint $(DEMO_RUN)-stage4 --out $(DEMO_RUN)-heard2 --curriculum numbers \
 		--heard-weight 0.2 --steps $(DEMO_HEARD_MORE_STEPS) --batch 8 --turns 32 --lr 2e-4 --warmup 100 --seed 6 \
 		--save-every 250 --precision auto --device cpu
-	$(VENV)/bin/microturn export --checkpoint $(DEMO_RUN)-heard2 --out $(DEMO_CKPT) --dtype bfloat16
+	$(VENV)/bin/microturn export --checkpoint $(DEMO_RUN)-heard2 --out $(DEMO_RUN)-stage5 --dtype bfloat16
+	$(VENV)/bin/microturn train --checkpoint $(DEMO_RUN)-stage5 --out $(DEMO_RUN)-sums --curriculum sums \
+		--heard-weight 0.2 --steps $(DEMO_SUMS_STEPS) --batch 8 --turns 32 --lr 1.5e-4 --warmup 100 --seed 9 \
+		--save-every 200 --precision auto --device cpu
+	$(VENV)/bin/microturn export --checkpoint $(DEMO_RUN)-sums --out $(DEMO_CKPT) --dtype bfloat16
 
 eval-demo: install
 	$(VENV)/bin/microturn eval duplex --checkpoint $(DEMO_CKPT) --conversations 240 --device cpu
