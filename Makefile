@@ -33,7 +33,7 @@ bench: bench-engine
 bench-engine: install
 	$(VENV)/bin/microturn bench engine --preset $(PRESET) --seconds 5
 
-# The shipped demo checkpoint, five stages on the 2-core CPU. Stage 1 (about 1.8 h, ~1.9 s/step at batch
+# The shipped demo checkpoint, six stages on the 2-core CPU. Stage 1 (about 1.8 h, ~1.9 s/step at batch
 # 8 x 32 micro-turns) trains from scratch in fp32 on the base curriculum and is stored in bf16; stage 2
 # (about 2 h, ~1.55 s/step) continues from those bf16 weights with a fresh optimiser on the refine
 # curriculum (more sums and pauses, digit strings to copy) in bf16 autocast; stage 3 (44 min, ~1.09
