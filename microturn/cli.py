@@ -102,12 +102,14 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-workers", type=int, default=1,
                         help="processes making batches (1 = a thread beside the step; more for a GPU)")
     parser.add_argument("--curriculum",
-                        choices=("base", "refine", "voices", "phrases", "focus", "numbers", "sums"),
+                        choices=("base", "refine", "voices", "phrases", "focus", "numbers", "sums",
+                                 "greetings"),
                         default="base",
                         help="what conversations are made of (model/curricula.py): base is the first "
                              "stage of the demo recipe; refine (its second stage) adds sums, pauses, digit "
                              "strings; focus gives spoken and vision questions more share; numbers asks for "
-                             "digit strings as numbers; sums is numbers with more sums; voices is refine "
+                             "digit strings as numbers; sums is numbers with more sums; greetings is sums "
+                             "with greetings holding number-sounding words; voices is refine "
                              "with many more speakers, phrases with hundreds of wordings per question "
                              "(model/grammar.py)")
     parser.add_argument("--heard-weight", type=float, default=0.0,

@@ -97,6 +97,14 @@ NUMBERS = dataclasses.replace(REFINE, number_phrasings=(
 # every wording, typed ones included, is its times table ("3 times 4 is 27."), a fact it can only learn
 # by seeing it more often.
 SUMS = dataclasses.replace(NUMBERS, chat_weights=(0.2, 0.55, 0.25))
+# Sums with greetings that hold words sounding like numbers ("everyone", "too", "for", "ate"): the
+# stage-6 model hears the held-out "hello, is anyone there" as "... e 1 ..." and waits for the rest of
+# a sum. None of these is a rewording of that held-out question (no "is ... there", no "anyone").
+SOUNDALIKE_GREETINGS = ("hello everyone", "hi, nice to meet you too", "hey, thanks for waiting",
+                        "good morning to you", "hi everyone, good evening", "hello, I just ate, how are you",
+                        "hey, good to see you again", "morning, won't you say hello")
+GREETINGS = dataclasses.replace(SUMS, chat_weights=(0.3, 0.5, 0.2), extra_phrasings=tuple(
+    (intent, phrasings + SOUNDALIKE_GREETINGS if intent == "greeting" else phrasings)
+    for intent, phrasings in SUMS.extra_phrasings))
 CURRICULA = {"base": Curriculum(), "refine": REFINE, "voices": VOICES, "phrases": PHRASES, "focus": FOCUS,
-             "numbers": NUMBERS,
-             "sums": SUMS}
+             "numbers": NUMBERS, "sums": SUMS, "greetings": GREETINGS}

@@ -10,15 +10,20 @@ import torch
 
 from microturn.model.config import tiny
 from microturn.model.curricula import (
+    CHAT_INTENTS,
     CURRICULA,
     FOCUS,
+    GREETINGS,
     NAMED_VARIANTS,
     NUMBERS,
     PHRASES,
     PHRASINGS,
     REFINE,
     SCENARIOS,
+    SOUNDALIKE_GREETINGS,
+    SUMS,
     VOICES,
+    Curriculum,
 )
 from microturn.model.data import (
     HELD_OUT_BASES,
@@ -195,6 +200,35 @@ def test_numbers_curriculum_asks_for_digit_strings_as_numbers() -> None:
     assert numbers and words
     assert all(" number " in q.text and q.text.endswith(q.answer[:-1]) for q in numbers)
     assert not any(" number " in q.text for q in words)
+
+
+def _chat_shares(curriculum: Curriculum, n: int = 120) -> dict[str, float]:
+    gen = DuplexGenerator(tiny(), "train", seed=3, curriculum=curriculum)
+    chat = [e.intent for i in range(n) for e in gen.conversation(i).episodes if e.intent in CHAT_INTENTS]
+    return {intent: chat.count(intent) / len(chat) for intent in CHAT_INTENTS}
+
+
+def test_sums_curriculum_asks_sums_more_than_numbers_does() -> None:
+    """Sums is numbers with sums as over half of the chat questions, its other draws unchanged."""
+    sums, numbers = _chat_shares(SUMS), _chat_shares(NUMBERS)
+    assert sums["arith"] > 0.45 and sums["arith"] > numbers["arith"] + 0.05, (sums, numbers)
+    assert dataclasses.replace(SUMS, chat_weights=NUMBERS.chat_weights) == NUMBERS
+
+
+def test_greetings_curriculum_greets_with_number_sounding_words_never_held_out() -> None:
+    """Greetings holding "everyone", "too", "for", "ate" are trained, so that a number-like sound in a
+    greeting stops meaning a sum; none of them is the held-out wording or a copy of its words."""
+    held_out = PHRASINGS["greeting"][1]
+    extra = dict(GREETINGS.extra_phrasings)["greeting"]
+    assert set(SOUNDALIKE_GREETINGS) <= set(extra)
+    assert set(dict(SUMS.extra_phrasings)["greeting"]) < set(extra)
+    assert not set(extra) & set(held_out)
+    assert not any("anyone" in g or "there" in g.split(", ")[-1] for g in SOUNDALIKE_GREETINGS)
+    gen = DuplexGenerator(tiny(), "train", seed=3, curriculum=GREETINGS)
+    rng = np.random.default_rng(0)
+    asked = {gen.question("greeting", rng).text for _ in range(200)}
+    assert asked & set(SOUNDALIKE_GREETINGS) and not asked & set(held_out)
+    assert _chat_shares(GREETINGS)["greeting"] > _chat_shares(SUMS)["greeting"]
 
 
 def test_user_said_marks_every_whole_utterance() -> None:
