@@ -33,7 +33,7 @@ bench: bench-engine
 bench-engine: install
 	$(VENV)/bin/microturn bench engine --preset $(PRESET) --seconds 5
 
-# The shipped demo checkpoint, six stages on the 2-core CPU. Stage 1 (about 1.8 h, ~1.9 s/step at batch
+# The shipped demo checkpoint, seven stages on the 2-core CPU. Stage 1 (about 1.8 h, ~1.9 s/step at batch
 # 8 x 32 micro-turns) trains from scratch in fp32 on the base curriculum and is stored in bf16; stage 2
 # (about 2 h, ~1.55 s/step) continues from those bf16 weights with a fresh optimiser on the refine
 # curriculum (more sums and pauses, digit strings to copy) in bf16 autocast; stage 3 (44 min, ~1.09
@@ -41,7 +41,9 @@ bench-engine: install
 # CTC loss of what the user said on the audio-in positions (--heard-weight, model/heard.py) and asks for
 # digit strings as numbers (--curriculum numbers); stage 5 (about 45 min) is 1500 more such steps at twice
 # the transcript weight and 2/3 of the learning rate; stage 6 (46 min, 2.3 s/step on a 2-core AMX host) is
-# 1200 steps of --curriculum sums (more single-digit sums). Each is stored in bf16.
+# 1200 steps of --curriculum sums (more single-digit sums); stage 7 (41 min, 2.75 s/step) is 900 steps of
+# --curriculum greetings (sums plus greetings holding number-sounding words) at a lower learning rate.
+# Each is stored in bf16.
 # Those times are from an Intel CPU with AMX. Stages 2-5 say --precision auto: bf16 autocast where the
 # CPU runs it natively (AMX / AVX512-BF16), fp32 elsewhere, since an AVX2-only CPU (AMD EPYC, 2 cores)
 # emulates bf16 at 56 s/step against 4.5 s/step in fp32; there the recipe takes about 18 h, not 6.5.
@@ -54,6 +56,7 @@ DEMO_MORE_STEPS ?= 2400
 DEMO_HEARD_STEPS ?= 2400
 DEMO_HEARD_MORE_STEPS ?= 1500
 DEMO_SUMS_STEPS ?= 1200
+DEMO_GREET_STEPS ?= 900
 
 train-demo: install
 	$(VENV)/bin/microturn train --preset tiny --out $(DEMO_RUN) --steps $(DEMO_STEPS) --batch 8 --turns 32 \
@@ -78,7 +81,11 @@ train-demo: install
 	$(VENV)/bin/microturn train --checkpoint $(DEMO_RUN)-stage5 --out $(DEMO_RUN)-sums --curriculum sums \
 		--heard-weight 0.2 --steps $(DEMO_SUMS_STEPS) --batch 8 --turns 32 --lr 1.5e-4 --warmup 100 --seed 9 \
 		--save-every 200 --precision auto --device cpu
-	$(VENV)/bin/microturn export --checkpoint $(DEMO_RUN)-sums --out $(DEMO_CKPT) --dtype bfloat16
+	$(VENV)/bin/microturn export --checkpoint $(DEMO_RUN)-sums --out $(DEMO_RUN)-stage6 --dtype bfloat16
+	$(VENV)/bin/microturn train --checkpoint $(DEMO_RUN)-stage6 --out $(DEMO_RUN)-greet --curriculum greetings \
+		--heard-weight 0.2 --steps $(DEMO_GREET_STEPS) --batch 8 --turns 32 --lr 1e-4 --warmup 50 --seed 11 \
+		--save-every 100 --precision auto --device cpu
+	$(VENV)/bin/microturn export --checkpoint $(DEMO_RUN)-greet --out $(DEMO_CKPT) --dtype bfloat16
 
 eval-demo: install
 	$(VENV)/bin/microturn eval duplex --checkpoint $(DEMO_CKPT) --conversations 240 --device cpu
