@@ -95,6 +95,9 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                        help="adamw, or muon: Muon for the layers' attention and expert matrices, AdamW for "
+                             "the rest, at the same --lr (model/muon.py)")
     parser.add_argument("--seed", type=int, default=0, help="weights and data seed")
     parser.add_argument("--save-every", type=int, default=200, help="checkpoint period in steps")
     parser.add_argument("--log-every", type=int, default=10)

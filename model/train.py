@@ -6,9 +6,10 @@ optimiser steps on batches from `model/data.py`, teacher-forced through `layout.
 and task markers CONTENT_TEXT_WEIGHT, each turn's first slot at least DECISION_TEXT_WEIGHT,
 PAD/EPAD filler 1) + dMel CE per (frame, channel) on audio-out + the config's aux / z
 coefficients times the MoE router losses summed over layers + `--heard-weight` times the CTC loss
-of what the user said, read on the audio-in positions (model/heard.py). AdamW, linear warm-up then cosine
-decay, gradient clipping; `--precision bf16` autocasts the step, MoE experts included (weights
-and optimiser state stay fp32); `--precision auto` does so only where bf16 is native
+of what the user said, read on the audio-in positions (model/heard.py). AdamW (or, with `--optimizer
+muon`, Muon for the layers' attention and expert matrices and AdamW for the rest; model/muon.py),
+linear warm-up then cosine decay, gradient clipping; `--precision bf16` autocasts the step, MoE
+experts included (weights and optimiser state stay fp32); `--precision auto` does so only where bf16 is native
 (model/precision.py: on an AVX2-only CPU bf16 is ~12x slower than fp32), and the recipe records
 what ran. Batches come from a thread beside the step, or from
 `--data-workers` processes when the step outruns one core (a GPU). Every `--save-every` steps
@@ -45,6 +46,7 @@ from .data import DuplexGenerator
 from .engine import resolve_device
 from .heard import Heard, heard_loss
 from .layout import Turns, audio_in_hidden, output_logits, sequence_hidden
+from .muon import Muon
 from .precision import resolve_precision, slow_bf16_warning
 from .tokenizer import ByteTokenizer
 from .transformer import InteractionModel, build_model
@@ -107,13 +109,25 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """Decay matrices only; norms, biases and 1-D parameters are left alone."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW([
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """What Muon trains: the layers' attention and expert weights. Embeddings and heads (one
+    side is a vocabulary), norms and the small router stay on AdamW, as in the Muon papers."""
+    return name.startswith("layers.") and p.dim() >= 2 and ".router." not in name
+
+
+def make_optimizers(model: torch.nn.Module, lr: float, weight_decay: float,
+                    kind: str = "adamw") -> list[torch.optim.Optimizer]:
+    """AdamW decaying matrices only (norms, biases and 1-D parameters are left alone); with
+    `kind="muon"`, hidden matrices go to a Muon ahead of it at the same learning rate."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = [p for n, p in named if kind == "muon" and _is_hidden_matrix(n, p)]
+    taken = {id(p) for p in muon}
+    rest = [p for _, p in named if id(p) not in taken]
+    adamw = torch.optim.AdamW([
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ], lr=lr, betas=ADAM_BETAS)
+    return ([Muon(muon, lr=lr, weight_decay=weight_decay)] if muon else []) + [adamw]
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
@@ -187,24 +201,34 @@ def main(args: argparse.Namespace) -> int:
     if precision == "bf16" and (warning := slow_bf16_warning(device)):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     print(f"device {device}, precision {precision} (asked: {args.precision})", flush=True)
-    opt = make_optimizer(model, args.lr, args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, args.steps))
+    opts = make_optimizers(model, args.lr, args.weight_decay, args.optimizer)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, args.warmup, args.steps))
+              for o in opts]
     step, history = 0, []
     if args.resume:
         state = torch.load(out / STATE_FILE, map_location=device, weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        # state files written before --optimizer hold one AdamW under the singular keys
+        saved_opts = state.get("optimizers") or [state["optimizer"]]
+        saved_scheds = state.get("schedulers") or [state["scheduler"]]
+        if len(saved_opts) != len(opts):
+            raise SystemExit(f"{out / STATE_FILE} was written with another --optimizer")
+        for o, s in zip(opts, saved_opts, strict=True):
+            o.load_state_dict(s)
+        for sc, s in zip(scheds, saved_scheds, strict=True):
+            sc.load_state_dict(s)
         step, history = state["step"], state["history"]
         read_config(out)  # fail early on a damaged checkpoint
     recipe = {k: getattr(args, k) for k in ("preset", "steps", "batch", "turns", "lr", "warmup", "seed",
-                                             "weight_decay", "clip", "curriculum", "heard_weight")}
+                                             "weight_decay", "clip", "curriculum", "heard_weight",
+                                             "optimizer")}
     recipe["precision"] = precision  # what ran, not what was asked (auto)
     if args.checkpoint and not args.resume:
         recipe["from"] = str(args.checkpoint)
 
     def save() -> None:
         save_checkpoint(out, model, cfg, extra={"step": step, "recipe": recipe, "data": "model/data.py"})
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+        torch.save({"optimizers": [o.state_dict() for o in opts],
+                    "schedulers": [sc.state_dict() for sc in scheds], "step": step,
                     "history": history}, out / STATE_FILE)
         if history:
             plot_losses(history, out / PLOT_FILE)
@@ -226,14 +250,16 @@ def main(args: argparse.Namespace) -> int:
             # a GPU; weights, optimiser state and the loss reductions stay fp32
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 losses = compute_losses(model, prefix.to(device), turns, heard.to(device), args.heard_weight)
-            opt.zero_grad(set_to_none=True)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
             losses.total.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
-            opt.step()
-            sched.step()
+            for o, sc in zip(opts, scheds, strict=True):
+                o.step()
+                sc.step()
             step += 1
             history.append({"step": step, **losses.floats(), "grad_norm": grad_norm,
-                            "lr": sched.get_last_lr()[0]})
+                            "lr": scheds[0].get_last_lr()[0]})
             if step % args.log_every == 0 or step == args.steps:
                 h, rate = history[-1], (time.perf_counter() - t_start) / (step - start_step)
                 print(f"step {step:6d}  loss {h['total']:.4f}  text {h['text']:.4f}  audio {h['audio']:.4f}  "

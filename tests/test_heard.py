@@ -16,7 +16,7 @@ from microturn.model.heard import HEARD_LAG_TOKENS, heard_loss, heard_targets, n
 from microturn.model.layout import audio_in_hidden, sequence_hidden
 from microturn.model.slots import TURN_SAMPLES, SlotInput, SlotOutput
 from microturn.model.tokenizer import ByteTokenizer, CtcStreamDecoder
-from microturn.model.train import compute_losses, make_optimizer
+from microturn.model.train import compute_losses, make_optimizers
 from microturn.model.transformer import build_model
 from microturn.server.session import Session
 from microturn.server.settings import ServerSettings
@@ -64,7 +64,7 @@ def test_a_few_steps_lower_the_transcript_loss_of_a_fixed_batch() -> None:
     model = build_model(cfg, seed=0).train()
     prefix, turns, heard = DuplexGenerator(cfg, "train", seed=1, turns=24, curriculum=REFINE).batch(0, 2)
     assert len(heard.row) >= 2
-    opt = make_optimizer(model, lr=3e-3, weight_decay=0.0)
+    (opt,) = make_optimizers(model, lr=3e-3, weight_decay=0.0)
     first = compute_losses(model, prefix, turns, heard, heard_weight=1.0)
     assert first.heard > 0 and torch.isfinite(first.heard)
     # off by default: the earlier recipe stages keep their loss

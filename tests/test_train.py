@@ -28,7 +28,7 @@ from microturn.model.evaluate import (
 )
 from microturn.model.heard import utterance_spans
 from microturn.model.tokenizer import ByteTokenizer
-from microturn.model.train import _batch_source, compute_losses, make_optimizer
+from microturn.model.train import _batch_source, compute_losses, make_optimizers
 from microturn.model.transformer import InteractionModel, build_model
 
 
@@ -36,19 +36,23 @@ def _small():
     return dataclasses.replace(tiny(), d_model=64, n_layers=2, n_experts=4, d_expert=64, d_channel_embed=4)
 
 
-def test_a_few_steps_lower_the_loss_on_a_fixed_batch() -> None:
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(kind: str) -> None:
     cfg = _small()
     torch.manual_seed(0)
     model = build_model(cfg, seed=0).train()
     prefix, turns, _ = DuplexGenerator(cfg, "train", seed=0, turns=12).batch(0, 2)
-    opt = make_optimizer(model, lr=3e-3, weight_decay=0.0)
+    opts = make_optimizers(model, lr=3e-3, weight_decay=0.0, kind=kind)
+    assert len(opts) == (2 if kind == "muon" else 1)
     first = compute_losses(model, prefix, turns)
     assert first.aux > 0 and first.z > 0  # router losses are live while training
     for _ in range(12):
         losses = compute_losses(model, prefix, turns)
-        opt.zero_grad()
+        for opt in opts:
+            opt.zero_grad()
         losses.total.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
     last = compute_losses(model, prefix, turns)
     assert last.text < 0.7 * first.text and last.audio < 0.9 * first.audio, (first.floats(), last.floats())
 
@@ -85,6 +89,22 @@ def test_train_cli_saves_resumes_and_plots(tmp_path: Path, capsys: pytest.Captur
     bf16, _ = load_checkpoint(shipped, lambda c: InteractionModel(c))
     for (name, a), b in zip(model.state_dict().items(), bf16.state_dict().values(), strict=True):
         assert b.dtype == a.dtype and torch.equal(b, a.to(torch.bfloat16).to(a.dtype)), name
+
+
+def test_train_cli_resumes_a_muon_run_and_refuses_another_optimizer(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    flags = ["--out", str(out), "--batch", "1", "--turns", "8", "--warmup", "1", "--save-every", "1",
+             "--device", "cpu"]
+    assert cli_main(["train", *flags, "--steps", "2", "--optimizer", "muon"]) == 0
+    assert read_config(out)[1]["recipe"]["optimizer"] == "muon"
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    muon_state = state["optimizers"][0]["state"]
+    assert muon_state and all(s["momentum_buffer"].dim() >= 2 for s in muon_state.values())
+    assert cli_main(["train", *flags, "--steps", "3", "--optimizer", "muon", "--resume"]) == 0
+    assert _json_tail(capsys)["steps"] == 3
+    with pytest.raises(SystemExit, match="another --optimizer"):
+        cli_main(["train", *flags, "--steps", "4", "--resume"])
 
 
 def test_export_averages_checkpoints_of_one_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
