@@ -44,7 +44,7 @@ bench-engine: install
 # 1200 steps of --curriculum sums (more single-digit sums); stage 7 (41 min, 2.75 s/step) is 900 steps of
 # --curriculum greetings (sums plus greetings holding number-sounding words) at a lower learning rate.
 # Each is stored in bf16.
-# Those times are from an Intel CPU with AMX. Stages 2-5 say --precision auto: bf16 autocast where the
+# Those times are from an Intel CPU with AMX. Stages 2-7 say --precision auto: bf16 autocast where the
 # CPU runs it natively (AMX / AVX512-BF16), fp32 elsewhere, since an AVX2-only CPU (AMD EPYC, 2 cores)
 # emulates bf16 at 56 s/step against 4.5 s/step in fp32; there the recipe takes about 18 h, not 6.5.
 # Every run resumes: rerun the command with --resume added.

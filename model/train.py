@@ -250,8 +250,7 @@ def main(args: argparse.Namespace) -> int:
             # a GPU; weights, optimiser state and the loss reductions stay fp32
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 losses = compute_losses(model, prefix.to(device), turns, heard.to(device), args.heard_weight)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)  # every optimiser's parameters
             losses.total.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
             for o, sc in zip(opts, scheds, strict=True):
