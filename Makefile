@@ -5,7 +5,11 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PRESET ?= tiny
 
-.PHONY: install serve test lint bench bench-engine train-demo eval-demo clean
+.PHONY: install system-deps serve test lint bench bench-engine train-demo eval-demo clean
+
+# Debian packages the tests need, as COMMAND:PACKAGE (espeak-ng speaks the test and training speech;
+# chromium runs the demo page's browser tests)
+SYSTEM_DEPS := espeak-ng:espeak-ng chromium:chromium
 
 install: $(VENV)/.installed
 
@@ -22,11 +26,17 @@ serve: install
 	MICROTURN_BACKGROUND_TEXT_IN=$${MICROTURN_BACKGROUND_TEXT_IN:-result} \
 		$(VENV)/bin/microturn serve --host $(HOST) --port $(PORT) --checkpoint $(DEMO_CKPT)
 
-test: install
+# Missing packages are installed when run as root (one apt-get update); otherwise it names the command.
+system-deps:
+	@scripts/system-deps $(SYSTEM_DEPS)
+
+test: install system-deps
 	$(PY) -m pytest -q -ra
 
+# ruff, then the layer contract ([tool.importlinter] in pyproject.toml)
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: bench-engine
 
@@ -38,7 +48,7 @@ bench-engine: install
 # (about 2 h, ~1.55 s/step) continues from those bf16 weights with a fresh optimiser on the refine
 # curriculum (more sums and pauses, digit strings to copy) in bf16 autocast; stage 3 (44 min, ~1.09
 # s/step) is 2400 more refine steps at half the learning rate; stage 4 (69 min, ~1.72 s/step) adds the
-# CTC loss of what the user said on the audio-in positions (--heard-weight, model/heard.py) and asks for
+# CTC loss of what the user said on the audio-in positions (--heard-weight, training/heard.py) and asks for
 # digit strings as numbers (--curriculum numbers); stage 5 (about 45 min) is 1500 more such steps at twice
 # the transcript weight and 2/3 of the learning rate; stage 6 (46 min, 2.3 s/step on a 2-core AMX host) is
 # 1200 steps of --curriculum sums (more single-digit sums); stage 7 (41 min, 2.75 s/step) is 900 steps of

@@ -128,7 +128,7 @@ class Engine:
         self.config: ModelConfig = model.cfg
         self.model = model.to(self.device, self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.to(torch.float64)
-        self.hears = hears  # the text head transcribes the audio-in positions (model/heard.py)
+        self.hears = hears  # the text head transcribes the audio-in positions (training/heard.py)
         self.wait_bias_default = wait_bias  # the checkpoint's calibrated turn-taking bias; slots add theirs
         self.max_slots = max_slots
         self.tokenizer = ByteTokenizer()

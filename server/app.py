@@ -55,7 +55,7 @@ def web_dir() -> Path | None:
 
 
 def build_engine(settings: ServerSettings) -> Any:
-    from microturn.model.engine import Engine, resolve_device, resolve_dtype
+    from ..model.engine import Engine, resolve_device, resolve_dtype
 
     dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
     if settings.checkpoint:

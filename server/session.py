@@ -25,10 +25,9 @@ from typing import Protocol
 
 import numpy as np
 
-from microturn.model.resample import StreamResampler
-from microturn.model.slots import SAMPLE_RATE, TURN_SAMPLES, SamplingParams, SlotInput, SlotOutput
-from microturn.model.tokenizer import ByteTokenizer, CtcStreamDecoder
-
+from ..model.resample import StreamResampler
+from ..model.slots import SAMPLE_RATE, TURN_SAMPLES, SamplingParams, SlotInput, SlotOutput
+from ..model.tokenizer import ByteTokenizer, CtcStreamDecoder
 from . import protocol as p
 from .errors import ErrorCode, ProtocolError
 from .settings import ServerSettings
@@ -36,7 +35,7 @@ from .settings import ServerSettings
 TURN_MS = TURN_SAMPLES * 1000 // SAMPLE_RATE
 SPEECH_HANGOVER_TURNS = 2  # silent input turns before user speech counts as ended
 # turns without new transcript bytes, once speech has ended, before a transcript counts as complete:
-# the model may name a word up to 400 ms after hearing it (model/heard.py HEARD_LAG_TOKENS)
+# the model may name a word up to 400 ms after hearing it (training/heard.py HEARD_LAG_TOKENS)
 TRANSCRIPT_SETTLE_TURNS = 3
 
 

@@ -19,9 +19,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from microturn.model.slots import SlotOutput
-from microturn.model.tokenizer import ByteStreamDecoder, ByteTokenizer
-
+from ..model.slots import SlotOutput
+from ..model.tokenizer import ByteStreamDecoder, ByteTokenizer
 from . import protocol as p
 from .background import (
     Backend,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from microturn.model.espeak import speak
+from microturn.training.espeak import speak
 
 SPEECH_TEXT = (
     "The quick brown fox jumps over the lazy dog. "

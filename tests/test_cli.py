@@ -54,21 +54,41 @@ def test_every_subcommand_parses_its_design_flags() -> None:
 
 
 def test_targets_are_module_function_references() -> None:
-    for path, target, _, _ in cli.COMMANDS:
-        if isinstance(target, str):
-            module, _, function = target.partition(":")
-            assert module.startswith("microturn.") and function.isidentifier(), path
+    for command in cli.COMMANDS:
+        if isinstance(command.target, str):
+            module, _, function = command.target.partition(":")
+            assert module.startswith("microturn.") and function.isidentifier(), command.path
 
 
 def test_absent_target_module_is_reported_but_a_broken_one_raises(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli._resolve("microturn.no_such_tool:main", "nothing") is None
+    flags = cli._params_flags
+    assert cli._resolve(cli.Command(("nothing",), "microturn.no_such_tool:main", flags, "")) is None
     assert "microturn nothing: not available" in capsys.readouterr().err
     (tmp_path / "broken_tool.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
-        cli._resolve("broken_tool:main", "broken")
+        cli._resolve(cli.Command(("broken",), "broken_tool:main", flags, ""))
+
+
+def test_a_command_whose_extra_is_missing_names_the_extra_and_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pip install .` without the training extra: eval duplex says what to install (exit 2)."""
+    (tmp_path / "needs_extra_tool.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tool = cli.Command(("eval", "x"), "needs_extra_tool:main", cli._params_flags, "", extra="training")
+    monkeypatch.setattr(cli, "COMMANDS", [tool])
+    assert cli.main(["eval", "x", "tiny"]) == cli.EXIT_UNAVAILABLE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "'training' extra" in err and "no_such_dependency_xyz" in err and "microturn[training]" in err
+
+
+def test_eval_duplex_declares_the_training_extra_and_serve_none() -> None:
+    extras = {command.path: command.extra for command in cli.COMMANDS}
+    assert extras[("eval", "duplex")] == "training" and extras[("serve",)] is None
 
 
 @pytest.mark.parametrize("argv", [["export", "--out", "unused"], ["eval", "duplex"]])

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from microturn.model.config import tiny
-from microturn.model.curricula import (
+from microturn.model.engine import Engine
+from microturn.model.layout import Turns
+from microturn.model.slots import SAMPLE_RATE, TURN_SAMPLES
+from microturn.model.tokenizer import ByteTokenizer
+from microturn.model.transformer import build_model
+from microturn.training.curricula import (
     CHAT_INTENTS,
     CURRICULA,
     FOCUS,
@@ -25,20 +30,15 @@ from microturn.model.curricula import (
     VOICES,
     Curriculum,
 )
-from microturn.model.data import (
+from microturn.training.data import (
     HELD_OUT_BASES,
     HELD_OUT_VARIANTS,
     DuplexGenerator,
     user_voices,
 )
-from microturn.model.engine import Engine
-from microturn.model.espeak import speak
-from microturn.model.grammar import plain_words
-from microturn.model.heard import NUMBER_WORDS
-from microturn.model.layout import Turns
-from microturn.model.slots import SAMPLE_RATE, TURN_SAMPLES
-from microturn.model.tokenizer import ByteTokenizer
-from microturn.model.transformer import build_model
+from microturn.training.espeak import speak
+from microturn.training.grammar import plain_words
+from microturn.training.heard import NUMBER_WORDS
 
 SPEECH_MEAN_CODE = 3.0  # dMel frame mean code: digital silence is 1, espeak speech 5 and up
 SP = ByteTokenizer().special
@@ -232,7 +232,7 @@ def test_greetings_curriculum_greets_with_number_sounding_words_never_held_out()
 
 
 def test_user_said_marks_every_whole_utterance() -> None:
-    """The transcript target of model/heard.py: each spoken question is one utterance whose end is the
+    """The transcript target of training/heard.py: each spoken question is one utterance whose end is the
     episode's input end (a paused question is two), typed ones are none, and every span is inside."""
     gen = DuplexGenerator(tiny(), "train", seed=2)
     for conv in (gen.conversation(0, kinds=kinds) for kinds in (("answer",), ("pause",), ("typed",))):

@@ -18,7 +18,7 @@ from realserver import DEMO_CHECKPOINT, ServerThread, collect, demo_engine, demo
 
 from microturn.model.checkpoint import WEIGHTS_FILE, read_config
 from microturn.model.engine import Engine
-from microturn.model.espeak import speak
+from microturn.training.espeak import speak
 
 MAX_SHIPPED_BYTES = 40 * 2**20  # the repo carries the weights: keep them small
 ANSWER_WAIT_S = 12.0  # typed question (~6 micro-turns) + answer, with room for a loaded machine

@@ -235,7 +235,7 @@ def test_forced_text_out_goes_through_the_model(speech_16k: np.ndarray) -> None:
 
 def test_heard_tokens_are_the_offline_reading_of_the_audio_in(speech_16k: np.ndarray) -> None:
     """What the engine says it heard is the text head's greedy reading of the audio-in positions,
-    the same positions and head the --heard-weight CTC loss trains (model/heard.py)."""
+    the same positions and head the --heard-weight CTC loss trains (training/heard.py)."""
     engine = _engine()
     engine.trace = []
     slot = engine.join(INSTR, SamplingParams(seed=3))

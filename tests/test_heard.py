@@ -1,4 +1,4 @@
-"""What the user said: the CTC target on the audio-in positions (model/heard.py) and its read-out,
+"""What the user said: the CTC target on the audio-in positions (training/heard.py) and its read-out,
 streamed by the server as input transcription events."""
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ import numpy as np
 import torch
 
 from microturn.model.config import tiny
-from microturn.model.curricula import REFINE
-from microturn.model.data import DuplexGenerator
-from microturn.model.heard import HEARD_LAG_TOKENS, heard_loss, heard_targets, normalise
 from microturn.model.layout import audio_in_hidden, sequence_hidden
 from microturn.model.slots import TURN_SAMPLES, SlotInput, SlotOutput
 from microturn.model.tokenizer import ByteTokenizer, CtcStreamDecoder
-from microturn.model.train import compute_losses, make_optimizers
 from microturn.model.transformer import build_model
 from microturn.server.session import Session
 from microturn.server.settings import ServerSettings
+from microturn.training.curricula import REFINE
+from microturn.training.data import DuplexGenerator
+from microturn.training.heard import HEARD_LAG_TOKENS, heard_loss, heard_targets, normalise
+from microturn.training.train import compute_losses, make_optimizers
 
 TOK = ByteTokenizer()
 

@@ -1,11 +1,11 @@
-"""Muon's orthogonalised update (model/muon.py): batched over expert stacks, matrices only."""
+"""Muon's orthogonalised update (training/muon.py): batched over expert stacks, matrices only."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from microturn.model.muon import Muon, orthogonalize
+from microturn.training.muon import Muon, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(64, 160), (160, 64), (4, 64, 160), (4, 160, 64)])

@@ -20,11 +20,11 @@ from openai import AsyncOpenAI
 from realserver import ServerThread, collect, pcm16, stream_binary, warm_engine
 
 from microturn.model.engine import Engine
-from microturn.model.espeak import speak
 from microturn.model.resample import resample
 from microturn.model.slots import TURN_SAMPLES
 from microturn.server import protocol as p
 from microturn.server.settings import ServerSettings
+from microturn.training.espeak import speak
 
 MAX_SLOTS = 8
 

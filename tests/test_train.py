@@ -15,9 +15,11 @@ import torch
 from microturn.cli import main as cli_main
 from microturn.model.checkpoint import load_checkpoint, read_config, save_checkpoint
 from microturn.model.config import tiny
-from microturn.model.curricula import REFINE
-from microturn.model.data import DuplexGenerator
-from microturn.model.evaluate import (
+from microturn.model.tokenizer import ByteTokenizer
+from microturn.model.transformer import InteractionModel, build_model
+from microturn.training.curricula import REFINE
+from microturn.training.data import DuplexGenerator
+from microturn.training.evaluate import (
     METRIC_KEYS,
     OBSERVATIONS,
     Recording,
@@ -26,10 +28,8 @@ from microturn.model.evaluate import (
     heard_error_rates,
     score,
 )
-from microturn.model.heard import utterance_spans
-from microturn.model.tokenizer import ByteTokenizer
-from microturn.model.train import _batch_source, compute_losses, make_optimizers
-from microturn.model.transformer import InteractionModel, build_model
+from microturn.training.heard import utterance_spans
+from microturn.training.train import _batch_source, compute_losses, make_optimizers
 
 
 def _small():

@@ -20,9 +20,9 @@ import websockets.sync.client
 from realserver import ServerThread, warm_engine
 
 from microturn.model.engine import Engine
-from microturn.model.espeak import speak
 from microturn.server import session as server_session
 from microturn.server.settings import ServerSettings
+from microturn.training.espeak import speak
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"

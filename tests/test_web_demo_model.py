@@ -18,8 +18,8 @@ import soundfile as sf
 from realserver import ServerThread, demo_engine, demo_settings
 
 from microturn.model.engine import Engine
-from microturn.model.espeak import speak
 from microturn.model.resample import resample
+from microturn.training.espeak import speak
 
 CHROMIUM = Path("/usr/bin/chromium")
 WAIT_MS = 25_000  # generous: 2 shared cores run the server, the browser and the fake devices

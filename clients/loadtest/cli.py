@@ -56,10 +56,10 @@ def metrics_url(ws_url: str) -> str:
 
 def load_audio(path: str | None) -> np.ndarray:
     if path:
-        from microturn.clients.python.cli import read_mono
+        from ..python.cli import read_mono
 
         return read_mono(path, RATE)
-    from microturn.model.espeak import speak
+    from ...training.espeak import speak
 
     return speak(SPEECH_TEXT, rate=RATE)
 

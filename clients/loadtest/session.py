@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import websockets
 
-from microturn.clients.python.sdk import AudioChunk, Client, ConnectError, connect
+from ..python.sdk import AudioChunk, Client, ConnectError, connect
 
 RATE = 16_000  # input audio rate sent
 PACKET_MS = 40  # input frame size

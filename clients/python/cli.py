@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from microturn.model.resample import resample
-
+from ...model.resample import resample
 from .sdk import AudioChunk, Client, ConnectError, connect_with_retry
 
 RATE = 16_000  # rate sent and recorded

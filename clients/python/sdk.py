@@ -24,7 +24,7 @@ import numpy as np
 import websockets
 from pydantic import ConfigDict
 
-from microturn.server import protocol as p
+from ...server import protocol as p
 
 OUTPUT_RATE_BINARY = 16_000  # binary 0x81 frames carry the engine's 16 kHz audio
 OPEN_TIMEOUT_S = 10.0  # handshake plus waiting for session.created

@@ -2,7 +2,7 @@
 (train / held-out), and the named curricula that weight them (`microturn train --curriculum`).
 
 Contract: `CURRICULA[name]` is a frozen `Curriculum`; `Curriculum()` is the first stage of the
-demo recipe, and the generator (model/data.py) keeps its random draws call for call, so adding or
+demo recipe, and the generator (training/data.py) keeps its random draws call for call, so adding or
 changing another curriculum never changes that stage's data. Held-out conversations always use
 the default. This module knows nothing about audio, tensors or how conversations are laid out.
 """
@@ -76,7 +76,7 @@ NAMED_VARIANTS = (
 VOICES = dataclasses.replace(REFINE, extra_variants=NAMED_VARIANTS, warp=0.1)
 
 
-# Refine with hundreds of wordings per intent (model/grammar.py): as a third stage, held-out text
+# Refine with hundreds of wordings per intent (training/grammar.py): as a third stage, held-out text
 # accuracy 0.79 -> 0.81 (noise) while turn takeover fell 0.93 -> 0.87 and vision 1.0 -> 0.875.
 PHRASES = dataclasses.replace(REFINE, extra_phrasings=tuple(
     (intent, dict(REFINE.extra_phrasings).get(intent, ()) + expand(intent, avoid=PHRASINGS[intent][1]))

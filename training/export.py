@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint, read_config, save_checkpoint
-from .config import ModelConfig
-from .transformer import InteractionModel
+from ..model.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint, read_config, save_checkpoint
+from ..model.config import ModelConfig
+from ..model.transformer import InteractionModel
 
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PLOT_FILE = "loss.png"

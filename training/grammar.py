@@ -4,7 +4,7 @@ The demo model heard seven or eight fixed phrasings per intent and answers the h
 of an intent about 0.1 less often than its training phrasings: it learns wordings, not content.
 `expand(intent)` gives every opener + core + closer of an intent (hundreds), in a fixed order,
 so that a curriculum can spread the same questions over many wordings. Cores use the placeholders
-of model/data.py's PHRASINGS ({a} {op} {b}, {w}); the caller names the held-out phrasings to
+of training/data.py's PHRASINGS ({a} {op} {b}, {w}); the caller names the held-out phrasings to
 avoid. This module knows nothing about voices, audio or training.
 """
 

@@ -9,8 +9,8 @@ voice with its text-out stream aligned ahead of its speech (the answer's bytes t
 PAD when idle; the speech starts in the turn of its first text token). Background results
 arrive in text-in behind SRC_BACKGROUND. `batch(step, size)` stacks conversations into a
 teacher-forcing `(prefix, Turns)` pair with exactly the tokens the engine would see, plus
-`Heard` targets of what the user said (`Conversation.user_said`, model/heard.py); each
-`Episode` labels what the model should do and when (for model/evaluate.py).
+`Heard` targets of what the user said (`Conversation.user_said`, training/heard.py); each
+`Episode` labels what the model should do and when (for training/evaluate.py).
 
 Reference behaviour (the policy the model learns): answer in the first turn after the
 user's question ends (speech: the turn after the one holding its last sample; typed: the
@@ -33,15 +33,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from ..model.config import ModelConfig
+from ..model.dmel import DMel
+from ..model.layout import Turns, image_patches, patch_indices
+from ..model.resample import resample
+from ..model.slots import SAMPLE_RATE, TURN_SAMPLES, SlotInput
+from ..model.tokenizer import ByteTokenizer
 from .curricula import CHAT_INTENTS, PHRASINGS, SCENARIOS, Curriculum
-from .dmel import DMel
 from .espeak import speak
 from .heard import NUMBER_WORDS, Heard, heard_targets
-from .layout import Turns, image_patches, patch_indices
-from .resample import resample
-from .slots import SAMPLE_RATE, TURN_SAMPLES, SlotInput
-from .tokenizer import ByteTokenizer
 
 TURN_MS = 1000 * TURN_SAMPLES // SAMPLE_RATE
 MODEL_VOICE = ("en-us", 165, 45)  # (voice, words per minute, pitch): the model's one voice
@@ -454,7 +454,7 @@ class DuplexGenerator:
 
     def batch(self, step: int, size: int) -> tuple[torch.Tensor, Turns, Heard]:
         """Training batch `step`: conversations step*size .. step*size+size-1, one instruction string,
-        with what the user said in them (model/heard.py)."""
+        with what the user said in them (training/heard.py)."""
         convs = [self.conversation(step * size + i) for i in range(size)]
         instructions = INSTRUCTIONS[np.random.default_rng([self.seed, step]).integers(len(INSTRUCTIONS))]
         prefix, turns = self.turns_of([dataclasses.replace(c, instructions=instructions) for c in convs])

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .slots import TURN_SAMPLES
-from .tokenizer import ByteTokenizer
-from .transformer import InteractionModel
+from ..model.config import ModelConfig
+from ..model.slots import TURN_SAMPLES
+from ..model.tokenizer import ByteTokenizer
+from ..model.transformer import InteractionModel
 
 # audio tokens (400 ms) past an utterance's end that its transcript may still come in: a causal model
 # names a word after hearing it, and fast speech holds nearly one byte per 50 ms token

@@ -23,10 +23,10 @@ import wave
 import numpy as np
 import torch
 
-from .engine import Engine, resolve_device, resolve_dtype
-from .params import flops_per_turn
-from .slots import SAMPLE_RATE, TURN_SAMPLES, SamplingParams, SlotInput
-from .transformer import InteractionModel, build_model
+from ..model.engine import Engine, resolve_device, resolve_dtype
+from ..model.params import flops_per_turn
+from ..model.slots import SAMPLE_RATE, TURN_SAMPLES, SamplingParams, SlotInput
+from ..model.transformer import InteractionModel, build_model
 
 REALTIME_BUDGET_MS = 150.0  # p99 compute per 200 ms micro-turn that still counts as real time
 MIN_TICKS = 8  # ticks measured per level even when --seconds is short
@@ -52,7 +52,7 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
 def load_speech(path: str | None) -> np.ndarray:
     """16 kHz mono PCM16 WAV (stdlib reader, so the GPU box needs no audio libraries) or espeak-ng speech."""
     if path is None:
-        from .espeak import speak
+        from ..training.espeak import speak
 
         return speak(SPEECH)
     with wave.open(path, "rb") as w:
@@ -150,12 +150,12 @@ def main(args: argparse.Namespace) -> int:
     dev = resolve_device(args.device or "auto")
     max_sessions = args.max_sessions or (4096 if dev.type == "cuda" else 256)
     if args.checkpoint:
-        from .checkpoint import load_checkpoint
+        from ..model.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(args.checkpoint, lambda cfg: InteractionModel(cfg), "cpu")
         preset_name = f"{args.preset} ({args.checkpoint})"
     else:
-        from .config import preset
+        from ..model.config import preset
 
         model = build_model(preset(args.preset))
         preset_name = args.preset

@@ -3,7 +3,7 @@
 Contract: `evaluate(engine, convs, gen)` plays each conversation's user side (audio, typed
 text, camera frames, background results; scripted, not reactive) into the real `Engine`
 micro-turn by micro-turn, several conversations side by side in one batch, greedy sampling,
-and scores what the model did against the episode labels of model/data.py. `main(args)`
+and scores what the model did against the episode labels of training/data.py. `main(args)`
 loads `--checkpoint`, draws `--conversations` held-out conversations (held-out voices and
 phrasings, one episode each, scenarios in turn; `--split train` draws them from the training
 voices and phrasings instead, to measure the generalisation gap, and `--voices` speaks one split's
@@ -33,7 +33,7 @@ plays during [(t+1)*200, (t+2)*200) ms, so one tick of compute is always counted
   colour and no other;
 - heard_cer / heard_wer (models that hear, Engine.hears): character / word error rate (jiwer,
   over all utterances) of the model's reading of its audio-in over each user utterance's span
-  (model/heard.py `utterance_spans`) against the normalised words said; None for other models.
+  (training/heard.py `utterance_spans`) against the normalised words said; None for other models.
 This module does not know how the model was trained.
 """
 
@@ -48,14 +48,14 @@ import librosa
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from ..model.config import ModelConfig
+from ..model.dmel import DMel
+from ..model.engine import Engine
+from ..model.slots import SamplingParams
+from ..model.tokenizer import ByteTokenizer, CtcStreamDecoder
 from .curricula import SCENARIOS
 from .data import COLOURS, TURN_MS, Conversation, DuplexGenerator, Episode
-from .dmel import DMel
-from .engine import Engine
 from .heard import utterance_spans
-from .slots import SamplingParams
-from .tokenizer import ByteTokenizer, CtcStreamDecoder
 
 SPEECH_MEAN_CODE = 3.0  # frame mean code above this = speech (silence 1, model voice 5-9)
 FRAME_MS = 12.5  # one dMel frame

@@ -1,13 +1,13 @@
 """Training of the interaction model on synthetic duplex conversations (`microturn train`).
 
 Contract: `main(args)` trains `--preset` (or the weights of `--checkpoint`) for `--steps`
-optimiser steps on batches from `model/data.py`, teacher-forced through `layout.sequence_hidden`
+optimiser steps on batches from `training/data.py`, teacher-forced through `layout.sequence_hidden`
 (the inference mask, sliding window included). Loss = weighted text CE on text-out (answer bytes
 and task markers CONTENT_TEXT_WEIGHT, each turn's first slot at least DECISION_TEXT_WEIGHT,
 PAD/EPAD filler 1) + dMel CE per (frame, channel) on audio-out + the config's aux / z
 coefficients times the MoE router losses summed over layers + `--heard-weight` times the CTC loss
-of what the user said, read on the audio-in positions (model/heard.py). AdamW (or, with `--optimizer
-muon`, Muon for the layers' attention and expert matrices and AdamW for the rest; model/muon.py),
+of what the user said, read on the audio-in positions (training/heard.py). AdamW (or, with `--optimizer
+muon`, Muon for the layers' attention and expert matrices and AdamW for the rest; training/muon.py),
 linear warm-up then cosine decay, gradient clipping; `--precision bf16` autocasts the step, MoE
 experts included (weights and optimiser state stay fp32); `--precision auto` does so only where bf16 is native
 (model/precision.py: on an AVX2-only CPU bf16 is ~12x slower than fp32), and the recipe records
@@ -39,17 +39,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, read_config, save_checkpoint
-from .config import ModelConfig, preset
+from ..model.checkpoint import load_checkpoint, read_config, save_checkpoint
+from ..model.config import ModelConfig, preset
+from ..model.engine import resolve_device
+from ..model.layout import Turns, audio_in_hidden, output_logits, sequence_hidden
+from ..model.precision import resolve_precision, slow_bf16_warning
+from ..model.tokenizer import ByteTokenizer
+from ..model.transformer import InteractionModel, build_model
 from .curricula import CURRICULA
 from .data import DuplexGenerator
-from .engine import resolve_device
 from .heard import Heard, heard_loss
-from .layout import Turns, audio_in_hidden, output_logits, sequence_hidden
 from .muon import Muon
-from .precision import resolve_precision, slow_bf16_warning
-from .tokenizer import ByteTokenizer
-from .transformer import InteractionModel, build_model
 
 STATE_FILE = "train_state.pt"
 PLOT_FILE = "loss.png"
@@ -77,7 +77,7 @@ class Losses:
 def compute_losses(model: InteractionModel, prefix: torch.Tensor, turns: Turns, heard: Heard | None = None,
                    heard_weight: float = 0.0) -> Losses:
     """Teacher-forced losses of one batch (router losses only exist with grads on); with
-    `heard_weight` > 0, plus that times the CTC loss of what the user said (model/heard.py)."""
+    `heard_weight` > 0, plus that times the CTC loss of what the user said (training/heard.py)."""
     cfg = model.cfg
     h, router = sequence_hidden(model, prefix, turns)
     text_logits, audio_logits = output_logits(model, h)
@@ -226,7 +226,7 @@ def main(args: argparse.Namespace) -> int:
         recipe["from"] = str(args.checkpoint)
 
     def save() -> None:
-        save_checkpoint(out, model, cfg, extra={"step": step, "recipe": recipe, "data": "model/data.py"})
+        save_checkpoint(out, model, cfg, extra={"step": step, "recipe": recipe, "data": "training/data.py"})
         torch.save({"optimizers": [o.state_dict() for o in opts],
                     "schedulers": [sc.state_dict() for sc in scheds], "step": step,
                     "history": history}, out / STATE_FILE)

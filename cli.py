@@ -1,10 +1,11 @@
 """The `microturn` command line: one entry point, one subcommand per tool.
 
-Flags are declared here (DESIGN.md section 7); the work is done by a target
-function `main(args: argparse.Namespace) -> int | None` in another module,
-imported only when its subcommand runs, so `microturn params` never imports
-torch, FastAPI or the server. To add a subcommand: write its flags function and
-add one line to `COMMANDS`. This module knows nothing about what the targets do.
+Flags are declared here (the README's "Command line" table); the work is done by a target
+function `main(args: argparse.Namespace) -> int | None` in another module, imported only when
+its subcommand runs, so `microturn params` never imports torch, FastAPI or the server. To add a
+subcommand: write its flags function and add one `Command` to `COMMANDS`. A command that needs
+an optional dependency group names it as `extra`; where that group is not installed, the command
+says so in one line and exits 2. This module knows nothing about what the targets do.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -97,27 +99,23 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
                         help="adamw, or muon: Muon for the layers' attention and expert matrices, AdamW for "
-                             "the rest, at the same --lr (model/muon.py)")
+                             "the rest, at the same --lr (training/muon.py)")
     parser.add_argument("--seed", type=int, default=0, help="weights and data seed")
     parser.add_argument("--save-every", type=int, default=200, help="checkpoint period in steps")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--data-workers", type=int, default=1,
                         help="processes making batches (1 = a thread beside the step; more for a GPU)")
-    parser.add_argument("--curriculum",
-                        choices=("base", "refine", "voices", "phrases", "focus", "numbers", "sums",
-                                 "greetings"),
-                        default="base",
-                        help="what conversations are made of (model/curricula.py): base is the first "
+    from microturn.training.curricula import CURRICULA  # names only: no torch
+
+    parser.add_argument("--curriculum", choices=tuple(CURRICULA), default="base",
+                        help="what conversations are made of (training/curricula.py): base is the first "
                              "stage of the demo recipe; refine (its second stage) adds sums, pauses, digit "
-                             "strings; focus gives spoken and vision questions more share; numbers asks for "
-                             "digit strings as numbers; sums is numbers with more sums; greetings is sums "
-                             "with greetings holding number-sounding words; voices is refine "
-                             "with many more speakers, phrases with hundreds of wordings per question "
-                             "(model/grammar.py)")
+                             "strings; numbers asks for digit strings as numbers; sums is numbers with more "
+                             "sums; greetings is sums with greetings holding number-sounding words")
     parser.add_argument("--heard-weight", type=float, default=0.0,
                         help="weight of the CTC loss transcribing the user's speech on the audio-in "
-                             "positions (model/heard.py); 0 = off")
+                             "positions (training/heard.py); 0 = off")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32",
                         help="bf16: autocast matmuls to bfloat16 (weights and optimiser stay fp32); auto: "
                              "bf16 only where the device runs it natively (CUDA, AMX / AVX512-BF16 CPUs), "
@@ -183,19 +181,35 @@ def params_main(args: argparse.Namespace) -> int:
     return 0
 
 
-# (subcommand path, "module:function" or in-module function, flags, help)
 Target = str | Callable[[argparse.Namespace], int | None]
-COMMANDS: list[tuple[tuple[str, ...], Target, Callable[[argparse.ArgumentParser], None], str]] = [
-    (("params",), params_main, _params_flags, "parameter, KV-memory and FLOP arithmetic of a preset"),
-    (("serve",), "microturn.server.cli:serve_main", _serve_flags, "run the realtime server"),
-    (("bench", "engine"), "microturn.model.bench:main", _bench_engine_flags, "sessions held in real time"),
-    (("bench", "background"), "microturn.server.bench_background:main", _bench_background_flags,
-     "tick time with background tasks streaming"),
-    (("loadtest",), "microturn.clients.loadtest.cli:main", _loadtest_flags, "real-time sessions vs a server"),
-    (("talk",), "microturn.clients.python.cli:talk_main", _talk_flags, "stream a WAV file, record the reply"),
-    (("train",), "microturn.model.train:main", _train_flags, "train a model and write a checkpoint"),
-    (("export",), "microturn.model.export:main", _export_flags, "store a checkpoint for shipping (bf16)"),
-    (("eval", "duplex"), "microturn.model.evaluate:main", _eval_flags, "duplex behaviour of a checkpoint"),
+
+
+@dataclass(frozen=True)
+class Command:
+    path: tuple[str, ...]  # the words that name it: ("bench", "engine")
+    target: Target  # "module:function", imported only when it runs, or a function of this module
+    flags: Callable[[argparse.ArgumentParser], None]  # declares its flags
+    help: str
+    extra: str | None = None  # the optional dependency group (pyproject.toml) it needs beyond the core
+
+
+COMMANDS: list[Command] = [
+    Command(("params",), params_main, _params_flags, "parameter, KV-memory and FLOP arithmetic of a preset"),
+    Command(("serve",), "microturn.server.cli:serve_main", _serve_flags, "run the realtime server"),
+    Command(("bench", "engine"), "microturn.benchmarks.engine_capacity:main", _bench_engine_flags,
+            "sessions held in real time"),
+    Command(("bench", "background"), "microturn.benchmarks.background_overhead:main", _bench_background_flags,
+            "tick time with background tasks streaming"),
+    Command(("loadtest",), "microturn.clients.loadtest.cli:main", _loadtest_flags,
+            "real-time sessions vs a server"),
+    Command(("talk",), "microturn.clients.python.cli:talk_main", _talk_flags,
+            "stream a WAV file, record the reply"),
+    Command(("train",), "microturn.training.train:main", _train_flags,
+            "train a model and write a checkpoint"),
+    Command(("export",), "microturn.training.export:main", _export_flags,
+            "store a checkpoint for shipping (bf16)"),
+    Command(("eval", "duplex"), "microturn.training.evaluate:main", _eval_flags,
+            "duplex behaviour of a checkpoint", extra="training"),
 ]
 
 
@@ -203,37 +217,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="microturn", description=__doc__.splitlines()[0])
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command")}
     groups[()].required = True
-    for path, target, flags, help_text in COMMANDS:
+    for command in COMMANDS:
+        path = command.path
         for depth in range(1, len(path)):
             prefix = path[:depth]
             if prefix not in groups:
                 group_parser = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} tools")
                 groups[prefix] = group_parser.add_subparsers(dest="_".join(prefix) + "_tool", required=True)
-        sub = groups[path[:-1]].add_parser(path[-1], help=help_text, description=help_text)
-        flags(sub)
-        sub.set_defaults(_target=target, _name=" ".join(path))
+        sub = groups[path[:-1]].add_parser(path[-1], help=command.help, description=command.help)
+        command.flags(sub)
+        sub.set_defaults(_command=command)
     return parser
 
 
-def _resolve(target: Target, name: str) -> Callable[[argparse.Namespace], int | None] | None:
-    if callable(target):
-        return target
-    module_name, _, function = target.partition(":")
+def _resolve(command: Command) -> Callable[[argparse.Namespace], int | None] | None:
+    """The command's function, or None (after one line on stderr) when it cannot run in this install."""
+    if callable(command.target):
+        return command.target
+    name = " ".join(command.path)
+    module_name, _, function = command.target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        # Only the target module itself being absent means "not implemented"; a missing
-        # dependency inside it is a real error and must surface with its traceback.
-        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            print(f"microturn {name}: not available ({module_name} is not installed)", file=sys.stderr)
+            return None
+        # a dependency the core install lacks: name the extra that brings it; anything else is a real
+        # error and surfaces with its traceback
+        if command.extra is None:
             raise
-        print(f"microturn {name}: not available ({module_name} is not installed)", file=sys.stderr)
+        print(f"microturn {name}: needs the '{command.extra}' extra (no module named {exc.name!r}); "
+              f"install it with: pip install 'microturn[{command.extra}]'", file=sys.stderr)
         return None
     return getattr(module, function)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    function = _resolve(args._target, args._name)
+    command: Command = args._command
+    name = " ".join(command.path)
+    function = _resolve(command)
     if function is None:
         return EXIT_UNAVAILABLE
     try:
@@ -244,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint = sys.modules.get("microturn.model.checkpoint")
         if checkpoint is None or not isinstance(exc, checkpoint.CheckpointError):
             raise
-        print(f"microturn {args._name}: {exc}", file=sys.stderr)
+        print(f"microturn {name}: {exc}", file=sys.stderr)
         return EXIT_BAD_CHECKPOINT
 
 

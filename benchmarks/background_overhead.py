@@ -26,15 +26,14 @@ import numpy as np
 import uvicorn
 import websockets
 
-from microturn.model.engine import Engine
-from microturn.model.slots import SAMPLE_RATE
-
-from . import protocol as p
-from .app import create_app
-from .background import TaskDelta, TaskResult
-from .cli import uvicorn_config
-from .settings import ServerSettings
-from .tasks import BackgroundWork
+from ..model.engine import Engine
+from ..model.slots import SAMPLE_RATE
+from ..server import protocol as p
+from ..server.app import create_app
+from ..server.background import TaskDelta, TaskResult
+from ..server.cli import uvicorn_config
+from ..server.settings import ServerSettings
+from ..server.tasks import BackgroundWork
 
 DELTAS_PER_S = 20.0  # partial results per second per synthetic task
 PACKET_MS = 20  # client audio packet
@@ -117,7 +116,7 @@ def _phase(app, url: str, sessions: int, tasks: int, seconds: float, speech: np.
 
 
 def main(args: argparse.Namespace) -> int:
-    from microturn.model.bench import load_speech
+    from .engine_capacity import load_speech
 
     settings = ServerSettings(max_sessions=args.sessions, background_max_concurrent=max(16, args.tasks),
                               background_max_per_session=args.tasks, background_timeout_s=600)

@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import soundfile as sf
 
-from .resample import resample
+from ..model.resample import resample
 
 ESPEAK_BINARY = "espeak-ng"
 ESPEAK_TIMEOUT_S = 60.0  # generous: long texts synthesise faster than real time on any CPU

@@ -11,7 +11,7 @@ step count are torch.optim.Muon's.
 Written here, not taken from torch, because torch.optim.Muon accepts only 2-D parameters and 84%
 of the tiny preset's weights are 3-D expert stacks.
 
-This module does not know which parameters should use it (model/train.py decides: hidden
+This module does not know which parameters should use it (training/train.py decides: hidden
 matrices; embeddings, heads, norms and the router stay on AdamW).
 """
 
