@@ -44,7 +44,7 @@ from .layout import embed_inputs, embed_output, image_patches, patch_indices
 from .precision import slow_bf16_warning
 from .sampling import sample
 from .slots import TURN_SAMPLES, SamplingParams, SlotInput, SlotOutput
-from .tokenizer import ByteStreamDecoder, ByteTokenizer
+from .tokenizer import ByteTokenizer, TextOutDecoder
 from .transformer import InteractionModel, build_model
 from .vocoder import GriffinLimVocoder, Vocoder
 
@@ -91,7 +91,7 @@ class _SlotMeta:
     """Host-side bookkeeping of one joined slot."""
 
     slot: int
-    decoder: ByteStreamDecoder
+    decoder: TextOutDecoder
     joined_at: float
 
 
@@ -195,7 +195,7 @@ class Engine:
             raise EngineFull(f"all {self.max_slots} slots are taken")
         slot = min(set(range(self.max_slots)) - set(self._row_of))
         row = len(self._rows)
-        self._rows.append(_SlotMeta(slot, ByteStreamDecoder(), time.monotonic()))
+        self._rows.append(_SlotMeta(slot, TextOutDecoder(self.tokenizer), time.monotonic()))
         self._row_of[slot] = row
         mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
         mask[row] = True
@@ -325,8 +325,9 @@ class Engine:
         turns = self.turn[:B].cpu().tolist()
         outputs = {}
         for b, meta in enumerate(self._rows):
+            decoded = meta.decoder.feed(text_host[b])
             outputs[meta.slot] = SlotOutput(
-                audio=pcm_host[b], text_tokens=text_host[b], text=meta.decoder.feed(text_host[b]),
+                audio=pcm_host[b], text_tokens=text_host[b], text=decoded.text, task_texts=decoded.task_texts,
                 turn_index=turns[b] - 1, error=checked[b][1], heard_tokens=heard_host[b],
             )
         self.last_step_ms = (time.perf_counter() - t0) * 1e3

@@ -72,6 +72,43 @@ class ByteStreamDecoder:
         return self._dec.decode(bytes(i for i in ids if i < ByteTokenizer.n_bytes))
 
 
+MAX_TASK_MARKER_BYTES = 512  # a task marker longer than this is dropped (runaway generation)
+
+
+@dataclass
+class DecodedText:
+    """One micro-turn of text-out, decoded once for everyone who reads it."""
+
+    text: str  # printable text (every byte, task marker contents included; specials dropped)
+    task_texts: list[str]  # TASK_START ... TASK_END spans completed in these tokens, stripped, non-empty
+
+
+class TextOutDecoder:
+    """Streaming decoder of one session's text-out: printable text, and the task markers it closes."""
+
+    def __init__(self, tokenizer: ByteTokenizer) -> None:
+        self._text = ByteStreamDecoder()
+        self._start = tokenizer.special.TASK_START
+        self._end = tokenizer.special.TASK_END
+        self._marker: list[int] | None = None  # inside a marker: its bytes so far
+
+    def feed(self, ids: list[int]) -> DecodedText:
+        tasks: list[str] = []
+        for t in ids:
+            if t == self._start:
+                self._marker = []
+            elif t == self._end and self._marker is not None:
+                task = bytes(self._marker).decode("utf-8", errors="replace").strip()
+                self._marker = None
+                if task:
+                    tasks.append(task)
+            elif self._marker is not None and t < ByteTokenizer.n_bytes:
+                self._marker.append(t)
+                if len(self._marker) > MAX_TASK_MARKER_BYTES:
+                    self._marker = None
+        return DecodedText(self._text.feed(ids), tasks)
+
+
 class CtcStreamDecoder:
     """Greedy CTC read-out, streamed: a run of one id is one byte, specials (PAD is the blank) are
     gaps, so a doubled letter needs a blank between its two; runs continue across calls."""

@@ -2,10 +2,9 @@
 
 One `BackgroundWork` per server owns the worker pool and the tool registry and
 makes a `SessionBackground` per session. That object is the session's
-`TaskHooks`: it turns `task.create` / `task.cancel` into pool work, finds task
-markers in the model's text-out stream (TASK_START task text TASK_END) and
-starts those tasks too, writes both sides of the conversation into the record
-that context packages are built from, moves the epoch on barge-in, and each
+`TaskHooks`: it turns `task.create` / `task.cancel` into pool work, starts the
+tasks the model's text-out markers name (`SlotOutput.task_texts`) too, writes
+both sides of the conversation into the record that context packages are built from, moves the epoch on barge-in, and each
 tick moves scheduled result text (interrupt / when_idle / silent) into the
 session's text-in queue. Task events go to the client as they are.
 
@@ -20,7 +19,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..model.slots import SlotOutput
-from ..model.tokenizer import ByteStreamDecoder, ByteTokenizer
+from ..model.tokenizer import ByteTokenizer
 from . import protocol as p
 from .background import (
     Backend,
@@ -42,34 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_MARKER_BYTES = 512  # a model task marker longer than this is dropped (runaway generation)
 BACKGROUND_QUEUE_TURNS = 2  # scheduled text held in the session's text-in queue, in micro-turns of slots
-
-
-class TaskMarkerParser:
-    """Finds TASK_START ... TASK_END spans in a text-out token stream (byte tokens in between)."""
-
-    def __init__(self, tokenizer: ByteTokenizer) -> None:
-        self._start = tokenizer.special.TASK_START
-        self._end = tokenizer.special.TASK_END
-        self._bytes: list[int] | None = None  # inside a marker: its bytes so far
-
-    def feed(self, tokens: list[int]) -> list[str]:
-        """Task texts completed by these tokens."""
-        done: list[str] = []
-        for t in tokens:
-            if t == self._start:
-                self._bytes = []
-            elif t == self._end and self._bytes is not None:
-                text = bytes(self._bytes).decode("utf-8", errors="replace").strip()
-                self._bytes = None
-                if text:
-                    done.append(text)
-            elif self._bytes is not None and t < ByteTokenizer.n_bytes:
-                self._bytes.append(t)
-                if len(self._bytes) > MAX_MARKER_BYTES:
-                    self._bytes = None
-        return done
 
 
 class SessionBackground:
@@ -82,8 +54,6 @@ class SessionBackground:
         self.session = session
         self.tasks = tasks
         self._tokenizer = tokenizer
-        self._markers = TaskMarkerParser(tokenizer)
-        self._text = ByteStreamDecoder()
         self._budget = BACKGROUND_QUEUE_TURNS * text_in_slots
         self._metrics = metrics
         self._model_was_speaking = False
@@ -127,13 +97,12 @@ class SessionBackground:
 
     def on_turn(self, out: SlotOutput, model_speaking: bool) -> None:
         """Once per tick: model text into the record, model task markers, scheduled results into text-in."""
-        text = self._text.feed(out.text_tokens)
-        if text:
-            self.tasks.record.add_model_text(text)
+        if out.text:
+            self.tasks.record.add_model_text(out.text)
         if self._model_was_speaking and not model_speaking:
             self.tasks.record.end_model_turn()
         self._model_was_speaking = model_speaking
-        for task_text in self._markers.feed(out.text_tokens):
+        for task_text in out.task_texts:
             # "name: input" where name is a declared background tool runs that tool (on the server when
             # its registry has it, else on the client); else free text
             name, _, rest = task_text.partition(":")

@@ -107,7 +107,8 @@ def _turn(session: Session, heard: str, loud: bool) -> None:
     ids = [x for c in TOK.encode(heard) for x in (c, pad)][:4]
     ids += [pad] * (4 - len(ids))
     audio = np.full(TURN_SAMPLES, 0.3 if loud else 0.0, np.float32)
-    out = SlotOutput(audio=np.zeros(TURN_SAMPLES, np.float32), text_tokens=[pad] * 4, text="", turn_index=0,
+    out = SlotOutput(audio=np.zeros(TURN_SAMPLES, np.float32), text_tokens=[pad] * 4, text="", task_texts=[],
+                     turn_index=0,
                      heard_tokens=ids)
     session.deliver(out, SlotInput(audio=audio))
 

@@ -6,15 +6,15 @@ import asyncio
 import json
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 import websockets
 from realserver import ServerThread, collect, warm_engine
 
 from microturn.model.engine import Engine
+from microturn.model.tokenizer import TextOutDecoder
 from microturn.server.background import Tool
 from microturn.server.settings import ServerSettings
-from microturn.server.tasks import BackgroundWork, TaskMarkerParser
+from microturn.server.tasks import BackgroundWork
 
 MAX_SLOTS = 4
 
@@ -167,11 +167,11 @@ async def test_model_calls_a_client_declared_tool_over_the_websocket(server: _Se
         assert done["task_id"] == call["task_id"] and done["result"]["output"] == "shipped on Monday"
 
 
-def test_marker_parser_spans_turns_and_drops_runaways(engine: Engine) -> None:
+def test_marker_decoding_spans_turns_and_drops_runaways(engine: Engine) -> None:
     sp = engine.tokenizer.special
-    parser = TaskMarkerParser(engine.tokenizer)
-    assert parser.feed([sp.PAD, sp.TASK_START, *b"what ti"]) == []
-    assert parser.feed([*b"me is it", sp.TASK_END, *b"x"]) == ["what time is it"]
-    assert parser.feed([sp.TASK_START, *(b"a" * 600), sp.TASK_END]) == []
-    assert parser.feed([sp.TASK_END]) == []
-    assert np.array([sp.TASK_START]).dtype.kind == "i"
+    decoder = TextOutDecoder(engine.tokenizer)
+    assert decoder.feed([sp.PAD, sp.TASK_START, *b"what ti"]).task_texts == []
+    turn = decoder.feed([*b"me is it", sp.TASK_END, *b"x"])
+    assert turn.task_texts == ["what time is it"] and turn.text == "me is itx"
+    assert decoder.feed([sp.TASK_START, *(b"a" * 600), sp.TASK_END]).task_texts == []
+    assert decoder.feed([sp.TASK_END]).task_texts == []
