@@ -5,8 +5,9 @@ makes a `SessionBackground` per session. That object is the session's
 `TaskHooks`: it turns `task.create` / `task.cancel` into pool work, starts the
 tasks the model's text-out markers name (`SlotOutput.task_texts`) too, writes
 both sides of the conversation into the record that context packages are
-built from, moves the epoch on barge-in, and each tick moves scheduled result text (interrupt / when_idle / silent) into the
-session's text-in queue. Task events go to the client as they are.
+built from, moves the epoch on barge-in, and each tick moves scheduled result
+text (interrupt / when_idle / silent) into the session's text-in queue. Task
+events go to the client as they are.
 
 Everything here runs on the event loop and never waits on a worker; the tick
 thread only reads the session's text-in queue. No tensors, no sockets.
