@@ -43,21 +43,17 @@ bench: bench-engine
 bench-engine: install
 	$(VENV)/bin/microturn bench engine --preset $(PRESET) --seconds 5
 
-# The shipped demo checkpoint, seven stages on the 2-core CPU. Stage 1 (about 1.8 h, ~1.9 s/step at batch
-# 8 x 32 micro-turns) trains from scratch in fp32 on the base curriculum and is stored in bf16; stage 2
-# (about 2 h, ~1.55 s/step) continues from those bf16 weights with a fresh optimiser on the refine
-# curriculum (more sums and pauses, digit strings to copy) in bf16 autocast; stage 3 (44 min, ~1.09
-# s/step) is 2400 more refine steps at half the learning rate; stage 4 (69 min, ~1.72 s/step) adds the
-# CTC loss of what the user said on the audio-in positions (--heard-weight, training/heard.py) and asks for
-# digit strings as numbers (--curriculum numbers); stage 5 (about 45 min) is 1500 more such steps at twice
-# the transcript weight and 2/3 of the learning rate; stage 6 (46 min, 2.3 s/step on a 2-core AMX host) is
-# 1200 steps of --curriculum sums (more single-digit sums); stage 7 (41 min, 2.75 s/step) is 900 steps of
-# --curriculum greetings (sums plus greetings holding number-sounding words) at a lower learning rate.
-# Each is stored in bf16.
-# Those times are from an Intel CPU with AMX. Stages 2-7 say --precision auto: bf16 autocast where the
-# CPU runs it natively (AMX / AVX512-BF16), fp32 elsewhere, since an AVX2-only CPU (AMD EPYC, 2 cores)
-# emulates bf16 at 56 s/step against 4.5 s/step in fp32; there the recipe takes about 18 h, not 6.5.
-# Every run resumes: rerun the command with --resume added.
+# The shipped demo checkpoint, seven stages on a CPU at batch 8 x 32 micro-turns, each stored in bf16
+# and continued by the next with a fresh optimiser. Stage 1 trains from scratch in fp32 on the base
+# curriculum; stages 2 and 3 refine it (more sums and pauses, digit strings to copy), the third at half
+# the learning rate. Stages 4 and 5 add the CTC loss of what the user said on the audio-in positions
+# (--heard-weight, training/heard.py) and ask for digit strings as numbers (--curriculum numbers), the
+# fifth at twice the transcript weight and 2/3 of the learning rate; stage 6 asks more single-digit sums
+# (--curriculum sums); stage 7 adds greetings holding number-sounding words (--curriculum greetings) at a
+# lower learning rate.
+# Stages 2-7 say --precision auto: bf16 autocast where the CPU runs it natively (AMX / AVX512-BF16), fp32
+# elsewhere, since emulated bf16 is an order of magnitude slower than fp32. Per-stage times and results
+# are in docs/demo-model.md. Every run resumes: rerun the command with --resume added.
 DEMO_CKPT ?= checkpoints/tiny-demo
 DEMO_RUN ?= .train/tiny-demo
 DEMO_STEPS ?= 3400

@@ -31,9 +31,9 @@ from ..model.slots import SAMPLE_RATE
 from ..server import protocol as p
 from ..server.app import create_app
 from ..server.background import TaskDelta, TaskResult
+from ..server.background_service import BackgroundService
 from ..server.cli import uvicorn_config
 from ..server.settings import ServerSettings
-from ..server.tasks import BackgroundWork
 
 DELTAS_PER_S = 20.0  # partial results per second per synthetic task
 PACKET_MS = 20  # client audio packet
@@ -123,9 +123,9 @@ def main(args: argparse.Namespace) -> int:
     engine = Engine.from_preset(args.preset, max_slots=args.sessions, device=args.device or "auto")
     engine.warmup()
     backend = StreamingBackend(args.seconds + WARMUP_S + 5)
-    work = BackgroundWork(settings, engine.tokenizer, engine.config.text_in_slots, backend=backend)
+    work = BackgroundService(settings, engine.tokenizer, backend=backend)
     speech = load_speech(None)
-    app = create_app(settings, engine, task_hooks=work)
+    app = create_app(settings, engine, background=work)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))

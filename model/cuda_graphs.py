@@ -1,4 +1,4 @@
-"""CUDA graphs of the engine's generate pass, one per batch bucket.
+"""CUDA graphs of a generate pass, one per batch bucket.
 
 The micro-turn has fixed shapes, so the whole generate pass (prefill, every
 decode step, sampling, cache writes) is captured once per bucket of rows
@@ -7,20 +7,32 @@ thousands of small kernels. A tick with B rows replays the smallest bucket
 >= B; rows past B are padding whose cache writes go to the trash cell and
 whose bookkeeping is reset when a real session joins that row.
 
-Captured at warm-up with no session joined (the passes mutate only padding
-state then). Only for CUDA; knows nothing beyond `Engine._generate`.
+`GraphedGenerate` is given the callable to capture (`Generate`) and the
+static input buffers to capture it over (`GraphInputs`, max_slots rows each).
+The callable must be pure tensor work with static shapes and no host sync,
+and must leave its outputs in tensors it allocates (they become the graph's
+static outputs). Capture at warm-up with no session joined (the passes then
+mutate only padding state). Only for CUDA; this module knows nothing about
+what the callable computes, nor about sessions or the engine.
+
+Legend: S rows (max_slots), b rows in a bucket, Ti text-in slots, To text-out
+slots, A audio tokens per turn, k frames per audio token, C dMel channels.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-if TYPE_CHECKING:
-    from .engine import Engine
-
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (allocator and kernel autotuning)
+
+# (b, exec_mask, text_in, source, audio_in, forced) -> text-out (b, To), audio-out (b, A, k, C), heard (b, A)
+Generate = Callable[
+    [int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+]
 
 
 def buckets(max_slots: int) -> list[int]:
@@ -31,52 +43,60 @@ def buckets(max_slots: int) -> list[int]:
     return [*out, max_slots]
 
 
+@dataclass
+class GraphInputs:
+    """The generate pass's inputs as static buffers; a bucket of b rows reads rows [0, b)."""
+
+    text_in: torch.Tensor  # (S, Ti) long text-in ids
+    source: torch.Tensor  # (S, Ti) long text-in source markers
+    audio_in: torch.Tensor  # (S, A, k, C) long dMel codes of the turn's audio-in
+    forced: torch.Tensor  # (S, To) long text-out ids to force, -1 = sample
+    exec_mask: torch.Tensor  # (S,) bool rows that execute; padding rows write only to the trash cell
+
+    def rows(self, b: int) -> tuple[torch.Tensor, ...]:
+        """Views of rows [0, b), in `Generate`'s argument order after b."""
+        return self.exec_mask[:b], self.text_in[:b], self.source[:b], self.audio_in[:b], self.forced[:b]
+
+
 class GraphedGenerate:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        cfg, dev, S = engine.config, engine.device, engine.max_slots
-        pad = engine.tokenizer.special.PAD
-        self.text_in = torch.full((S, cfg.text_in_slots), pad, dtype=torch.long, device=dev)
-        self.source = torch.zeros((S, cfg.text_in_slots), dtype=torch.long, device=dev)
-        self.audio_in = torch.zeros(
-            (S, cfg.audio_tokens, cfg.frames_per_audio_token, cfg.dmel_channels), dtype=torch.long, device=dev
-        )
-        self.forced = torch.full((S, cfg.text_out_slots), -1, dtype=torch.long, device=dev)
-        self.exec_mask = torch.zeros(S, dtype=torch.bool, device=dev)
+    def __init__(self, generate: Generate, inputs: GraphInputs) -> None:
+        self.generate = generate
+        self.inputs = inputs
+        self.device = inputs.exec_mask.device
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for b in reversed(buckets(S)):  # largest first so smaller graphs reuse its pool memory
+        for b in reversed(buckets(len(inputs.exec_mask))):  # largest first so smaller graphs reuse its pool
             self.graphs[b] = self._capture(b)
 
     @torch.inference_mode()
     def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]:
-        e = self.engine
-        e.model.set_moe_backend(e.moe_backend_for(b))
-        args = (b, self.exec_mask[:b], self.text_in[:b], self.source[:b], self.audio_in[:b], self.forced[:b])
-        stream = torch.cuda.Stream(e.device)
-        stream.wait_stream(torch.cuda.current_stream(e.device))
+        args = (b, *self.inputs.rows(b))
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(WARMUP_RUNS):
-                e._generate(*args)
-        torch.cuda.current_stream(e.device).wait_stream(stream)
+                self.generate(*args)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            text_out, audio_out, heard = e._generate(*args)
+            text_out, audio_out, heard = self.generate(*args)
         return graph, text_out, audio_out, heard
 
     def run(
         self,
         B: int,
-        text_in: torch.Tensor,
-        source: torch.Tensor,
-        audio_in: torch.Tensor,
-        forced: torch.Tensor,
+        text_in: torch.Tensor,  # (B, Ti)
+        source: torch.Tensor,  # (B, Ti)
+        audio_in: torch.Tensor,  # (B, A, k, C)
+        forced: torch.Tensor,  # (B, To)
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Replay the smallest bucket >= B over these inputs -> text-out, audio-out, heard of rows [0, B)."""
         b = next(k for k in sorted(self.graphs) if k >= B)
         graph, text_out, audio_out, heard = self.graphs[b]
-        self.text_in[:B], self.source[:B] = text_in, source
-        self.audio_in[:B], self.forced[:B] = audio_in, forced
-        self.exec_mask.zero_()
-        self.exec_mask[:B] = True
+        buf = self.inputs
+        buf.text_in[:B], buf.source[:B] = text_in, source
+        buf.audio_in[:B], buf.forced[:B] = audio_in, forced
+        buf.exec_mask.zero_()
+        buf.exec_mask[:B] = True
         graph.replay()
         return text_out[:B], audio_out[:B], heard[:B]

@@ -1,8 +1,8 @@
 """dMel audio codec in pure torch: 16 kHz mono -> discretised log-mel codes and back.
 
-Contract (DESIGN.md section 2): 80 Slaney mel channels over 80-7600 Hz, a periodic Hann
-window of 800 samples (50 ms) centred in n_fft = 1024, hop 200 (12.5 ms), magnitude
-spectrum (power floored at 1e-10, as the reference package), log10 amplitude, and each
+Contract (Apple's dMel, "Speech Tokenization made Simple"): 80 Slaney mel channels over
+80-7600 Hz, a periodic Hann window of 800 samples (50 ms) centred in n_fft = 1024, hop 200
+(12.5 ms), magnitude spectrum (power floored at 1e-10, as the reference package), log10 amplitude, and each
 channel discretised into 16 evenly spaced bins over [-7, 2] (codes 0..15, decoded to the
 bin centres -7, -6.4, ..., 2). Digital silence encodes to code 1 (log10 mel ~ -6.2).
 

@@ -2,9 +2,9 @@
 
 Contract: `native_bf16(device)` is true on a CUDA device with bf16 support and on a CPU with AMX
 tiles or AVX512-BF16; elsewhere (an AVX2-only CPU such as many AMD EPYC hosts) oneDNN has no bf16
-kernels and torch falls back to reference loops: a tiny training step measured 56 s in bf16
-autocast against 4.5 s in fp32 on such a 2-core host, where the AMX host it was tuned on ran bf16
-about 2x *faster* than fp32. `resolve_precision("auto", device)` therefore gives "bf16" only where
+kernels and torch falls back to reference loops, about 12x slower than fp32 for a tiny training
+step (where AMX runs bf16 about 2x *faster*; docs/demo-model.md has the measurements).
+`resolve_precision("auto", device)` therefore gives "bf16" only where
 it is native; an explicit "bf16" is honoured but `slow_bf16_warning` says what it will cost.
 
 This module knows nothing about models, training or serving.

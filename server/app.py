@@ -18,7 +18,6 @@ import mimetypes
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -27,11 +26,12 @@ from pydantic import BaseModel, Field
 
 from . import protocol as p
 from .auth import Authenticator
+from .background_service import BackgroundService
 from .connection import ServerState, serve_websocket
+from .engine_api import EngineAPI
 from .errors import ErrorCode, error_payload
 from .metrics import Metrics
 from .settings import ServerSettings
-from .tasks import BackgroundWork
 from .tick_loop import TickLoop
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def web_dir() -> Path | None:
     return path if (path / "index.html").is_file() else None
 
 
-def build_engine(settings: ServerSettings) -> Any:
+def build_engine(settings: ServerSettings) -> EngineAPI:
     from ..model.engine import Engine, resolve_device, resolve_dtype
 
     dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
@@ -81,22 +81,27 @@ class ClientSecretRequest(BaseModel):
     session: p.SessionConfig | None = None
 
 
-def create_app(settings: ServerSettings | None = None, engine: Any = None, task_hooks: Any = None) -> FastAPI:
-    """`task_hooks(session) -> TaskHooks` plugs background work into sessions; default server/tasks.py."""
+def create_app(
+    settings: ServerSettings | None = None,
+    engine: EngineAPI | None = None,
+    background: BackgroundService | None = None,
+) -> FastAPI:
+    """`background` runs the sessions' background tasks (the caller closes it); by default the app makes
+    one when `settings.background` is on."""
     settings = settings or ServerSettings()
-    state = ServerState(settings, Authenticator(settings), Metrics(), task_hooks=task_hooks)
+    state = ServerState(settings, Authenticator(settings), Metrics(), background=background)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
+        eng: EngineAPI = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
         work = None
-        if state.task_hooks is None and settings.background:
-            work = BackgroundWork(settings, eng.tokenizer, eng.config.text_in_slots, state.metrics)
-            state.task_hooks = work
-        if isinstance(state.task_hooks, BackgroundWork):
-            if state.task_hooks.metrics is None:
-                state.task_hooks.metrics = state.metrics
-            await state.task_hooks.warm()
+        if state.background is None and settings.background:
+            work = BackgroundService(settings, eng.tokenizer, state.metrics)
+            state.background = work
+        if state.background is not None:
+            if state.background.metrics is None:
+                state.background.metrics = state.metrics
+            await state.background.warm()
         state.tick = TickLoop(eng, state.metrics, asyncio.get_running_loop())
         state.capacity = min(settings.max_sessions, eng.max_slots)
         state.tick.start()

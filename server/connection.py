@@ -3,7 +3,9 @@
 `serve_websocket` refuses bad handshakes (Origin, credential, draining) with an HTTP
 status before any model work, admits or refuses (`server_busy`, close 1013), then runs
 a `Connection`: a receive loop dispatching client events into the `Session`, a send
-loop draining the session's outbox, and the lifetime limits. Client mistakes are
+loop draining the session's outbox, and the lifetime limits. The receive loop only
+parses, checks and hands each event to the session (config through
+server/session_config.py, task events to the session's background). Client mistakes are
 answered with `error` events and the session lives on. `ServerState` is what every
 connection shares. This module knows nothing about tensors or how the engine steps.
 """
@@ -15,21 +17,21 @@ import base64
 import binascii
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
-import numpy as np
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from . import protocol as p
 from .auth import Authenticator, Grant
-from .background import ToolSpec
+from .background_service import BackgroundService, SessionBackground
 from .errors import HTTP_STATUS, ErrorCode, ProtocolError, close_code, error_payload
+from .media_input import decode_image
 from .metrics import Metrics
-from .session import Session, pcm16_to_float
+from .session import Session
+from .session_config import apply_session_config
 from .settings import ServerSettings
 from .tick_loop import TickLoop
 
@@ -49,7 +51,7 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     connections: set[Connection] = field(default_factory=set)
-    task_hooks: Any = None  # Callable[[Session], TaskHooks] from server/background, or None
+    background: BackgroundService | None = None  # background tasks of live sessions, when enabled
 
 
 async def serve_websocket(ws: WebSocket, state: ServerState) -> None:
@@ -86,24 +88,12 @@ async def _refuse(ws: WebSocket, state: ServerState, code: ErrorCode, message: s
     await ws.close(close_code(code) or 1011, code.value)
 
 
-def decode_jpeg(data: bytes) -> np.ndarray | None:
-    """RGB uint8 (H, W, 3), or None when the bytes are not a decodable image."""
-    if not data:
-        return None
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def b64decode(data: str, code: ErrorCode, event_id: str | None) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise ProtocolError(code, "field is not valid base64", event_id) from None
 
-
-# turn_detection.eagerness -> SamplingParams.wait_bias (nats over the checkpoint's own calibrated bias):
-# low waits longer before taking the turn, high takes it sooner
-EAGERNESS_WAIT_BIAS = {"low": 2.0, "medium": 0.0, "high": -2.0, "auto": 0.0}
 
 class Connection:
     def __init__(self, ws: WebSocket, state: ServerState, beta: bool) -> None:
@@ -116,7 +106,7 @@ class Connection:
             engine.tokenizer,
             engine.config.text_in_slots,
             engine.config.text_out_slots,
-            on_overflow=lambda _: self.request_close(
+            on_overflow=lambda: self.request_close(
                 ErrorCode.SLOW_CONSUMER, "client is not reading its output"
             ),
             beta=beta,
@@ -147,14 +137,10 @@ class Connection:
                 return await _refuse(self.ws, state, ErrorCode.SERVER_BUSY, "no free engine slot")
             if self.ws.query_params.get("debug") == "1":
                 session.debug = True
-            if state.task_hooks is not None:
-                session.tasks = state.task_hooks(session)
-                session.tasks.set_instructions(session.instructions)
-                session.tasks.set_tools(session.tools)
+            if state.background is not None:
+                session.attach_background(state.background.for_session(session.id, session.send))
             session.send(p.SessionCreated(session=session.session_dict()))
-            session.send(
-                p.ResponseCreated(response=session.response_dict(session.response_id, "in_progress"))
-            )
+            session.send(p.ResponseCreated(response=p.response_dict(session.response_id, "in_progress")))
             tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._send_loop())]
             if self.settings.max_session_s or self.settings.idle_timeout_s:
                 tasks.append(asyncio.create_task(self._watch_limits()))
@@ -166,11 +152,9 @@ class Connection:
             if self._closing.done():
                 await self._close(*self._closing.result())
         finally:
-            session.closed = True
+            session.close()
             for task in tasks:
                 task.cancel()
-            if session.tasks is not None:
-                await session.tasks.close(session)
             await state.tick.leave(session)
             state.connections.discard(self)
             state.metrics.active_sessions.set(len(state.connections))
@@ -234,22 +218,17 @@ class Connection:
         self.session.send(p.ErrorEvent(error=error_payload(exc.code, exc.message, exc.event_id, exc.param)))
 
     def _append_audio(self, pcm: bytes, rate: int, event_id: str | None) -> None:
-        self.session.audio_in.append(pcm16_to_float(pcm, event_id), rate, event_id)
+        self.session.append_audio(pcm, rate, event_id)
         self._rate_error_sent = False
 
     async def _on_binary(self, data: bytes) -> None:
         frame = p.decode_frame(data)
         event_id = p.frame_event_id(frame.seq)
         if frame.kind == p.KIND_INPUT_PCM16:
-            self._append_audio(frame.payload, 24_000 if frame.flags & p.FLAG_RATE_24K else 16_000, event_id)
+            rate = p.PCM_RATE_24K if frame.flags & p.FLAG_RATE_24K else p.PCM_RATE_16K
+            self._append_audio(frame.payload, rate, event_id)
         else:
-            await self._set_image(frame.payload, event_id)
-
-    async def _set_image(self, data: bytes, event_id: str | None) -> None:
-        rgb = await asyncio.to_thread(decode_jpeg, data)  # big images must not stall the loop
-        if rgb is None:
-            raise ProtocolError(ErrorCode.INVALID_IMAGE, "image does not decode", event_id)
-        self.session.set_image(rgb)
+            self.session.set_image(await decode_image(frame.payload, event_id))
 
     async def _on_event(self, event: Any) -> None:
         session, eid = self.session, event.event_id
@@ -259,24 +238,32 @@ class Connection:
         elif isinstance(event, p.InputAudioBufferAppend):
             self._append_audio(b64decode(event.audio, ErrorCode.INVALID_AUDIO, eid), session.input_rate, eid)
         elif isinstance(event, p.InputAudioBufferCommit):
-            session.audio_in.commit()
-            session.send(p.InputAudioBufferCommitted(item_id=p.new_id("item")))
+            session.commit_audio()
         elif isinstance(event, p.InputAudioBufferClear):
-            session.audio_in.clear()
-            session.send(p.InputAudioBufferCleared())
+            session.clear_audio()
         elif isinstance(event, p.ConversationItemCreate):
             await self._add_item(event.item, eid)
         elif isinstance(event, p.ResponseCreate):
-            session.send(
-                p.ResponseCreated(response=session.response_dict(session.response_id, "in_progress"))
-            )
+            session.send(p.ResponseCreated(response=p.response_dict(session.response_id, "in_progress")))
         elif isinstance(event, p.ResponseCancel | p.OutputAudioBufferClear):
             session.barge_in()
-        elif isinstance(event, p.TaskCreate | p.TaskCancel):
-            if session.tasks is None:
-                raise ProtocolError(ErrorCode.UNSUPPORTED, "background tasks are not enabled", eid)
-            handler = session.tasks.create if isinstance(event, p.TaskCreate) else session.tasks.cancel
-            await handler(session, event)
+        elif isinstance(event, p.TaskCreate):
+            task = event.task
+            try:
+                self._background(eid).submit(
+                    task.input, task.scheduling, tool=task.tool, timeout_s=task.timeout_s, client_event_id=eid
+                )
+            except ValueError as exc:
+                raise ProtocolError(ErrorCode.INVALID_EVENT, str(exc), eid, "task.scheduling") from exc
+        elif isinstance(event, p.TaskCancel):
+            if not self._background(eid).cancel(event.task_id):
+                message = f"no running task {event.task_id!r} in this session"
+                raise ProtocolError(ErrorCode.UNKNOWN_TASK, message, eid, "task_id")
+
+    def _background(self, eid: str | None) -> SessionBackground:
+        if self.session.background is None:
+            raise ProtocolError(ErrorCode.UNSUPPORTED, "background tasks are not enabled", eid)
+        return self.session.background
 
     async def _add_item(self, item: p.Item | p.FunctionCallOutputItem, eid: str | None) -> None:
         if isinstance(item, p.FunctionCallOutputItem):
@@ -302,7 +289,8 @@ class Connection:
                 _, mark, payload = part.image_url.partition(DATA_URL_MARK)
                 if not mark:
                     raise ProtocolError(ErrorCode.INVALID_IMAGE, "image_url must be a base64 data URL", eid)
-                await self._set_image(b64decode(payload, ErrorCode.INVALID_IMAGE, eid), eid)
+                image = await decode_image(b64decode(payload, ErrorCode.INVALID_IMAGE, eid), eid)
+                self.session.set_image(image)
             elif isinstance(part, p.InputAudio):
                 self._append_audio(
                     b64decode(part.audio, ErrorCode.INVALID_AUDIO, eid), self.session.input_rate, eid
@@ -319,13 +307,11 @@ class Connection:
         self.session.send(p.ConversationItemAdded(item=added))
 
     def _function_call_output(self, item: p.FunctionCallOutputItem, eid: str | None) -> None:
-        tasks = self.session.tasks
-        if tasks is None:
-            raise ProtocolError(ErrorCode.UNSUPPORTED, "background tasks are not enabled", eid)
+        background = self._background(eid)
         if len(item.output) > self.settings.max_text_chars:
             message = f"output over {self.settings.max_text_chars} characters"
             raise ProtocolError(ErrorCode.TEXT_TOO_LONG, message, eid, "item.output")
-        if not tasks.function_call_output(item.call_id, item.output):
+        if not background.function_call_output(item.call_id, item.output):
             message = f"no client tool call {item.call_id!r} is waiting in this session"
             raise ProtocolError(ErrorCode.UNKNOWN_CALL, message, eid, "item.call_id")
         added = {"id": p.new_id("item"), "type": "function_call_output", "call_id": item.call_id,
@@ -334,69 +320,5 @@ class Connection:
 
     async def _configure(self, cfg: p.SessionConfig, eid: str | None) -> None:
         """Apply a session config all-or-nothing; a new prefix or sampling re-joins the slot."""
-        session = self.session
-        audio_in = cfg.audio.input if cfg.audio else None
-        in_fmt = audio_in.format if audio_in else None
-        out = cfg.audio.output if cfg.audio else None
-        in_rate = _format_rate(in_fmt, cfg.input_audio_format, p.PCM_RATES, eid, "audio.input.format")
-        out_rate = _format_rate(
-            out.format if out else None, cfg.output_audio_format, p.PCM_RATES, eid, "audio.output.format"
-        )
-        sampling = session.sampling
-        if cfg.temperature is not None:
-            sampling = replace(sampling, text_temperature=cfg.temperature, audio_temperature=cfg.temperature)
-        if cfg.seed is not None:
-            sampling = replace(sampling, seed=cfg.seed)
-        turns = (audio_in.turn_detection if audio_in else None) or cfg.turn_detection
-        eagerness = turns.eagerness if turns is not None and turns.eagerness else session.eagerness
-        sampling = replace(sampling, wait_bias=EAGERNESS_WAIT_BIAS[eagerness])
-        transcribe = session.transcribe
-        if audio_in is not None and "transcription" in audio_in.model_fields_set:
-            transcribe = audio_in.transcription is not None
-            if transcribe and not session.hears:
-                message = "this checkpoint was not trained to transcribe its input (train --heard-weight)"
-                raise ProtocolError(ErrorCode.UNSUPPORTED, message, eid, "audio.input.transcription")
-        instructions = cfg.instructions if cfg.instructions is not None else session.instructions
-        restart = instructions != session.instructions or sampling != session.sampling
-        session.instructions, session.sampling = instructions, sampling
-        session.transcribe, session.eagerness = transcribe, eagerness
-        if in_rate is not None:
-            session.input_rate = in_rate
-        session.set_output_format(out_rate or session.output_rate, out.transport if out else None)
-        if cfg.tools is not None:
-            session.tools = [_tool_spec(t, eid) for t in cfg.tools]
-        if session.tasks is not None:
-            session.tasks.set_instructions(session.instructions)
-            session.tasks.set_tools(session.tools)
-        if restart and session.slot is not None:
-            await self.state.tick.rejoin(session)
-
-
-def _tool_spec(tool: dict, eid: str | None) -> ToolSpec:
-    """An OpenAI-style function tool; `"behavior": "background"` makes the model's call a background task."""
-    try:
-        return ToolSpec(
-            name=tool["name"], description=tool.get("description", ""),
-            parameters=tool.get("parameters") or {"type": "object", "properties": {}},
-            background=tool.get("behavior") == "background" or bool(tool.get("background")),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        message = f"bad tool declaration: {exc}"
-        raise ProtocolError(ErrorCode.INVALID_EVENT, message, eid, "session.tools") from exc
-
-
-def _format_rate(
-    fmt: p.AudioFormat | None, beta: str | None, rates: tuple[int, ...], eid: str | None, param: str
-) -> int | None:
-    """The sample rate a (GA or beta) audio format asks for; None = unchanged."""
-    if beta is not None:
-        if beta != "pcm16":
-            raise ProtocolError(ErrorCode.UNSUPPORTED, f"audio format {beta!r}: only pcm16", eid, param)
-        return 24_000
-    if fmt is None:
-        return None
-    if fmt.type != "audio/pcm":
-        raise ProtocolError(ErrorCode.UNSUPPORTED, f"audio format {fmt.type!r}: only audio/pcm", eid, param)
-    if fmt.rate not in rates:
-        raise ProtocolError(ErrorCode.UNSUPPORTED_SAMPLE_RATE, f"rate {fmt.rate} not in {rates}", eid, param)
-    return fmt.rate
+        if apply_session_config(self.session, cfg, eid) and self.session.slot is not None:
+            await self.state.tick.rejoin(self.session)

@@ -57,7 +57,6 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.SESSION_EXPIRED: 1000,
     ErrorCode.INTERNAL_ERROR: 1011,
 }
-MESSAGE_TOO_BIG_CLOSE = 1009  # sent by the WebSocket layer itself (max_message_bytes)
 
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: 401,

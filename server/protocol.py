@@ -4,9 +4,11 @@ JSON events follow the OpenAI Realtime GA names (`session.update`,
 `input_audio_buffer.append`, `response.output_audio.delta`, ...); a connection that
 asks for the beta protocol (`OpenAI-Beta: realtime=v1`) gets the beta spellings of
 server events (`BETA_NAMES`), and beta `session.update` fields are accepted.
-Binary media frames are `[kind u8][flags u8][seq u32 BE][pts_ms u32 BE][payload]`.
-Parsing raises `ProtocolError` with the offending `event_id`. This module knows
-nothing about sessions, clocks or the engine.
+Binary media frames are `[kind u8][flags u8][seq u32 BE][pts_ms u32 BE][payload]`;
+kind 0x82 is reserved (Opus-coded output) and not sent. `session_dict` / `response_dict`
+build the OpenAI session and response objects that server events carry. Parsing raises
+`ProtocolError` with the offending `event_id`. This module knows nothing about
+sessions, clocks or the engine.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ FRAME_HEADER = struct.Struct(">BBII")  # kind, flags, seq, pts_ms
 KIND_INPUT_PCM16 = 0x01  # payload: PCM16 LE mono; rate from flags
 KIND_INPUT_JPEG = 0x02  # payload: one JPEG image (the latest camera frame)
 KIND_OUTPUT_PCM16 = 0x81  # payload: one micro-turn of PCM16 LE mono at 16 kHz
-KIND_OUTPUT_OPUS = 0x82  # reserved: Opus-coded micro-turn
 FLAG_RATE_24K = 0x01  # on KIND_INPUT_PCM16: samples are at 24 kHz (else 16 kHz)
 INPUT_KINDS = (KIND_INPUT_PCM16, KIND_INPUT_JPEG)
-PCM_RATES = (16_000, 24_000)  # accepted input rates
+PCM_RATE_16K = 16_000
+PCM_RATE_24K = 24_000
+PCM_RATES = (PCM_RATE_16K, PCM_RATE_24K)  # accepted input and output rates
+DEFAULT_PCM_RATE = PCM_RATE_24K  # OpenAI's audio/pcm rate, and the beta "pcm16" format's
 PTS_WRAP = 1 << 32
 
 
@@ -81,7 +85,7 @@ class _Loose(BaseModel):
 
 class AudioFormat(_Loose):
     type: str = "audio/pcm"  # only audio/pcm (PCM16 LE mono) is supported
-    rate: int = 24_000  # input: 16000 or 24000; output: 16000 or 24000
+    rate: int = DEFAULT_PCM_RATE  # one of PCM_RATES
 
 
 class TurnDetection(_Loose):
@@ -193,7 +197,7 @@ class OutputAudioBufferClear(_ClientEvent):
     type: Literal["output_audio_buffer.clear"]
 
 
-class TaskSpec(_Loose):
+class TaskRequest(_Loose):
     input: str
     scheduling: Literal["interrupt", "when_idle", "silent"] = "when_idle"
     tool: str | None = None
@@ -202,7 +206,7 @@ class TaskSpec(_Loose):
 
 class TaskCreate(_ClientEvent):
     type: Literal["task.create"]
-    task: TaskSpec
+    task: TaskRequest
 
 
 class TaskCancel(_ClientEvent):
@@ -363,7 +367,7 @@ class DebugTextIn(ServerEvent):
     text: str
 
 
-class TaskEvent(ServerEvent):
+class TaskServerEvent(ServerEvent):
     """task.created / task.delta / task.done / task.error / task.cancelled (server/background fills these)."""
 
     model_config = ConfigDict(extra="allow")
@@ -383,3 +387,47 @@ def dump_event(event: ServerEvent, beta: bool = False) -> str:
     if beta:
         data["type"] = BETA_NAMES.get(data["type"], data["type"])
     return json.dumps(data, separators=(",", ":"))
+
+
+def response_dict(response_id: str, status: str) -> dict:
+    """The OpenAI response object of `response.created` / `response.done`."""
+    return {
+        "id": response_id,
+        "object": "realtime.response",
+        "status": status,
+        "output_modalities": ["audio"],
+        "output": [],
+    }
+
+
+def session_dict(
+    session_id: str,
+    instructions: str,
+    input_rate: int,
+    transcribe: bool,
+    eagerness: str,
+    output_rate: int,
+    output_transport: str,
+    seed: int,
+) -> dict:
+    """The OpenAI session object of `session.created` / `session.updated`."""
+    return {
+        "type": "realtime",
+        "object": "realtime.session",
+        "id": session_id,
+        "model": "microturn",
+        "instructions": instructions,
+        "output_modalities": ["audio"],
+        "audio": {
+            "input": {
+                "format": {"type": "audio/pcm", "rate": input_rate},
+                "transcription": {"model": "microturn"} if transcribe else None,
+                "turn_detection": {"type": "semantic_vad", "eagerness": eagerness},
+            },
+            "output": {
+                "format": {"type": "audio/pcm", "rate": output_rate},
+                "transport": output_transport,
+            },
+        },
+        "seed": seed,
+    }

@@ -1,16 +1,20 @@
-"""Per-session state: input chunking against the tick clock, text queue, output encoding, epochs.
+"""Per-session state: config, text-in queues, epochs and the outbox; one micro-turn in and out per tick.
 
-Two threads touch a `Session`: the event loop (client input, output delivery) and the
-tick thread (`take_input`, once per tick). `AudioInput` holds the only shared state
-and guards it with a lock; everything else is event-loop only.
+Two threads touch a `Session`: the event loop (client input, `deliver`) and the tick
+thread (`take_input` and `skip_input`, once per tick). The input audio buffer
+(server/media_input.py) is the shared state and guards itself with a lock; the text-in
+deques are appended to by the loop and popped by the tick thread only; everything else
+is event-loop only.
 
-Input audio arrives in packets of any size at 16 or 24 kHz, is resampled to 16 kHz
-and sliced into 200 ms micro-turns. A stream starts once `jitter_ms` of audio beyond
-a turn is buffered; a streaming session that runs short at a tick gets what it has
-padded with silence and counts an underrun, then re-buffers. The audio of ticks the
-engine skipped (overruns) is dropped so latency does not grow. Output is one micro-turn
-per tick, queued (bounded) for the sender, tagged with the epoch so a barge-in drops
-what is stale. This module knows nothing about sockets or the engine's internals.
+Input goes in through `append_audio` / `commit_audio` / `clear_audio`, `set_image` and
+`queue_text`; `take_input` turns it into this tick's `SlotInput`. `deliver` takes the
+tick's output: voice activity, barge-in detection and the user's transcript come from
+server/turn_events.py, background work from the `SessionBackground` attached to it
+(server/background_service.py, when the server runs background tasks), and the
+micro-turn's audio and text are encoded and queued (bounded) for the connection's
+sender, tagged with the epoch so a barge-in drops output that is stale. Config changes
+arrive checked, through `configure` (server/session_config.py maps the client's config).
+This module knows nothing about sockets or the engine's internals.
 """
 
 from __future__ import annotations
@@ -21,146 +25,33 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
 
 import numpy as np
 
 from ..model.resample import StreamResampler
-from ..model.slots import SAMPLE_RATE, TURN_SAMPLES, SamplingParams, SlotInput, SlotOutput
-from ..model.tokenizer import ByteTokenizer, CtcStreamDecoder
+from ..model.slots import SAMPLE_RATE, SamplingParams, SlotInput, SlotOutput
+from ..model.tokenizer import ByteTokenizer
 from . import protocol as p
-from .errors import ErrorCode, ProtocolError
+from .background import ToolSpec
+from .background_service import SessionBackground
+from .errors import ErrorCode, ProtocolError, error_payload
+from .media_input import TURN_MS, InputAudioBuffer, float_to_pcm16, pcm16_to_float
 from .settings import ServerSettings
+from .turn_events import TurnEvents
 
-TURN_MS = TURN_SAMPLES * 1000 // SAMPLE_RATE
-SPEECH_HANGOVER_TURNS = 2  # silent input turns before user speech counts as ended
-# turns without new transcript bytes, once speech has ended, before a transcript counts as complete:
-# the model may name a word up to 400 ms after hearing it (training/heard.py HEARD_LAG_TOKENS)
-TRANSCRIPT_SETTLE_TURNS = 3
-
-
-def level_dbfs(audio: np.ndarray) -> float:
-    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if audio.size else 0.0
-    return 20.0 * np.log10(max(rms, 1e-10))
-
-
-def pcm16_to_float(data: bytes, event_id: str | None = None) -> np.ndarray:
-    if len(data) % 2:
-        raise ProtocolError(
-            ErrorCode.INVALID_AUDIO, "PCM16 audio must have an even number of bytes", event_id
-        )
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-
-
-def float_to_pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-
-
-class AudioInput:
-    """Input audio buffer at 16 kHz with the jitter/underrun policy; thread-safe."""
-
-    def __init__(self, jitter_ms: int, max_ahead_ms: int) -> None:
-        self._lock = threading.Lock()
-        self._buf = np.zeros(0, np.float32)
-        self._jitter = jitter_ms * SAMPLE_RATE // 1000
-        self._max_ahead = max_ahead_ms * SAMPLE_RATE // 1000
-        self._jitter_s = jitter_ms / 1000.0
-        self._resampler: StreamResampler | None = None
-        self._primed = False
-        self._flush = False
-        self._last_arrival = -1e9
-        self.underruns = 0
-        self.dropped_samples = 0  # input of ticks the engine skipped (kept, it would add latency for good)
-
-    def append(self, samples: np.ndarray, rate: int, event_id: str | None = None) -> None:
-        """Add samples at `rate`; refuses audio beyond the real-time bound (nothing is buffered then)."""
-        if rate not in p.PCM_RATES:
-            raise ProtocolError(
-                ErrorCode.UNSUPPORTED_SAMPLE_RATE, f"input rate {rate} not in {p.PCM_RATES}", event_id
-            )
-        incoming = len(samples) * SAMPLE_RATE // rate
-        with self._lock:
-            if len(self._buf) + incoming > self._max_ahead:
-                raise ProtocolError(
-                    ErrorCode.INPUT_RATE_EXCEEDED,
-                    f"input audio over {self._max_ahead * 1000 // SAMPLE_RATE} ms ahead of real time",
-                    event_id,
-                )
-            if self._resampler is None or self._resampler.sr_in != rate:
-                self._resampler = StreamResampler(rate, SAMPLE_RATE)
-            self._buf = np.concatenate([self._buf, self._resampler.process(samples)])
-            self._last_arrival = time.monotonic()
-
-    def skip(self, turns: int) -> None:
-        """The clock moved on `turns` ticks without a step: their audio is dropped, not delayed."""
-        with self._lock:
-            drop = min(len(self._buf), turns * TURN_SAMPLES) if self._primed else 0
-            self._buf = self._buf[drop:]
-            self.dropped_samples += drop
-
-    def commit(self) -> None:
-        """The client says the stream paused: hand over the tail without waiting for jitter."""
-        with self._lock:
-            self._flush = True
-
-    def clear(self) -> None:
-        with self._lock:
-            self._buf = np.zeros(0, np.float32)
-            self._primed = False
-
-    @property
-    def buffered_ms(self) -> int:
-        return len(self._buf) * 1000 // SAMPLE_RATE
-
-    def take(self, now: float) -> tuple[np.ndarray, bool]:
-        """One turn of input for the tick at `now`; returns (audio, underrun)."""
-        with self._lock:
-            n = len(self._buf)
-            quiet = now - self._last_arrival >= self._jitter_s + TURN_MS / 1000.0
-            if not self._primed and n and (n >= TURN_SAMPLES + self._jitter or quiet or self._flush):
-                self._primed = True
-            if not self._primed:
-                return np.zeros(TURN_SAMPLES, np.float32), False
-            if n >= TURN_SAMPLES:
-                chunk, self._buf = self._buf[:TURN_SAMPLES], self._buf[TURN_SAMPLES:]
-                return chunk, False
-            chunk = np.zeros(TURN_SAMPLES, np.float32)
-            chunk[:n] = self._buf
-            self._buf = self._buf[:0]
-            underrun = not (quiet or self._flush)
-            self._primed = self._flush = False
-            self.underruns += underrun
-            return chunk, underrun
-
-
-class TaskHooks(Protocol):
-    """Where background work plugs in (server/tasks.py provides it); see `Session.tasks`."""
-
-    async def create(self, session: Session, event: p.TaskCreate) -> None: ...
-
-    async def cancel(self, session: Session, event: p.TaskCancel) -> None: ...
-
-    async def close(self, session: Session) -> None: ...
-
-    def set_instructions(self, instructions: str) -> None: ...
-
-    def on_user_text(self, text: str) -> None: ...
-
-    def on_barge_in(self, epoch: int) -> None: ...
-
-    def on_turn(self, out: SlotOutput, model_speaking: bool) -> None: ...
-
-    def function_call_output(self, call_id: str, output: str) -> bool: ...
+BACKGROUND_QUEUE_TURNS = 2  # background text held in the text-in queue, in micro-turns of text-in slots
 
 
 class Session:
+    """One realtime session's state between its connection (event loop) and the tick loop."""
+
     def __init__(
         self,
         settings: ServerSettings,
         tokenizer: ByteTokenizer,
         text_in_slots: int,
         text_out_slots: int,
-        on_overflow: Callable[[Session], None],
+        on_overflow: Callable[[], None],
         beta: bool = False,
         hears: bool = False,
     ) -> None:
@@ -174,9 +65,15 @@ class Session:
         self.instructions = ""
         self.sampling = SamplingParams()
         self.eagerness = "auto"  # turn_detection.eagerness, as SamplingParams.wait_bias
+        self.tools: list[ToolSpec] = []  # declared tools, offered to background work
+        # transcripts of the user's speech: the model's own reading of its audio-in, where it was trained
+        # for that (Engine.hears); on by default there, and audio.input.transcription = null turns it off
+        self.hears = hears
+        self.transcribe = hears
+        self.debug = settings.debug_events  # send debug.text_in events
         # input
-        self.audio_in = AudioInput(settings.jitter_ms, settings.max_input_ahead_ms)
-        self.input_rate = 24_000  # OpenAI's default for audio/pcm
+        self._audio_in = InputAudioBuffer(settings.jitter_ms, settings.max_input_ahead_ms)
+        self.input_rate = p.DEFAULT_PCM_RATE
         self._tokenizer = tokenizer
         self._text_in_slots = text_in_slots
         self._text_out_slots = text_out_slots
@@ -197,31 +94,71 @@ class Session:
         self.outbox_ready = asyncio.Event()
         self._queued_turns = 0
         self._on_overflow = on_overflow
-        # voice activity for barge-in
-        self._user_speaking = False
-        self._silent_turns = 0
-        self._model_speaking = False
-        self.tasks: TaskHooks | None = None
-        self.tools: list = []  # declared tools (server/background ToolSpec), passed to background work
-        self.debug = settings.debug_events  # send debug.text_in events
-        # transcripts of the user's speech: the model's own reading of its audio-in, where it was trained
-        # for that (Engine.hears); on by default there, and audio.input.transcription = null turns it off
-        self.hears = hears
-        self.transcribe = hears
-        self._heard = CtcStreamDecoder()
-        self._user_item: str | None = None  # the speech item of the latest onset
-        self._transcript: list[str] = []
-        self._transcript_item = ""
-        self._heard_quiet = 0
+        self._turns = TurnEvents(settings, self.send)
+        self.background: SessionBackground | None = None
+
+    # --- event loop: lifetime and config ---
+    def attach_background(self, background: SessionBackground) -> None:
+        self.background = background
+        background.instructions, background.client_tools = self.instructions, self.tools
+
+    def configure(
+        self,
+        *,
+        instructions: str,
+        sampling: SamplingParams,
+        eagerness: str,
+        transcribe: bool,
+        input_rate: int,
+        output_rate: int,
+        output_transport: str,
+        tools: list[ToolSpec],
+    ) -> bool:
+        """Take a checked config at once; True when the prefix or sampling changed (the slot re-joins)."""
+        restart = instructions != self.instructions or sampling != self.sampling
+        self.instructions, self.sampling = instructions, sampling
+        self.eagerness, self.transcribe = eagerness, transcribe
+        self.input_rate = input_rate
+        if output_rate != self.output_rate:
+            self.output_rate = output_rate
+            self._out_resampler = StreamResampler(SAMPLE_RATE, output_rate)
+        self.output_transport = output_transport
+        self.tools = tools
+        if self.background is not None:
+            self.background.instructions, self.background.client_tools = instructions, tools
+        return restart
+
+    def close(self) -> None:
+        """The connection is gone: no more output, and the session's background tasks are cancelled."""
+        self.closed = True
+        if self.background is not None:
+            self.background.close()
 
     # --- event loop: input ---
+    def append_audio(self, pcm: bytes, rate: int, event_id: str | None = None) -> None:
+        """PCM16 input at `rate`; refused (ProtocolError) when malformed or too far ahead of real time."""
+        self._audio_in.append(pcm16_to_float(pcm, event_id), rate, event_id)
+
+    def commit_audio(self) -> None:
+        """The client says its stream paused: the buffered tail goes in without waiting for jitter."""
+        self._audio_in.commit()
+        self.send(p.InputAudioBufferCommitted(item_id=p.new_id("item")))
+
+    def clear_audio(self) -> None:
+        self._audio_in.clear()
+        self.send(p.InputAudioBufferCleared())
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        with self._image_lock:
+            self._image = rgb
+
     def queue_text(self, text: str, event_id: str | None = None) -> None:
         tokens = [self._tokenizer.special.SRC_USER, *self._tokenizer.encode(text)]
         if len(self._text) + len(tokens) > self.settings.max_text_queue_tokens:
             raise ProtocolError(ErrorCode.TEXT_TOO_LONG, "text-in queue is full; try again later", event_id)
         self._text.extend(tokens)
-        if self.tasks is not None:
-            self.tasks.on_user_text(text)
+        if self.background is not None:
+            self.background.on_user_text(text)
 
     def script_text_out(self, tokens: list[int]) -> None:
         """Force the model's next text-out tokens (through the real model path): demos and tests."""
@@ -237,21 +174,10 @@ class Session:
         """Background tokens waiting for text-in slots."""
         return len(self._background)
 
-    def set_image(self, rgb: np.ndarray) -> None:
-        with self._image_lock:
-            self._image = rgb
-
-    def set_output_format(self, rate: int, transport: str | None) -> None:
-        if rate != self.output_rate:
-            self.output_rate = rate
-            self._out_resampler = StreamResampler(SAMPLE_RATE, rate)
-        if transport is not None:
-            self.output_transport = transport
-
     # --- tick thread ---
     def take_input(self, now: float) -> tuple[SlotInput, bool]:
         """This tick's SlotInput and whether its audio underran."""
-        audio, underrun = self.audio_in.take(now)
+        audio, underrun = self._audio_in.take(now)
         with self._image_lock:
             image, self._image = self._image, None
         text, background = self._take_text()
@@ -260,6 +186,14 @@ class Session:
             audio=audio, image=image, text_in=text, text_in_background=background, force_text_out=forced
         )
         return inp, underrun
+
+    def skip_input(self, turns: int) -> None:
+        """The engine skipped `turns` ticks: their input audio is dropped so latency does not grow."""
+        self._audio_in.skip(turns)
+
+    @property
+    def input_buffered_ms(self) -> int:
+        return self._audio_in.buffered_ms
 
     def _take_text(self) -> tuple[list[int], bool]:
         # deque popleft/append are atomic; the loop only appends, this thread only pops
@@ -281,27 +215,21 @@ class Session:
         """One micro-turn of output (called once per tick on the event loop) and the input it answered."""
         if self.closed:
             return
-        self._voice_activity(inp.audio, out.audio)
-        self._transcribe(out.heard_tokens)
+        if self._turns.voice_activity(self.seq, inp.audio, out.audio):
+            self.barge_in()
+        if self.transcribe:
+            self._turns.transcribe(self.seq, out.heard_tokens)
         if self.debug and inp.text_in:
             self.send(p.DebugTextIn(
                 seq=self.seq, source="background" if inp.text_in_background else "user",
                 tokens=inp.text_in, text=self._tokenizer.decode(inp.text_in),
             ))
-        if self.tasks is not None:
-            self.tasks.on_turn(out, self._model_speaking)
+        if self.background is not None:
+            room = BACKGROUND_QUEUE_TURNS * self._text_in_slots - self.background_queued
+            for text in self.background.on_model_turn(out, self._turns.model_speaking, room):
+                self.queue_background_text(text, self.epoch)
         if out.error:
-            self.send(
-                p.ErrorEvent(
-                    error={
-                        "type": "server_error",
-                        "code": ErrorCode.ENGINE_ERROR.value,
-                        "message": out.error,
-                        "param": None,
-                        "event_id": None,
-                    }
-                )
-            )
+            self.send(p.ErrorEvent(error=error_payload(ErrorCode.ENGINE_ERROR, out.error)))
         seq, pts = self.seq, self.seq * TURN_MS
         self.seq += 1
         part = {"response_id": self.response_id, "item_id": self.item_id}
@@ -322,7 +250,7 @@ class Session:
         self._queued_turns += turn
         self.outbox_ready.set()
         if self._queued_turns > self.settings.max_output_queue_turns:
-            self._on_overflow(self)
+            self._on_overflow()
 
     def pop_message(self) -> str | bytes | None:
         """Next message for the sender, skipping audio from a stale epoch."""
@@ -338,83 +266,20 @@ class Session:
     def queued_turns(self) -> int:
         return self._queued_turns
 
-    def _voice_activity(self, input_audio: np.ndarray, output_audio: np.ndarray) -> None:
-        speech = level_dbfs(input_audio) > self.settings.vad_threshold_dbfs
-        self._silent_turns = 0 if speech else self._silent_turns + 1
-        onset = speech and not self._user_speaking
-        if speech:
-            self._user_speaking = True
-        elif self._silent_turns >= SPEECH_HANGOVER_TURNS:
-            self._user_speaking = False
-        if onset:
-            self._complete_transcript()
-            self._user_item = item = p.new_id("item")
-            self.send(p.InputAudioBufferSpeechStarted(audio_start_ms=self.seq * TURN_MS, item_id=item))
-            if self.settings.barge_in and self._model_speaking:
-                self.barge_in()
-        self._model_speaking = level_dbfs(output_audio) > self.settings.speaking_threshold_dbfs
-
-    def _transcribe(self, heard_tokens: list[int]) -> None:
-        """Stream what the model heard this turn as transcript deltas of the current speech item."""
-        if not self.transcribe:
-            return
-        text = self._heard.feed(heard_tokens)
-        if text:
-            if not self._transcript:
-                self._transcript_item = self._user_item or p.new_id("item")
-            self._transcript.append(text)
-            self._heard_quiet = 0
-            self.send(p.InputAudioTranscriptionDelta(item_id=self._transcript_item, delta=text, seq=self.seq))
-            return
-        self._heard_quiet += 1
-        if not self._user_speaking and self._heard_quiet >= TRANSCRIPT_SETTLE_TURNS:
-            self._complete_transcript()
-
-    def _complete_transcript(self) -> None:
-        if self._transcript:
-            transcript = "".join(self._transcript).strip()
-            item = self._transcript_item
-            self.send(p.InputAudioTranscriptionCompleted(item_id=item, transcript=transcript))
-            self._transcript = []
-
     def barge_in(self) -> None:
         """Drop queued output of the current response and tell the client to flush its playback."""
         old = self.response_id
         self.epoch += 1
-        if self.tasks is not None:
-            self.tasks.on_barge_in(self.epoch)
+        if self.background is not None:
+            self.background.barge_in(self.epoch)
         self.send(p.OutputAudioBufferCleared(response_id=old))
-        self.send(p.ResponseDone(response=self.response_dict(old, "cancelled")))
+        self.send(p.ResponseDone(response=p.response_dict(old, "cancelled")))
         self.response_id, self.item_id = p.new_id("resp"), p.new_id("item")
-        self.send(p.ResponseCreated(response=self.response_dict(self.response_id, "in_progress")))
-
-    def response_dict(self, response_id: str, status: str) -> dict:
-        return {
-            "id": response_id,
-            "object": "realtime.response",
-            "status": status,
-            "output_modalities": ["audio"],
-            "output": [],
-        }
+        self.send(p.ResponseCreated(response=p.response_dict(self.response_id, "in_progress")))
 
     def session_dict(self) -> dict:
-        return {
-            "type": "realtime",
-            "object": "realtime.session",
-            "id": self.id,
-            "model": "microturn",
-            "instructions": self.instructions,
-            "output_modalities": ["audio"],
-            "audio": {
-                "input": {
-                    "format": {"type": "audio/pcm", "rate": self.input_rate},
-                    "transcription": {"model": "microturn"} if self.transcribe else None,
-                    "turn_detection": {"type": "semantic_vad", "eagerness": self.eagerness},
-                },
-                "output": {
-                    "format": {"type": "audio/pcm", "rate": self.output_rate},
-                    "transport": self.output_transport,
-                },
-            },
-            "seed": self.sampling.seed,
-        }
+        """This session as the OpenAI session object."""
+        return p.session_dict(
+            self.id, self.instructions, self.input_rate, self.transcribe, self.eagerness, self.output_rate,
+            self.output_transport, self.sampling.seed,
+        )

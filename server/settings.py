@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .protocol import DEFAULT_PCM_RATE
+
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -73,8 +75,8 @@ class ServerSettings(BaseSettings):
     output_audio: Literal["json", "binary"] = Field(
         "json", description="default audio transport: json deltas (OpenAI) or binary 0x81 frames"
     )
-    output_rate: Literal[16_000, 24_000] = Field(
-        24_000, description="default sample rate of JSON audio deltas (OpenAI clients expect 24000)"
+    output_rate: Literal[16_000, 24_000] = Field(  # protocol.PCM_RATES, spelled out for the type
+        DEFAULT_PCM_RATE, description="default sample rate of JSON audio deltas (OpenAI clients expect 24000)"
     )
 
     # --- barge-in (energy voice activity on the input) ---

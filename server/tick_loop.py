@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .engine_api import EngineAPI
 from .metrics import Metrics
 from .session import TURN_MS, Session
 
@@ -32,7 +33,7 @@ STOP_TIMEOUT_S = 10.0  # longest wait for the thread to finish its step on shutd
 
 
 class TickLoop:
-    def __init__(self, engine: Any, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: EngineAPI, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self._metrics = metrics
         self._loop = loop
@@ -107,7 +108,7 @@ class TickLoop:
                 n += missed
                 self._metrics.missed_ticks.inc(missed)
                 for session in self._sessions.values():
-                    session.audio_in.skip(missed)
+                    session.skip_input(missed)
                 log.warning("tick overran: %d tick(s) missed", missed)
         for slot in list(self._sessions):
             self.engine.leave(slot)
@@ -139,7 +140,7 @@ class TickLoop:
         for slot, session in sessions:
             inputs[slot], underrun = session.take_input(now)
             underruns += underrun
-            queued_ms += session.audio_in.buffered_ms
+            queued_ms += session.input_buffered_ms
         started = time.perf_counter()
         try:
             outputs = self.engine.step(inputs)

@@ -1,4 +1,4 @@
-"""SessionTasks: tasks of one session wired to the record, the client and the text-in schedule."""
+"""SessionBackground: tasks of one session wired to the record, the client and the text-in schedule."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from task_events import Sink
+from helpers.task_events import Sink
 
 from microturn.server.background.backends import LocalBackend, TaskDelta, TaskEvent, TaskResult
 from microturn.server.background.context import ContextPackage, ToolSpec
-from microturn.server.background.link import SessionTasks
 from microturn.server.background.pool import PoolConfig, WorkerPool
 from microturn.server.background.tools import default_registry
+from microturn.server.background_service import SessionBackground
 
 BUDGET = 1_000  # text-in units per take: enough for any test result
 
@@ -36,14 +36,14 @@ class Recording:
         yield TaskResult(text=f"ok {ctx.task.input}")
 
 
-def _session(backend: Any, text_in: str = "stream", **config: Any) -> tuple[SessionTasks, Sink]:
+def _session(backend: Any, text_in: str = "stream", **config: Any) -> tuple[SessionBackground, Sink]:
     client = Sink()
     registry = default_registry()
     pool = WorkerPool(backend, PoolConfig(**config))
-    return SessionTasks("s1", pool, registry, client, text_in=text_in), client
+    return SessionBackground("s1", pool, registry, client, text_in=text_in), client
 
 
-def _spoken(tasks: SessionTasks, speaking: bool = False) -> str:
+def _spoken(tasks: SessionBackground, speaking: bool = False) -> str:
     return "".join(p.text for p in tasks.take_text_in(model_speaking=speaking, budget=BUDGET))
 
 

@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from microturn.server.background.backends import OpenAIBackend, OpenAIBackendConfig, TaskDelta, TaskResult
 from microturn.server.background.context import ConversationRecord, TaskSpec, ToolSpec
-from microturn.server.background.link import SessionTasks
 from microturn.server.background.pool import WorkerPool
 from microturn.server.background.tools import ToolRegistry, default_registry
+from microturn.server.background_service import SessionBackground
 
 API_KEY = "sk-test-key"
 START_WAIT_S = 10.0  # bound on waiting for uvicorn to come up
@@ -120,7 +120,6 @@ def _ctx(registry: ToolRegistry, text: str, tools: bool = True):
     record.add_model_text("Sure, ")
     record.add_model_text("go ahead.")
     record.add_task_result("task_0", "It is Monday.")
-    record.add_media("audio", "a7", pts_ms=1400)
     spec = TaskSpec(task_id="task_1", input=text, scheduling="when_idle", origin="client", created_at=0.0)
     return record.build(spec, registry.specs() if tools else [], instructions="Speak like a pirate.")
 
@@ -157,7 +156,6 @@ async def test_streamed_tool_call_round_trip(endpoint: tuple[str, list]) -> None
         "user: hi, can you help me",
         "model: Sure, go ahead.",
         "task task_0 result: It is Monday.",
-        "1 audio chunks",
     ):
         assert seen in user["content"]
     assistant, tool = second["messages"][2:]
@@ -209,7 +207,7 @@ async def test_the_model_calls_a_client_declared_tool_and_the_client_answers(end
     registry = default_registry()
     backend = _backend(url, registry, model="client-tools")
     events: list[dict[str, Any]] = []
-    tasks = SessionTasks("s1", WorkerPool(backend), registry, events.append)
+    tasks = SessionBackground("s1", WorkerPool(backend), registry, events.append)
     order = {"type": "object", "properties": {"order": {"type": "string"}}, "required": ["order"]}
     tasks.client_tools = [ToolSpec(name="lookup_order", description="an order's status", parameters=order)]
     task_id = tasks.submit("where is my order A17?")

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from task_events import WAIT_S, Sink
+from helpers.task_events import WAIT_S, Sink
 
 from microturn.server.background.backends import LocalBackend, TaskDelta, TaskEvent, TaskResult
 from microturn.server.background.context import ContextPackage, TaskSpec

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import soundfile as sf
-from realserver import ServerThread, warm_engine
+from helpers.realserver import ServerThread, warm_engine
 
 from microturn.cli import main as cli_main
 from microturn.clients.python import AudioChunk, ServerBusy, connect, connect_with_retry

@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 import websockets
-from realserver import DEMO_CHECKPOINT, ServerThread, collect, demo_engine, demo_settings, stream_binary
+from helpers.realserver import (
+    DEMO_CHECKPOINT,
+    ServerThread,
+    collect,
+    demo_engine,
+    demo_settings,
+    stream_binary,
+)
 
 from microturn.model.checkpoint import WEIGHTS_FILE, read_config
 from microturn.model.engine import Engine

@@ -88,7 +88,7 @@ def test_encode_chunk_rejects_wrong_size() -> None:
 
 
 def test_parity_with_reference_package(speech_16k: np.ndarray) -> None:
-    """Codes agree with Apple's `dmel` package configured as DESIGN.md says.
+    """Codes agree with Apple's `dmel` package configured as model/dmel.py's contract says.
 
     The reference frames with center=True (reflect padding n_fft/2), frame j centred on
     sample 200 j; ours frame t spans [200 t - 824, 200 t + 200), centred on 200 t - 312.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from microturn.model.checkpoint import save_checkpoint
 from microturn.model.config import tiny
 from microturn.model.engine import Engine, EngineFull
+from microturn.model.kv_cache import KVCache
 from microturn.model.layout import (
     Turns,
     audio_in_hidden,
@@ -20,7 +22,10 @@ from microturn.model.layout import (
     sequence_hidden,
     sequence_logits,
 )
+from microturn.model.row_state import RowState
+from microturn.model.slot_table import SlotTable
 from microturn.model.slots import TURN_SAMPLES, SamplingParams, SlotInput
+from microturn.model.tokenizer import ByteTokenizer
 from microturn.model.transformer import build_model
 
 INSTR = "You are a helpful voice assistant."
@@ -273,12 +278,13 @@ def test_wait_bias_holds_or_takes_the_turn_only_while_idle(speech_16k: np.ndarra
         assert out[wait].text_tokens == [sp.PAD] * 4, t
         if t == 0:
             assert out[eager].text_tokens[0] != sp.PAD  # idle at join: it must start a span
-    row = engine._row_of[wait]
+    idle = engine.runner.rows.idle
+    row = engine.table.row(wait)
     silence = np.zeros(TURN_SAMPLES, np.float32)
     engine.step({wait: SlotInput(audio=silence, force_text_out=list(b"hey "))})
-    assert not engine.idle[row]  # a span is open: the bias no longer applies
+    assert not idle[row]  # a span is open: the bias no longer applies
     engine.step({wait: SlotInput(audio=silence, force_text_out=[ord("i"), sp.EPAD, sp.PAD, sp.PAD])})
-    assert engine.idle[row]
+    assert idle[row]
     assert engine.step({wait: SlotInput(audio=silence)})[wait].text_tokens == [sp.PAD] * 4
 
 
@@ -293,4 +299,117 @@ def test_checkpoint_carries_its_calibrated_wait_bias(tmp_path) -> None:
     engine = Engine.from_checkpoint(out, max_slots=2, device="cpu")
     assert engine.wait_bias_default == 1.5
     slot = engine.join("", SamplingParams(wait_bias=-0.5))  # a session's offset adds to it
-    assert float(engine.wait_bias[engine._row_of[slot]]) == 1.0
+    assert float(engine.runner.rows.wait_bias[engine.table.row(slot)]) == 1.0
+
+
+def _distinct_rows(state: RowState) -> None:
+    """Fill every field with row-specific values, none of them what a reset writes."""
+    for f in dataclasses.fields(state):
+        t = getattr(state, f.name)
+        if t.dtype == torch.bool:
+            t.fill_(not f.metadata.get("fresh", False))
+        else:
+            row = torch.arange(1, t.shape[0] + 1).view(-1, *[1] * (t.dim() - 1))
+            t.copy_((row * 10 + torch.zeros_like(t, dtype=torch.long)).to(t.dtype))
+
+
+def test_row_state_reset_and_move_cover_every_field() -> None:
+    cfg = tiny()
+    state = RowState.allocate(cfg, 4, torch.float32, torch.device("cpu"))
+    storage = {f.name: getattr(state, f.name).data_ptr() for f in dataclasses.fields(state)}
+    fresh = RowState.allocate(cfg, 4, torch.float32, torch.device("cpu"))
+    _distinct_rows(state)
+    before = {f.name: getattr(state, f.name).clone() for f in dataclasses.fields(state)}
+
+    state.move_row(3, 1)
+    for f in dataclasses.fields(state):
+        t, old = getattr(state, f.name), before[f.name]
+        assert torch.equal(t[1], old[3]), f.name
+        assert torch.equal(t[[0, 2, 3]], old[[0, 2, 3]]), f.name
+
+    moved = {f.name: getattr(state, f.name).clone() for f in dataclasses.fields(state)}
+    state.reset(torch.tensor([True, False, True, False]), first_pos=cfg.prefix_len)
+    for f in dataclasses.fields(state):
+        t = getattr(state, f.name)
+        if f.name == "next_pos":
+            expect = torch.full_like(fresh.next_pos[[0, 2]], cfg.prefix_len)
+        elif f.metadata.get("kept"):
+            expect = moved[f.name][[0, 2]]
+        else:
+            expect = getattr(fresh, f.name)[[0, 2]]
+        assert torch.equal(t[[0, 2]], expect), f.name  # a row that has not run a turn
+        assert torch.equal(t[[1, 3]], moved[f.name][[1, 3]]), f.name
+        assert t.data_ptr() == storage[f.name], f.name  # in place: captured graphs read the same storage
+
+
+def test_runner_moves_and_resets_cache_and_stream_rows_with_the_row_state() -> None:
+    engine = _engine(max_slots=3)
+    runner = engine.runner
+    a, b, c = (engine.join(INSTR, SamplingParams(seed=s)) for s in (1, 2, 3))
+    engine.step({})
+    last = engine.table.row(c)
+    cache: KVCache = runner.cache
+    kept = (cache.cell_pos[last].clone(), cache.k[0][last].clone(), runner.dmel_state.carry[last].clone(),
+            runner.voc_state.tail[last].clone(), runner.voc_state.frames[last].clone())
+    engine.leave(a)  # c's row moves into a's hole
+    assert engine.table.row(c) == 0
+    moved = (cache.cell_pos[0], cache.k[0][0], runner.dmel_state.carry[0], runner.voc_state.tail[0],
+             runner.voc_state.frames[0])
+    for want, got in zip(kept, moved, strict=True):
+        assert torch.equal(want, got)
+    assert int(runner.rows.seed[0]) == 3
+    d = engine.join("", SamplingParams(seed=4))  # on the vacated row: nothing of the old row survives
+    row = engine.table.row(d)
+    assert row == 2 and int(runner.rows.turn[row]) == 0 and not runner.rows.has_carry[row]
+    assert int(runner.voc_state.frames[row]) == 0 and not runner.dmel_state.carry[row].any()
+    assert (cache.cell_pos[row, cache.prefix_len :] == -1).all()
+    assert sorted(engine.active_slots) == sorted([b, c, d])
+
+
+def test_slot_table_rows_stay_contiguous_through_join_leave_rejoin() -> None:
+    """A mirror of per-row state that follows only the (src, dst) moves `leave` returns stays equal to
+    the table's rows: what the runner relies on."""
+    table = SlotTable(tiny(), 4, ByteTokenizer(), patchify=lambda image: image)
+    mirror: list[int] = []  # row -> slot, moved like the runner's per-row state
+    rng = random.Random(0)
+    for _ in range(300):
+        if mirror and (len(mirror) == 4 or rng.random() < 0.5):
+            slot = rng.choice(mirror)
+            move = table.leave(slot)
+            if move is not None:
+                src, dst = move
+                assert src == len(mirror) - 1 and mirror[dst] == slot
+                mirror[dst] = mirror[src]
+            else:
+                assert mirror[-1] == slot
+            mirror.pop()
+        else:
+            free = min(set(range(4)) - set(mirror))
+            slot, row = table.join()
+            assert (slot, row) == (free, len(mirror))  # the lowest free slot, on the first free row
+            mirror.append(slot)
+        assert table.slots == mirror and len(table) == len(mirror)
+        assert all(table.row(s) == r for r, s in enumerate(mirror))
+    while len(table) < 4:
+        table.join()
+    with pytest.raises(EngineFull):
+        table.join()
+
+
+def test_slot_table_packs_rows_in_row_order() -> None:
+    cfg = tiny()
+    patches = np.full((4, cfg.patch_dim), 0.5, np.float32)
+    table = SlotTable(cfg, 3, ByteTokenizer(), patchify=lambda image: patches)
+    a, b, c = (table.join()[0] for _ in range(3))
+    table.leave(a)  # c moves to row 0
+    image = np.zeros((8, 8, 3), np.uint8)
+    audio = np.full(TURN_SAMPLES, 0.25, np.float32)
+    batch, errors = table.pack({
+        c: SlotInput(audio=audio, image=image, text_in=[1, 2], text_in_background=True, force_text_out=[7]),
+        b: SlotInput(audio=np.zeros(5, np.float32)),
+    })
+    assert errors[0] is None and "audio" in errors[1]
+    assert (batch.audio[0] == 0.25).all() and not batch.audio[1].any()
+    assert batch.text_in[0].tolist() == [1, 2] + [table.tokenizer.special.PAD] * (cfg.text_in_slots - 2)
+    assert batch.source[:, 0].tolist() == [1, 0] and batch.forced[0, 0] == 7 and (batch.forced[1] == -1).all()
+    assert batch.image_rows == [0] and batch.images.shape == (1, 4, cfg.patch_dim)

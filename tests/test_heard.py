@@ -3,13 +3,12 @@ streamed by the server as input transcription events."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
 import torch
 
-from microturn.model.config import tiny
+from microturn.model.config import ModelConfig, tiny
 from microturn.model.layout import audio_in_hidden, sequence_hidden
 from microturn.model.slots import TURN_SAMPLES, SlotInput, SlotOutput
 from microturn.model.tokenizer import ByteTokenizer, CtcStreamDecoder
@@ -18,21 +17,17 @@ from microturn.server.session import Session
 from microturn.server.settings import ServerSettings
 from microturn.training.curricula import REFINE
 from microturn.training.data import DuplexGenerator
-from microturn.training.heard import HEARD_LAG_TOKENS, heard_loss, heard_targets, normalise
+from microturn.training.heard import HEARD_LAG_TOKENS, heard_loss, heard_targets, normalise_spoken
 from microturn.training.train import compute_losses, make_optimizers
 
 TOK = ByteTokenizer()
 
 
-def _small():
-    return dataclasses.replace(tiny(), d_model=64, n_layers=2, n_experts=4, d_expert=64, d_channel_embed=4)
-
-
-def test_normalise_gives_one_target_per_sound() -> None:
-    assert normalise("What's THREE plus 4?") == "what's 3 plus 4"
-    assert normalise("hey,   how are you") == "hey how are you"
-    assert normalise("what is 3 plus 4") == normalise("what is three plus four")
-    assert normalise("?!") == ""
+def test_normalise_spoken_gives_one_target_per_sound() -> None:
+    assert normalise_spoken("What's THREE plus 4?") == "what's 3 plus 4"
+    assert normalise_spoken("hey,   how are you") == "hey how are you"
+    assert normalise_spoken("what is 3 plus 4") == normalise_spoken("what is three plus four")
+    assert normalise_spoken("?!") == ""
 
 
 def test_spans_start_at_the_speech_run_past_it_and_stop_at_the_next_utterance() -> None:
@@ -51,15 +46,15 @@ def test_spans_start_at_the_speech_run_past_it_and_stop_at_the_next_utterance() 
     assert heard.targets[2, 2:].eq(TOK.special.PAD).all()
 
 
-def test_no_utterance_no_loss() -> None:
-    cfg = _small()
+def test_no_utterance_no_loss(micro_config: ModelConfig) -> None:
+    cfg = micro_config
     model = build_model(cfg, seed=0)
     heard = heard_targets([[], []], cfg)
     assert float(heard_loss(model, torch.zeros(2, 8, cfg.d_model), heard)) == 0.0
 
 
-def test_a_few_steps_lower_the_transcript_loss_of_a_fixed_batch() -> None:
-    cfg = _small()
+def test_a_few_steps_lower_the_transcript_loss_of_a_fixed_batch(micro_config: ModelConfig) -> None:
+    cfg = micro_config
     torch.manual_seed(0)
     model = build_model(cfg, seed=0).train()
     prefix, turns, heard = DuplexGenerator(cfg, "train", seed=1, turns=24, curriculum=REFINE).batch(0, 2)
@@ -91,7 +86,7 @@ def test_ctc_read_out_collapses_runs_across_turns_and_drops_blanks() -> None:
 
 
 def _session(hears: bool) -> Session:
-    return Session(ServerSettings(), TOK, 4, 4, on_overflow=lambda _: None, hears=hears)
+    return Session(ServerSettings(), TOK, 4, 4, on_overflow=lambda: None, hears=hears)
 
 
 def _events(session: Session) -> list[dict]:

@@ -6,7 +6,7 @@ import json
 
 import httpx
 import pytest
-from realserver import ServerThread, warm_engine
+from helpers.realserver import ServerThread, warm_engine
 
 from microturn.cli import main as cli_main
 from microturn.clients.loadtest.report import histogram_quantile, parse_metrics

@@ -16,8 +16,8 @@ import httpx
 import numpy as np
 import pytest
 import websockets
+from helpers.realserver import ServerThread, collect, pcm16, stream_binary, warm_engine
 from openai import AsyncOpenAI
-from realserver import ServerThread, collect, pcm16, stream_binary, warm_engine
 
 from microturn.model.engine import Engine
 from microturn.model.resample import resample

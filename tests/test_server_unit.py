@@ -12,7 +12,7 @@ from microturn.model.slots import TURN_SAMPLES
 from microturn.server import protocol as p
 from microturn.server.auth import Authenticator
 from microturn.server.errors import ErrorCode, ProtocolError
-from microturn.server.session import AudioInput
+from microturn.server.media_input import InputAudioBuffer
 from microturn.server.settings import ServerSettings, settings_table
 
 
@@ -72,7 +72,7 @@ def _pcm(n: int, start: int = 0) -> np.ndarray:
 
 
 def test_audio_input_slices_packets_of_any_size_in_order():
-    audio = AudioInput(jitter_ms=100, max_ahead_ms=2000)
+    audio = InputAudioBuffer(jitter_ms=100, max_ahead_ms=2000)
     sizes = [7, 333, 1600, 1, 999, 260, 1861, 1339]  # 6400 samples = two turns per round
     sent, pos, taken = [], 0, []
     for _ in range(3):
@@ -87,7 +87,7 @@ def test_audio_input_slices_packets_of_any_size_in_order():
 
 
 def test_audio_input_drops_the_audio_of_skipped_ticks():
-    audio = AudioInput(jitter_ms=100, max_ahead_ms=2000)
+    audio = InputAudioBuffer(jitter_ms=100, max_ahead_ms=2000)
     audio.append(_pcm(5 * TURN_SAMPLES), 16_000)
     audio.take(time.monotonic())
     audio.skip(2)  # the engine overran two ticks while the audio kept coming
@@ -97,7 +97,7 @@ def test_audio_input_drops_the_audio_of_skipped_ticks():
 
 
 def test_audio_input_waits_for_jitter_then_counts_underruns():
-    audio = AudioInput(jitter_ms=100, max_ahead_ms=2000)
+    audio = InputAudioBuffer(jitter_ms=100, max_ahead_ms=2000)
     audio.append(_pcm(TURN_SAMPLES), 16_000)  # one turn, less than turn + jitter: not started yet
     chunk, underrun = audio.take(time.monotonic())
     assert not chunk.any() and not underrun
@@ -113,7 +113,7 @@ def test_audio_input_waits_for_jitter_then_counts_underruns():
 
 
 def test_audio_input_resamples_24k_and_bounds_the_rate():
-    audio = AudioInput(jitter_ms=0, max_ahead_ms=1000)
+    audio = InputAudioBuffer(jitter_ms=0, max_ahead_ms=1000)
     audio.append(np.zeros(24_000 // 2, np.float32), 24_000)  # 500 ms
     assert 450 <= audio.buffered_ms <= 500  # the resampler holds back its filter delay
     with pytest.raises(ProtocolError) as err:

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 import websockets
-from realserver import ServerThread, collect, warm_engine
+from helpers.realserver import ServerThread, collect, warm_engine
 
 from microturn.model.engine import Engine
 from microturn.model.slots import TURN_SAMPLES

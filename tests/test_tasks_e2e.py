@@ -8,13 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 import websockets
-from realserver import ServerThread, collect, warm_engine
+from helpers.realserver import ServerThread, collect, warm_engine
 
 from microturn.model.engine import Engine
 from microturn.model.tokenizer import TextOutDecoder
 from microturn.server.background import Tool
+from microturn.server.background_service import BackgroundService
 from microturn.server.settings import ServerSettings
-from microturn.server.tasks import BackgroundWork
 
 MAX_SLOTS = 4
 
@@ -28,7 +28,7 @@ class _Server(ServerThread):
     """A ServerThread whose background work has one extra tool: `slow`, which sleeps (to cancel it)."""
 
     def __init__(self, settings: ServerSettings, engine: Engine) -> None:
-        self.work = BackgroundWork(settings, engine.tokenizer, engine.config.text_in_slots)
+        self.work = BackgroundService(settings, engine.tokenizer)
 
         async def slow(text: str) -> str:
             await asyncio.sleep(60)
@@ -38,7 +38,7 @@ class _Server(ServerThread):
             "slow", "sleeps for a minute", {"type": "object", "properties": {"text": {"type": "string"}},
                                             "required": ["text"]}, slow,
         ))
-        super().__init__(settings, engine, task_hooks=self.work)
+        super().__init__(settings, engine, background=self.work)
 
     def sessions(self) -> list:
         return [c.session for c in self.app.state.server.connections]
@@ -108,7 +108,7 @@ async def test_barge_in_makes_when_idle_result_stale(server: _Server) -> None:
             assert any(e["type"] == "task.done" for e in events)
             events += await _events(ws, 1)
             assert _background_text(events) == ""  # still waiting: the model is speaking
-            tasks = server.sessions()[0].tasks.tasks
+            tasks = server.sessions()[0].background
             assert tasks.scheduler.pending() > 0
             await ws.send(json.dumps({"type": "response.cancel", "event_id": "b1"}))  # barge-in
             events = await _events(ws, 1)

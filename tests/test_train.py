@@ -14,7 +14,7 @@ import torch
 
 from microturn.cli import main as cli_main
 from microturn.model.checkpoint import load_checkpoint, read_config, save_checkpoint
-from microturn.model.config import tiny
+from microturn.model.config import ModelConfig, tiny
 from microturn.model.tokenizer import ByteTokenizer
 from microturn.model.transformer import InteractionModel, build_model
 from microturn.training.curricula import REFINE
@@ -32,13 +32,9 @@ from microturn.training.heard import utterance_spans
 from microturn.training.train import _batch_source, compute_losses, make_optimizers
 
 
-def _small():
-    return dataclasses.replace(tiny(), d_model=64, n_layers=2, n_experts=4, d_expert=64, d_channel_embed=4)
-
-
 @pytest.mark.parametrize("kind", ["adamw", "muon"])
-def test_a_few_steps_lower_the_loss_on_a_fixed_batch(kind: str) -> None:
-    cfg = _small()
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(kind: str, micro_config: ModelConfig) -> None:
+    cfg = micro_config
     torch.manual_seed(0)
     model = build_model(cfg, seed=0).train()
     prefix, turns, _ = DuplexGenerator(cfg, "train", seed=0, turns=12).batch(0, 2)
@@ -107,8 +103,9 @@ def test_train_cli_resumes_a_muon_run_and_refuses_another_optimizer(tmp_path: Pa
         cli_main(["train", *flags, "--steps", "4", "--resume"])
 
 
-def test_export_averages_checkpoints_of_one_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cfg = _small()
+def test_export_averages_checkpoints_of_one_model(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  micro_config: ModelConfig) -> None:
+    cfg = micro_config
     paths = []
     for seed in (1, 2, 3):
         paths.append(tmp_path / f"seed{seed}")
@@ -129,9 +126,9 @@ def test_export_averages_checkpoints_of_one_model(tmp_path: Path, capsys: pytest
     assert "config differs" in capsys.readouterr().err
 
 
-def test_data_worker_processes_make_the_same_batches_as_the_thread() -> None:
+def test_data_worker_processes_make_the_same_batches_as_the_thread(micro_config: ModelConfig) -> None:
     """--data-workers (a GPU's feed) must not change what a recipe trains on: batches hang on (seed, step)."""
-    cfg = _small()
+    cfg = micro_config
     args = argparse.Namespace(seed=5, turns=6, data_workers=2, curriculum="refine")
     pool, make_batch = _batch_source(cfg, args)
     with pool:
@@ -188,8 +185,9 @@ def test_heard_error_rates_read_each_utterance_span() -> None:
     assert 0 < cer < wer < 0.5
 
 
-def test_eval_duplex_runs_end_to_end_on_a_random_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cfg = _small()
+def test_eval_duplex_runs_end_to_end_on_a_random_model(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                       micro_config: ModelConfig) -> None:
+    cfg = micro_config
     save_checkpoint(tmp_path / "ckpt", build_model(cfg, seed=0), cfg)
     argv = ["eval", "duplex", "--checkpoint", str(tmp_path / "ckpt"), "--conversations", "2", "--batch", "2",
             "--device", "cpu"]

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import websockets.sync.client
-from realserver import ServerThread, warm_engine
+from helpers.realserver import ServerThread, warm_engine
 
 from microturn.model.engine import Engine
+from microturn.server import media_input
 from microturn.server import session as server_session
 from microturn.server.settings import ServerSettings
 from microturn.training.espeak import speak
@@ -96,7 +97,7 @@ def received(monkeypatch) -> dict[str, int]:
     """Counts what the server's sessions took in: images decoded, input audio samples."""
     counts = {"images": 0, "audio_samples": 0}
     lock = threading.Lock()
-    set_image, append = server_session.Session.set_image, server_session.AudioInput.append
+    set_image, append = server_session.Session.set_image, media_input.InputAudioBuffer.append
 
     def counted_image(self, rgb):
         with lock:
@@ -109,7 +110,7 @@ def received(monkeypatch) -> dict[str, int]:
             counts["audio_samples"] += len(samples) * 16_000 // rate
 
     monkeypatch.setattr(server_session.Session, "set_image", counted_image)
-    monkeypatch.setattr(server_session.AudioInput, "append", counted_append)
+    monkeypatch.setattr(media_input.InputAudioBuffer, "append", counted_append)
     return counts
 
 

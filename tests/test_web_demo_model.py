@@ -8,6 +8,7 @@ except in the test of what the model heard, where it asks a question.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from realserver import ServerThread, demo_engine, demo_settings
+from helpers.realserver import ServerThread, demo_engine, demo_settings
 
 from microturn.model.engine import Engine
 from microturn.model.resample import resample
@@ -108,3 +109,10 @@ def test_spoken_question_shows_what_the_model_heard(engine, speaking_browser):
         # of the speech ("repeat the word tig" or so), then the model's answer
         page.wait_for_function(HEARD_WORDS.format(pattern="peat|tig"), timeout=WAIT_MS)
         page.wait_for_function(MODEL_SAID.format(text="tiger."), timeout=WAIT_MS)
+        lines = page.eval_on_selector_all("#transcript > span", "spans => spans.map(s => [s.className, "
+                                          "s.textContent])")
+    heard = [i for i, (kind, text) in enumerate(lines)
+             if kind == "heard" and text.startswith("you (heard): ") and re.search("peat|tig", text)]
+    answers = [i for i, (kind, text) in enumerate(lines) if kind == "model" and "tiger." in text]
+    assert heard and answers and heard[0] < answers[-1], lines  # the answer follows what it heard
+    assert not [text for kind, text in lines if kind == "you"], lines  # spoken, not typed

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .grammar import expand
-
 SCENARIOS = ("answer", "pause", "interrupt", "task", "vision", "typed")
 SCENARIO_WEIGHTS = (0.22, 0.16, 0.16, 0.14, 0.14, 0.18)
 # (train phrasings, held-out phrasings) per intent; the last piece of a spoken question can be paused before
@@ -47,8 +45,6 @@ class Curriculum:
     number_repeat_share: float = 0.0  # repeat questions whose word is a digit string (copying numbers)
     number_phrasings: tuple[str, ...] = ()  # wordings of digit-string repeats; () = the intent's phrasings
     extra_phrasings: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (intent, train phrasings added)
-    extra_variants: tuple[str, ...] = ()  # espeak-ng voice variants added to every train voice base
-    warp: float = 0.0  # user utterances resampled by a factor in [1 - warp, 1 + warp] (speaker perturbation)
 
 
 # The refinement stage: more sums (the weakest skill), more mid-sentence pauses, digit strings to
@@ -61,50 +57,21 @@ REFINE = Curriculum(
                                    "good morning, are you listening", "hello, is everything okay",
                                    "hi there, are you awake")),),
 )
-# espeak-ng's named variants (formant, pitch and voicing sets) that sound like people: never the
-# held-out ones, never robots, whispers or effects
-NAMED_VARIANTS = (
-    "+adam", "+Alex", "+Alicia", "+Andrea", "+Andy", "+Annie", "+antonio", "+aunty", "+belinda", "+benjamin",
-    "+boris", "+caleb", "+david", "+Denis", "+Diogo", "+ed", "+edward", "+Gene", "+gustave", "+Henrique",
-    "+Hugo", "+iven", "+Jacky", "+john", "+kaukovalta", "+Lee", "+linda", "+marcelo", "+Marco", "+Mario",
-    "+max", "+Michael", "+michel", "+miguel", "+Mike", "+Nguyen", "+pablo", "+paul", "+pedro", "+quincy",
-    "+rob", "+robert", "+steph", "+Storm", "+zac", "+anika", "+grandpa", "+grandma", "+klatt", "+klatt2",
-    "+klatt3", "+m8", "+norbert", "+sandro", "+shelby", "+travis", "+victor", "+croak",
-)
-# Experiments, not in the recipe (README "Demo model"). Refine with many more speakers: as stage 2,
-# held-out spoken accuracy stayed 0.70 and training-voice accuracy fell from 0.90 to 0.81.
-VOICES = dataclasses.replace(REFINE, extra_variants=NAMED_VARIANTS, warp=0.1)
-
-
-# Refine with hundreds of wordings per intent (training/grammar.py): as a third stage, held-out text
-# accuracy 0.79 -> 0.81 (noise) while turn takeover fell 0.93 -> 0.87 and vision 1.0 -> 0.875.
-PHRASES = dataclasses.replace(REFINE, extra_phrasings=tuple(
-    (intent, dict(REFINE.extra_phrasings).get(intent, ()) + expand(intent, avoid=PHRASINGS[intent][1]))
-    for intent in PHRASINGS))
-# A fourth stage, tried: what the third left wrong is spoken questions (sums, greetings, words) and
-# the colour asked in a new wording, so spoken answers and vision gain share; interruptions (stopped
-# in every held-out case) and typed questions (0.95) give it up. From the shipped weights, 4400 steps
-# at lr 3e-4: held-out text 0.84 -> 0.86 and vision 0.875 -> 0.95, but pause takeover 0.10 -> 0.25
-# and turn takeover 0.93 -> 0.90 (it answers sooner, pauses too), so it is not in the recipe.
-FOCUS = dataclasses.replace(REFINE, scenario_weights=(0.28, 0.18, 0.08, 0.12, 0.18, 0.16),
-                            chat_weights=(0.30, 0.40, 0.30))
-# Refine whose digit strings are asked for as numbers: in "say {w}" wordings they taught the model
-# to guess a digit string when it does not place a word ("please say the word planet" -> "708.").
+# Refine whose digit strings are asked for as numbers, so that "say {w}" never means one: a model that
+# does not place a word would otherwise answer a digit string.
 NUMBERS = dataclasses.replace(REFINE, number_phrasings=(
     "repeat the number {w}", "say the number {w}", "can you say the number {w}",
     "please repeat the number {w}"))
-# Numbers with sums as over half of the chat questions: what the shipped model still gets wrong in
-# every wording, typed ones included, is its times table ("3 times 4 is 27."), a fact it can only learn
-# by seeing it more often.
+# Numbers with sums as over half of the chat questions: the times table is a fact the model can only
+# learn by seeing it more often.
 SUMS = dataclasses.replace(NUMBERS, chat_weights=(0.2, 0.55, 0.25))
-# Sums with greetings that hold words sounding like numbers ("everyone", "too", "for", "ate"): the
-# stage-6 model hears the held-out "hello, is anyone there" as "... e 1 ..." and waits for the rest of
-# a sum. None of these is a rewording of that held-out question (no "is ... there", no "anyone").
+# Sums with greetings holding words that sound like numbers ("everyone", "too", "for", "ate"), so that
+# such a sound stops meaning the start of a sum. None is a rewording of the held-out greeting (no
+# "is ... there", no "anyone").
 SOUNDALIKE_GREETINGS = ("hello everyone", "hi, nice to meet you too", "hey, thanks for waiting",
                         "good morning to you", "hi everyone, good evening", "hello, I just ate, how are you",
                         "hey, good to see you again", "morning, won't you say hello")
 GREETINGS = dataclasses.replace(SUMS, chat_weights=(0.3, 0.5, 0.2), extra_phrasings=tuple(
     (intent, phrasings + SOUNDALIKE_GREETINGS if intent == "greeting" else phrasings)
     for intent, phrasings in SUMS.extra_phrasings))
-CURRICULA = {"base": Curriculum(), "refine": REFINE, "voices": VOICES, "phrases": PHRASES, "focus": FOCUS,
-             "numbers": NUMBERS, "sums": SUMS, "greetings": GREETINGS}
+CURRICULA = {"base": Curriculum(), "refine": REFINE, "numbers": NUMBERS, "sums": SUMS, "greetings": GREETINGS}

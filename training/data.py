@@ -36,7 +36,6 @@ import torch
 from ..model.config import ModelConfig
 from ..model.dmel import DMel
 from ..model.layout import Turns, image_patches, patch_indices
-from ..model.resample import resample
 from ..model.slots import SAMPLE_RATE, TURN_SAMPLES, SlotInput
 from ..model.tokenizer import ByteTokenizer
 from .curricula import CHAT_INTENTS, PHRASINGS, SCENARIOS, Curriculum
@@ -238,9 +237,6 @@ class DuplexGenerator:
         self.tok = ByteTokenizer()
         self.dmel = DMel()
         self.voices = user_voices(voices)
-        if voices == "train":
-            bases = [b for b in VOICE_BASES if b not in HELD_OUT_BASES]
-            self.voices += [(b, v) for v in self.curriculum.extra_variants for b in bases]
         self._renders: dict[tuple, np.ndarray] = {}
 
     # --- speech ---
@@ -298,9 +294,6 @@ class DuplexGenerator:
     # --- the user's audio ---
     def _utterance(self, text: str, voice: tuple[str, int, int], rng: np.random.Generator) -> np.ndarray:
         wave = self.render(text, *voice)
-        if self.curriculum.warp:  # played faster or slower: pitch, formants and tempo shift together
-            factor = rng.uniform(1 - self.curriculum.warp, 1 + self.curriculum.warp)
-            wave = resample(wave, round(SAMPLE_RATE * factor), SAMPLE_RATE)
         peak = 10 ** (rng.uniform(*USER_PEAK_DBFS) / 20) / max(np.abs(wave).max(), 1e-6)
         ramp = 10 ** (np.linspace(0, rng.uniform(-LEVEL_RAMP_DB, LEVEL_RAMP_DB), len(wave)) / 20)
         return (wave * peak * ramp).astype(np.float32)
@@ -412,7 +405,7 @@ class DuplexGenerator:
 
     def _intent(self, kind: str, rng: np.random.Generator) -> str:
         c = self.curriculum
-        if c.chat_weights is None or c.hard_share is None:  # the first stage's two draws, as they were
+        if c.chat_weights is None or c.hard_share is None:  # the first stage's two draws, call for call
             return {"task": ("hard", "time")[rng.integers(2)], "vision": "colour"}.get(
                 kind, CHAT_INTENTS[rng.integers(3)])
         if kind == "task":

@@ -73,7 +73,9 @@ OBSERVATIONS = ("pause", "takeover", "latency", "stop", "stop_ms", "delegation",
                 "text", "text_typed", "text_spoken", "speech")
 
 
-def normalise(text: str) -> str:
+def normalise_answer(text: str) -> str:
+    """Lower case, letters, digits, ':' (times) and single spaces only: how an answer is written, its
+    number words kept as words (training/heard.py's `normalise_spoken` turns them into digits)."""
     return " ".join(re.sub(r"[^a-z0-9: ]", " ", text.lower()).split())
 
 
@@ -200,14 +202,15 @@ def score(ep: Episode, rec: Recording, judge: SpeechJudge, out: dict[str, list])
         opened = held.index(sp.TASK_START) if sp.TASK_START in held else len(held)
         out["delegation"].append(sp.TASK_END in held[opened:])
         task = held[opened + 1 : held.index(sp.TASK_END, opened)] if sp.TASK_END in held[opened:] else []
-        out["task_text"].append(normalise(tok.decode(task)) == normalise(ep.task))
+        out["task_text"].append(normalise_answer(tok.decode(task)) == normalise_answer(ep.task))
         answer_turn = ep.result_end_turn
     if ep.kind == "vision":
-        said = set(normalise(tok.decode(rec.span(ep.input_end_turn, ep.input_end_turn + window))).split())
+        named = tok.decode(rec.span(ep.input_end_turn, ep.input_end_turn + window))
+        said = set(normalise_answer(named).split())
         out["vision"].append(ep.colour in said and not (said & set(COLOURS)) - {ep.colour})
     if ep.kind in ANSWER_KINDS:
         text = tok.decode(rec.span(answer_turn, answer_turn + window))
-        right = normalise(text) == normalise(ep.answer)
+        right = normalise_answer(text) == normalise_answer(ep.answer)
         out["text"].append(right)
         out["text_typed" if ep.typed else "text_spoken"].append(right)
         out.setdefault(f"text {ep.intent} {'typed' if ep.typed else 'spoken'}", []).append(right)

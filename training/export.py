@@ -24,9 +24,9 @@ import torch
 from ..model.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint, read_config, save_checkpoint
 from ..model.config import ModelConfig
 from ..model.transformer import InteractionModel
+from .train import PLOT_FILE
 
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-PLOT_FILE = "loss.png"
 
 
 def average_into(model: InteractionModel, cfg: ModelConfig, others: list[Path]) -> None:

@@ -7,7 +7,7 @@ PAD), an inner monologue on the input side. It shares the text head, so it adds 
 checkpoint trained with it loads anywhere.
 
 Contract: `heard_targets(said, cfg)` takes each batch row's whole user utterances (start sample,
-end sample, text) and returns a `Heard`: per utterance a normalised byte target (`normalise`)
+end sample, text) and returns a `Heard`: per utterance a normalised byte target (`normalise_spoken`)
 and a span of audio-in positions from its first audio token to HEARD_LAG_TOKENS past its last
 (a causal model hears a word before it can name it), cut at the row's next utterance
 (`utterance_spans`, which the evaluation reads the model's transcripts over too).
@@ -38,9 +38,10 @@ _TOK = ByteTokenizer()
 _DIGIT = {w: str(i) for i, w in enumerate(NUMBER_WORDS)}
 
 
-def normalise(text: str) -> str:
+def normalise_spoken(text: str) -> str:
     """Lower case, number words as digits (the audio of "3" and "three" is the same), letters,
-    digits, apostrophes and single spaces only: one target per sound."""
+    digits, apostrophes and single spaces only: one target per sound. Unlike the evaluation's
+    `normalise_answer`, it says how words sound, not how an answer is written."""
     words = re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
     return " ".join(_DIGIT.get(w, w) for w in words)
 
@@ -66,7 +67,7 @@ def utterance_spans(utterances: list[tuple[int, int, str]], cfg: ModelConfig) ->
         first, last = s0 // token, (s1 - 1) // token + HEARD_LAG_TOKENS
         if i + 1 < len(utterances):
             last = min(last, utterances[i + 1][0] // token - 1)
-        said = normalise(text)
+        said = normalise_spoken(text)
         if said and last >= first:
             spans.append((first, last - first + 1, said))
     return spans

@@ -55,11 +55,10 @@ STATE_FILE = "train_state.pt"
 PLOT_FILE = "loss.png"
 MIN_LR_RATIO = 0.1  # cosine decays to this fraction of the peak learning rate
 ADAM_BETAS = (0.9, 0.95)
-
-
 CONTENT_TEXT_WEIGHT = 5.0  # text-out loss weight of answer bytes and task markers vs PAD/EPAD filler
 DECISION_TEXT_WEIGHT = 3.0  # least weight of each turn's first text-out slot: where speaking starts or stops
 _SPECIAL = ByteTokenizer().special
+
 
 @dataclass
 class Losses:
@@ -207,14 +206,11 @@ def main(args: argparse.Namespace) -> int:
     step, history = 0, []
     if args.resume:
         state = torch.load(out / STATE_FILE, map_location=device, weights_only=False)
-        # state files written before --optimizer hold one AdamW under the singular keys
-        saved_opts = state.get("optimizers") or [state["optimizer"]]
-        saved_scheds = state.get("schedulers") or [state["scheduler"]]
-        if len(saved_opts) != len(opts):
+        if len(state["optimizers"]) != len(opts):
             raise SystemExit(f"{out / STATE_FILE} was written with another --optimizer")
-        for o, s in zip(opts, saved_opts, strict=True):
+        for o, s in zip(opts, state["optimizers"], strict=True):
             o.load_state_dict(s)
-        for sc, s in zip(scheds, saved_scheds, strict=True):
+        for sc, s in zip(scheds, state["schedulers"], strict=True):
             sc.load_state_dict(s)
         step, history = state["step"], state["history"]
         read_config(out)  # fail early on a damaged checkpoint
@@ -245,9 +241,8 @@ def main(args: argparse.Namespace) -> int:
             if step + ahead < args.steps:
                 pending.append(pool.submit(make_batch, step + ahead, args.batch))
             turns = Turns(**{k: v.to(device) for k, v in vars(turns).items()})
-            # bf16 autocast (the MoE experts too, cast in model/moe.py): forward and backward about 2x
-            # fp32 on an AMX CPU (0.8 s vs 1.6 s for a tiny batch) and the usual mixed precision on
-            # a GPU; weights, optimiser state and the loss reductions stay fp32
+            # bf16 autocast (the MoE experts too, cast in model/moe.py): about twice as fast as fp32 where
+            # bf16 is native; weights, optimiser state and the loss reductions stay fp32
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 losses = compute_losses(model, prefix.to(device), turns, heard.to(device), args.heard_weight)
             model.zero_grad(set_to_none=True)  # every optimiser's parameters

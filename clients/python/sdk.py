@@ -101,7 +101,7 @@ def parse_event(message: str | bytes) -> Event:
     data = json.loads(message)
     kind = data.get("type", "")
     if kind.startswith(TASK_EVENT_PREFIX) and "task_id" in data:
-        return p.TaskEvent.model_validate(data)
+        return p.TaskServerEvent.model_validate(data)
     return EVENT_MODELS.get(kind, GenericEvent).model_validate(data)
 
 

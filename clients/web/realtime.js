@@ -1,6 +1,6 @@
 // The page's side of the microturn protocol: one WebSocket, JSON events and binary frames.
-// Binary frames are [kind u8][flags u8][seq u32 BE][pts_ms u32 BE][payload] (DESIGN.md
-// section 4). A credential (API key or ek_ client secret) travels as the subprotocol
+// Binary frames are [kind u8][flags u8][seq u32 BE][pts_ms u32 BE][payload] (server/protocol.py,
+// docs/architecture.md). A credential (API key or ek_ client secret) travels as the subprotocol
 // `openai-insecure-api-key.<credential>`, the only way a browser can send one.
 // It knows nothing about the page, audio devices or playback.
 

@@ -1,10 +1,10 @@
 """The background model: context package, tools, backends, worker pool and result scheduling.
 
-Wiring for a server (one pool per process, one `SessionTasks` per session):
+One pool per process; server/background_service.py wires it to live sessions:
 
     registry = default_registry()
     pool = WorkerPool(make_backend("local", registry), PoolConfig())
-    tasks = SessionTasks(session_id, pool, registry, send=outbound_queue.put_nowait)
+    pool.submit(record.build(task, registry.specs()), emit=outbound_queue.put_nowait)
 
 `model/` is never imported here and nothing here touches tensors or sockets.
 """
@@ -31,7 +31,6 @@ from .context import (
     TaskSpec,
     ToolSpec,
 )
-from .link import SessionTasks
 from .pool import PoolConfig, TaskRejected, WorkerPool
 from .scheduling import Piece, ResultScheduler
 from .tools import Tool, ToolError, ToolRegistry, default_registry
@@ -61,7 +60,6 @@ __all__ = [
     "Piece",
     "PoolConfig",
     "ResultScheduler",
-    "SessionTasks",
     "TaskDelta",
     "TaskEvent",
     "TaskRejected",

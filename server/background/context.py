@@ -5,12 +5,12 @@ live session when a task starts - a versioned pydantic model that serialises to
 JSON, so a worker in another process or behind an HTTP endpoint gets the same
 thing. `ConversationRecord` is the per-session, bounded, append-only log that the
 session writes to as the conversation runs (user text, model text deltas merged
-into turns, task results, media references); `build()` snapshots it into a
-package, so a later task's package holds the results of earlier ones.
+into turns, task results); `build()` snapshots it into a package, so a later
+task's package holds the results of earlier ones. The package's `media` field
+references input chunks by id and timestamp, never by bytes; the record adds none.
 
-It does not know about sockets, tokens, tensors or the worker pool: media is
-referenced by id and timestamp, never by bytes, and times are wall-clock seconds
-from an injectable clock.
+It does not know about sockets, tokens, tensors or the worker pool; times are
+wall-clock seconds from an injectable clock.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pydantic import BaseModel, Field
 SCHEMA_VERSION = 1  # bump on any breaking change to ContextPackage's fields
 MAX_RECORD_ITEMS = 2_000  # conversation items kept per session; the oldest fall off (sessions never end)
 MAX_TURN_CHARS = 4_000  # a model turn longer than this continues in a new item
-MAX_MEDIA_REFS = 32  # recent audio-chunk / camera-frame references kept per session
 
 Role = Literal["user", "model", "task", "system"]
 Scheduling = Literal["interrupt", "when_idle", "silent"]
@@ -114,7 +113,6 @@ class ConversationRecord:
         self.session_id = session_id
         self._clock = clock
         self._items: deque[ConversationItem] = deque(maxlen=MAX_RECORD_ITEMS)
-        self._media: deque[MediaRef] = deque(maxlen=MAX_MEDIA_REFS)
         self._model_turn_open = False
 
     def add_user_text(self, text: str, source: str = "text") -> None:
@@ -155,10 +153,6 @@ class ConversationRecord:
             )
         )
 
-    def add_media(self, kind: Literal["audio", "image"], ref_id: str, pts_ms: int) -> None:
-        """Remember that an input chunk or frame arrived (reference only)."""
-        self._media.append(MediaRef(kind=kind, ref_id=ref_id, pts_ms=pts_ms, received_at=self._clock()))
-
     @property
     def items(self) -> list[ConversationItem]:
         return list(self._items)
@@ -169,7 +163,6 @@ class ConversationRecord:
             session_id=self.session_id,
             instructions=instructions,
             conversation=[item.model_copy() for item in self._items],
-            media=list(self._media),
             task=task,
             tools=list(tools),
             created_at=self._clock(),

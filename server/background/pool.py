@@ -2,7 +2,7 @@
 
 Contract: `WorkerPool.submit(ctx, emit, ...)` starts one asyncio task that drives
 `backend.run(ctx)` and calls `emit(event)` (a plain, non-blocking callable the
-session gives) with the client events of DESIGN.md section 4, in this order:
+session gives) with these client events (docs/architecture.md), in this order:
 
     {"type": "task.created",   "task_id": id, "task": {"input", "scheduling", "tool", "origin"}}
     {"type": "task.delta",     "task_id": id, "seq": 0, 1, ..., "delta": {"text": str}}

@@ -29,7 +29,7 @@ def warm_engine(max_slots: int) -> Engine:
     return engine
 
 
-DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-demo"
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-demo"
 
 
 def demo_engine(max_slots: int) -> Engine:
@@ -49,11 +49,11 @@ def demo_settings(max_sessions: int) -> ServerSettings:
 class ServerThread:
     """uvicorn serving `create_app(settings, engine)` on a free loopback port, in a thread."""
 
-    def __init__(self, settings: ServerSettings, engine: Engine, task_hooks=None) -> None:
+    def __init__(self, settings: ServerSettings, engine: Engine, background=None) -> None:
         self.sock = bound_send_buffer(socket.socket(), settings)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.app = create_app(settings, engine, task_hooks=task_hooks)
+        self.app = create_app(settings, engine, background=background)
         self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

@@ -1,0 +1,133 @@
+"""Client media on its way into model input: the audio jitter buffer, PCM16 codecs, JPEG decoding.
+
+Input audio arrives in packets of any size at 16 or 24 kHz; `InputAudioBuffer` resamples
+it to the model's 16 kHz and hands out one 200 ms micro-turn per tick. A stream starts
+once `jitter_ms` of audio beyond a turn is buffered; a stream that runs short at a tick
+gets what it has padded with silence and counts an underrun, then re-buffers. The audio
+of ticks the engine skipped (overruns) is dropped so latency does not grow. The buffer is
+the one object both the event loop (`append`) and the tick thread (`take`, `skip`) touch,
+so it guards its state with a lock. `decode_image` turns a JPEG into RGB off the event
+loop. Malformed media raises `ProtocolError` naming the client event. This module knows
+nothing about sessions, sockets or the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import cv2
+import numpy as np
+
+from ..model.resample import StreamResampler
+from ..model.slots import SAMPLE_RATE, TURN_SAMPLES
+from . import protocol as p
+from .errors import ErrorCode, ProtocolError
+
+TURN_MS = TURN_SAMPLES * 1000 // SAMPLE_RATE
+
+
+def pcm16_to_float(data: bytes, event_id: str | None = None) -> np.ndarray:
+    if len(data) % 2:
+        raise ProtocolError(
+            ErrorCode.INVALID_AUDIO, "PCM16 audio must have an even number of bytes", event_id
+        )
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def float_to_pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+class InputAudioBuffer:
+    """Input audio buffer at 16 kHz with the jitter/underrun policy; thread-safe."""
+
+    def __init__(self, jitter_ms: int, max_ahead_ms: int) -> None:
+        self._lock = threading.Lock()
+        self._buf = np.zeros(0, np.float32)
+        self._jitter = jitter_ms * SAMPLE_RATE // 1000
+        self._max_ahead = max_ahead_ms * SAMPLE_RATE // 1000
+        self._jitter_s = jitter_ms / 1000.0
+        self._resampler: StreamResampler | None = None
+        self._primed = False
+        self._flush = False
+        self._last_arrival = -1e9
+        self.underruns = 0
+        self.dropped_samples = 0  # input of ticks the engine skipped (kept, it would add latency for good)
+
+    def append(self, samples: np.ndarray, rate: int, event_id: str | None = None) -> None:
+        """Add samples at `rate`; refuses audio beyond the real-time bound (nothing is buffered then)."""
+        if rate not in p.PCM_RATES:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_SAMPLE_RATE, f"input rate {rate} not in {p.PCM_RATES}", event_id
+            )
+        incoming = len(samples) * SAMPLE_RATE // rate
+        with self._lock:
+            if len(self._buf) + incoming > self._max_ahead:
+                raise ProtocolError(
+                    ErrorCode.INPUT_RATE_EXCEEDED,
+                    f"input audio over {self._max_ahead * 1000 // SAMPLE_RATE} ms ahead of real time",
+                    event_id,
+                )
+            if self._resampler is None or self._resampler.sr_in != rate:
+                self._resampler = StreamResampler(rate, SAMPLE_RATE)
+            self._buf = np.concatenate([self._buf, self._resampler.process(samples)])
+            self._last_arrival = time.monotonic()
+
+    def skip(self, turns: int) -> None:
+        """The clock moved on `turns` ticks without a step: their audio is dropped, not delayed."""
+        with self._lock:
+            drop = min(len(self._buf), turns * TURN_SAMPLES) if self._primed else 0
+            self._buf = self._buf[drop:]
+            self.dropped_samples += drop
+
+    def commit(self) -> None:
+        """The client says the stream paused: hand over the tail without waiting for jitter."""
+        with self._lock:
+            self._flush = True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buf = np.zeros(0, np.float32)
+            self._primed = False
+
+    @property
+    def buffered_ms(self) -> int:
+        return len(self._buf) * 1000 // SAMPLE_RATE
+
+    def take(self, now: float) -> tuple[np.ndarray, bool]:
+        """One turn of input for the tick at `now`; returns (audio, underrun)."""
+        with self._lock:
+            n = len(self._buf)
+            quiet = now - self._last_arrival >= self._jitter_s + TURN_MS / 1000.0
+            if not self._primed and n and (n >= TURN_SAMPLES + self._jitter or quiet or self._flush):
+                self._primed = True
+            if not self._primed:
+                return np.zeros(TURN_SAMPLES, np.float32), False
+            if n >= TURN_SAMPLES:
+                chunk, self._buf = self._buf[:TURN_SAMPLES], self._buf[TURN_SAMPLES:]
+                return chunk, False
+            chunk = np.zeros(TURN_SAMPLES, np.float32)
+            chunk[:n] = self._buf
+            self._buf = self._buf[:0]
+            underrun = not (quiet or self._flush)
+            self._primed = self._flush = False
+            self.underruns += underrun
+            return chunk, underrun
+
+
+def decode_jpeg(data: bytes) -> np.ndarray | None:
+    """RGB uint8 (H, W, 3), or None when the bytes are not a decodable image."""
+    if not data:
+        return None
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+async def decode_image(data: bytes, event_id: str | None) -> np.ndarray:
+    """A client's JPEG as RGB, decoded in a worker thread: a big image must not stall the event loop."""
+    rgb = await asyncio.to_thread(decode_jpeg, data)
+    if rgb is None:
+        raise ProtocolError(ErrorCode.INVALID_IMAGE, "image does not decode", event_id)
+    return rgb
