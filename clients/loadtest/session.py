@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import websockets
 
+from ...server.protocol import PCM_RATE_16K
 from ..python.sdk import AudioChunk, Client, ConnectError, connect
 
-RATE = 16_000  # input audio rate sent
+RATE = PCM_RATE_16K  # input audio rate sent
 PACKET_MS = 40  # input frame size
 TURN_S = 0.2  # one output micro-turn
 TASK_AT = 1 / 3  # share of the duration after which a planned task is sent

@@ -24,9 +24,10 @@ import numpy as np
 import soundfile as sf
 
 from ...model.resample import resample
+from ...server.protocol import PCM_RATE_16K
 from .sdk import AudioChunk, Client, ConnectError, connect_with_retry
 
-RATE = 16_000  # rate sent and recorded
+RATE = PCM_RATE_16K  # rate sent and recorded
 PACKET_MS = 40  # input frame size
 TURN_S = 0.2  # one micro-turn of output
 DEFAULT_TAIL_S = 2.0  # reply recorded after the input ends

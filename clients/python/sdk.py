@@ -26,7 +26,7 @@ from pydantic import ConfigDict
 
 from ...server import protocol as p
 
-OUTPUT_RATE_BINARY = 16_000  # binary 0x81 frames carry the engine's 16 kHz audio
+OUTPUT_RATE_BINARY = p.PCM_RATE_16K  # binary 0x81 frames carry the engine's 16 kHz audio
 OPEN_TIMEOUT_S = 10.0  # handshake plus waiting for session.created
 CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the server's close frame
 BUSY_CLOSE_CODE = 1013  # "try again later": every slot is taken
@@ -142,18 +142,18 @@ class Client:
         await self.ws.send(json.dumps(event))
         return event["event_id"]
 
-    async def send_audio(self, audio: np.ndarray, rate: int = 16_000) -> None:
+    async def send_audio(self, audio: np.ndarray, rate: int = p.PCM_RATE_16K) -> None:
         """Send mono samples (float32 or int16) at 16 or 24 kHz as one binary frame."""
         if rate not in p.PCM_RATES:
             raise ValueError(f"rate must be one of {p.PCM_RATES}, not {rate}")
-        flags = p.FLAG_RATE_24K if rate == 24_000 else 0
-        pts_ms = self._pts_samples * 1000 // 16_000
-        self._pts_samples += len(audio) * 16_000 // rate
+        flags = p.FLAG_RATE_24K if rate == p.PCM_RATE_24K else 0
+        pts_ms = self._pts_samples * 1000 // p.PCM_RATE_16K
+        self._pts_samples += len(audio) * p.PCM_RATE_16K // rate
         await self.ws.send(p.encode_frame(p.KIND_INPUT_PCM16, next(self._seq), pts_ms, pcm16(audio), flags))
 
     async def send_image(self, jpeg: bytes) -> None:
         """Send the latest camera frame (JPEG bytes)."""
-        pts_ms = self._pts_samples * 1000 // 16_000
+        pts_ms = self._pts_samples * 1000 // p.PCM_RATE_16K
         await self.ws.send(p.encode_frame(p.KIND_INPUT_JPEG, next(self._seq), pts_ms, jpeg))
 
     async def send_text(self, text: str) -> str:
