@@ -8,7 +8,7 @@ thousands of small kernels. A tick with B rows replays the smallest bucket
 whose bookkeeping is reset when a real session joins that row.
 
 `GraphedGenerate` is given the callable to capture (`Generate`) and the
-static input buffers to capture it over (`GraphInputs`, max_slots rows each).
+static input buffers to capture it over (`TurnInputs` of max_slots rows).
 The callable must be pure tensor work with static shapes and no host sync,
 and must leave its outputs in tensors it allocates (they become the graph's
 static outputs). Capture at warm-up with no session joined (the passes then
@@ -28,11 +28,6 @@ import torch
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (allocator and kernel autotuning)
 
-# (b, exec_mask, text_in, source, audio_in, forced) -> text-out (b, To), audio-out (b, A, k, C), heard (b, A)
-Generate = Callable[
-    [int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-]
 
 
 def buckets(max_slots: int) -> list[int]:
@@ -44,22 +39,27 @@ def buckets(max_slots: int) -> list[int]:
 
 
 @dataclass
-class GraphInputs:
-    """The generate pass's inputs as static buffers; a bucket of b rows reads rows [0, b)."""
+class TurnInputs:
+    """A generate pass's inputs for R rows (the B rows of a step, or S rows of static graph buffers)."""
 
-    text_in: torch.Tensor  # (S, Ti) long text-in ids
-    source: torch.Tensor  # (S, Ti) long text-in source markers
-    audio_in: torch.Tensor  # (S, A, k, C) long dMel codes of the turn's audio-in
-    forced: torch.Tensor  # (S, To) long text-out ids to force, -1 = sample
-    exec_mask: torch.Tensor  # (S,) bool rows that execute; padding rows write only to the trash cell
+    text_in: torch.Tensor  # (R, Ti) long text-in ids
+    source: torch.Tensor  # (R, Ti) long text-in source markers
+    audio_in: torch.Tensor  # (R, A, k, C) long dMel codes of the turn's audio-in
+    forced: torch.Tensor  # (R, To) long text-out ids to force, -1 = sample
+    exec_mask: torch.Tensor  # (R,) bool rows that execute; padding rows write only to the trash cell
 
-    def rows(self, b: int) -> tuple[torch.Tensor, ...]:
-        """Views of rows [0, b), in `Generate`'s argument order after b."""
-        return self.exec_mask[:b], self.text_in[:b], self.source[:b], self.audio_in[:b], self.forced[:b]
+    def rows(self, b: int) -> TurnInputs:
+        """Views of rows [0, b)."""
+        return TurnInputs(self.text_in[:b], self.source[:b], self.audio_in[:b], self.forced[:b],
+                          self.exec_mask[:b])
+
+
+# (b, inputs of b rows) -> text-out (b, To), audio-out (b, A, k, C), heard (b, A)
+Generate = Callable[[int, TurnInputs], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class GraphedGenerate:
-    def __init__(self, generate: Generate, inputs: GraphInputs) -> None:
+    def __init__(self, generate: Generate, inputs: TurnInputs) -> None:
         self.generate = generate
         self.inputs = inputs
         self.device = inputs.exec_mask.device
@@ -70,32 +70,26 @@ class GraphedGenerate:
 
     @torch.inference_mode()
     def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]:
-        args = (b, *self.inputs.rows(b))
+        rows = self.inputs.rows(b)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(WARMUP_RUNS):
-                self.generate(*args)
+                self.generate(b, rows)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            text_out, audio_out, heard = self.generate(*args)
+            text_out, audio_out, heard = self.generate(b, rows)
         return graph, text_out, audio_out, heard
 
-    def run(
-        self,
-        B: int,
-        text_in: torch.Tensor,  # (B, Ti)
-        source: torch.Tensor,  # (B, Ti)
-        audio_in: torch.Tensor,  # (B, A, k, C)
-        forced: torch.Tensor,  # (B, To)
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Replay the smallest bucket >= B over these inputs -> text-out, audio-out, heard of rows [0, B)."""
+    def run(self, B: int, inp: TurnInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Replay the smallest bucket >= B over the B rows of `inp` (its exec_mask is not read)
+        -> text-out, audio-out, heard of rows [0, B)."""
         b = next(k for k in sorted(self.graphs) if k >= B)
         graph, text_out, audio_out, heard = self.graphs[b]
         buf = self.inputs
-        buf.text_in[:B], buf.source[:B] = text_in, source
-        buf.audio_in[:B], buf.forced[:B] = audio_in, forced
+        buf.text_in[:B], buf.source[:B] = inp.text_in, inp.source
+        buf.audio_in[:B], buf.forced[:B] = inp.audio_in, inp.forced
         buf.exec_mask.zero_()
         buf.exec_mask[:B] = True
         graph.replay()

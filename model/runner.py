@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .cuda_graphs import GraphedGenerate, GraphInputs
+from .cuda_graphs import GraphedGenerate, TurnInputs
 from .dmel import DMel
 from .kv_cache import KVCache
 from .layout import embed_inputs, embed_output, patch_indices
@@ -152,13 +152,11 @@ class Runner:
         audio_in = codes.view(B, cfg.audio_tokens, cfg.frames_per_audio_token, cfg.dmel_channels)
 
         record: dict | None = {} if trace else None
+        inp = TurnInputs(text_in, source, audio_in, forced, torch.ones(B, dtype=torch.bool, device=dev))
         if self.graphs is not None and record is None:
-            text_out, audio_out, heard = self.graphs.run(B, text_in, source, audio_in, forced)
+            text_out, audio_out, heard = self.graphs.run(B, inp)
         else:
-            exec_mask = torch.ones(B, dtype=torch.bool, device=dev)
-            text_out, audio_out, heard = self.generate(  # (B, To), (B, A, k, C), (B, A)
-                B, exec_mask, text_in, source, audio_in, forced, record
-            )
+            text_out, audio_out, heard = self.generate(B, inp, record)  # (B, To), (B, A, k, C), (B, A)
         self._mark(marks, profile)
 
         logmel = self.dmel.decode(audio_out.reshape(B, -1, cfg.dmel_channels))  # (B, F, C)
@@ -176,14 +174,7 @@ class Runner:
         return StepResult(pcm_host, text_host, heard_host, [t - 1 for t in turns], stage_ms, record)
 
     def generate(
-        self,
-        B: int,
-        exec_mask: torch.Tensor,  # (B,)
-        text_in: torch.Tensor,  # (B, Ti)
-        source: torch.Tensor,  # (B, Ti)
-        audio_in: torch.Tensor,  # (B, A, k, C)
-        forced: torch.Tensor,  # (B, To) text-out ids to force, -1 = sample
-        trace: dict | None = None,
+        self, B: int, inp: TurnInputs, trace: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prefill the inputs, decode every output slot for rows [0, B); advance cache, positions, carry,
         turn. -> text-out (B, To), audio-out (B, A, k, C), the greedy reading of the audio-in (B, A).
@@ -193,13 +184,13 @@ class Runner:
         filled with host copies of the turn's inputs, outputs and logits (syncs: never captured).
         """
         self.model.set_moe_backend(self.moe_backend_for(B))
-        h, heard, ctrl, patches, pidx = self._prefill(B, exec_mask, text_in, source, audio_in)
-        text_out, audio_out, idle, logits = self._decode(B, exec_mask, h, forced, trace is not None)
+        h, heard, ctrl, patches, pidx = self._prefill(B, inp)
+        text_out, audio_out, idle, logits = self._decode(B, inp.exec_mask, h, inp.forced, trace is not None)
         if trace is not None:
             To = self.config.text_out_slots
             trace.update({
                 "ctrl": ctrl.cpu(), "patches": patches.float().cpu(), "patch_idx": pidx.cpu(),
-                "audio_in": audio_in.cpu(), "text_in": text_in.cpu(), "source": source.cpu(),
+                "audio_in": inp.audio_in.cpu(), "text_in": inp.text_in.cpu(), "source": inp.source.cpu(),
                 "text_out": torch.stack(text_out, 1).cpu(), "audio_out": torch.stack(audio_out, 1).cpu(),
                 "text_logits": torch.stack(logits[:To], 1), "audio_logits": torch.stack(logits[To:], 1),
             })
@@ -207,12 +198,7 @@ class Runner:
         return torch.stack(text_out, dim=1), torch.stack(audio_out, dim=1), heard
 
     def _prefill(
-        self,
-        B: int,
-        exec_mask: torch.Tensor,  # (B,)
-        text_in: torch.Tensor,  # (B, Ti)
-        source: torch.Tensor,  # (B, Ti)
-        audio_in: torch.Tensor,  # (B, A, k, C)
+        self, B: int, inp: TurnInputs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The carried last output token and this turn's input positions through the model.
         -> last hidden (B, D), heard (B, A), and the turn's ctrl (B,), patches (B, V, P), patch_idx (B, V)."""
@@ -224,10 +210,10 @@ class Runner:
         patches = st.patches[:B].gather(1, pidx[..., None].expand(-1, -1, cfg.patch_dim))  # (B, V, P)
         x = torch.cat([
             embed_output(model, cfg.output_positions - 1, st.carry[:B, None]),
-            embed_inputs(model, ctrl, patches, pidx, audio_in, text_in, source),
+            embed_inputs(model, ctrl, patches, pidx, inp.audio_in, inp.text_in, inp.source),
         ], dim=1)  # (B, 1 + Pin, D)
         pos = next_pos[:, None] - 1 + torch.arange(self.chunk, device=dev)  # (B, 1 + Pin)
-        cells = cache.conversation_cells(pos, exec_mask)  # (B, 1 + Pin)
+        cells = cache.conversation_cells(pos, inp.exec_mask)  # (B, 1 + Pin)
         # a row's first turn has no carried token: its position writes to the (never visible) trash cell
         cells[:, 0] = torch.where(st.has_carry[:B], cells[:, 0], cache.trash)
         h = self._forward(x, pos, cells, slice(0, B))  # (B, 1 + Pin, D)
@@ -291,7 +277,7 @@ class Runner:
     def capture_graphs(self) -> None:
         """Capture `generate` per bucket of rows (CUDA only), with no row live: captures run as padding."""
         cfg, dev, S = self.config, self.device, self.max_slots
-        inputs = GraphInputs(
+        inputs = TurnInputs(
             text_in=torch.full((S, cfg.text_in_slots), self.special.PAD, dtype=torch.long, device=dev),
             source=torch.zeros((S, cfg.text_in_slots), dtype=torch.long, device=dev),
             audio_in=torch.zeros(
