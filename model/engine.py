@@ -2,7 +2,8 @@
 
 Contract
 - `join(instructions, sampling) -> slot` takes a free slot (raises `EngineFull`),
-  resets its state and prefills its pinned prefix; `leave(slot)` frees it.
+  resets its state and prefills its pinned prefix; `leave(slot)` frees it. A join
+  that raises holds no slot afterwards.
 - `step(inputs) -> outputs` runs one micro-turn for every joined slot in one
   batched forward: dMel-encode each slot's 200 ms of input audio, prefill the
   input positions (plus the previous turn's last output token), decode the
@@ -143,9 +144,14 @@ class Engine:
 
     def join(self, instructions: str = "", sampling: SamplingParams | None = None) -> int:
         slot, row = self.table.join()
-        self.runner.reset_row(row)
-        self.set_sampling(slot, sampling or SamplingParams())
-        self.set_instructions(slot, instructions)
+        try:
+            self.runner.reset_row(row)
+            self.set_sampling(slot, sampling or SamplingParams())
+            self.set_instructions(slot, instructions)
+        except BaseException:
+            # a half-joined row would be stepped every tick with no session behind it: give it back
+            self.leave(slot)
+            raise
         return slot
 
     def leave(self, slot: int) -> None:

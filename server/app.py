@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
+import math
 import mimetypes
 import time
 from contextlib import asynccontextmanager
@@ -22,14 +24,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from . import protocol as p
 from .auth import Authenticator
 from .background_service import BackgroundService
 from .connection import ServerState, serve_websocket
 from .engine_api import EngineAPI
-from .errors import ErrorCode, error_payload
+from .errors import HTTP_STATUS, ErrorCode, error_payload
 from .metrics import Metrics
 from .settings import ServerSettings
 from .tick_loop import TickLoop
@@ -79,6 +81,58 @@ class ExpiresAfter(BaseModel):
 class ClientSecretRequest(BaseModel):
     expires_after: ExpiresAfter | None = None
     session: p.SessionConfig | None = None
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _no_constants(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")  # json.loads would take NaN and Infinity
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: the reply could not be rendered back as JSON
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused past `limit` bytes while it streams in (never held whole first)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_secret_request(raw: bytes) -> ClientSecretRequest:
+    """An empty or `null` body asks for the defaults; anything unparsable is a BadRequest."""
+    if not raw.strip():
+        return ClientSecretRequest()
+    try:
+        data = json.loads(raw, parse_constant=_no_constants, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        raise BadRequest("body is not valid JSON") from None
+    if data is None:
+        return ClientSecretRequest()
+    if (bad := p.unencodable_text(data)) is not None:
+        raise BadRequest(f"{bad}: text is not valid Unicode (lone surrogate)", bad)
+    try:
+        return ClientSecretRequest.model_validate(data)
+    except ValidationError as exc:
+        # the message names the field, never echoes the input (it may not even serialise)
+        first = exc.errors(include_input=False, include_url=False)[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise BadRequest(f"{param or 'body'}: {first['msg']}", param) from None
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"invalid body: {exc}") from None
 
 
 def create_app(
@@ -137,11 +191,18 @@ def create_app(
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     @app.post("/v1/realtime/client_secrets")
-    async def client_secrets(request: Request, body: ClientSecretRequest | None = None) -> JSONResponse:
+    async def client_secrets(request: Request) -> JSONResponse:
+        # auth first: the body is not even read for a caller without a key
         if not state.auth.http_allowed(request.headers.get("authorization")):
             state.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
             return JSONResponse({"error": error_payload(ErrorCode.UNAUTHORIZED, "API key required")}, 401)
-        body = body or ClientSecretRequest()
+        try:
+            body = parse_secret_request(await read_body(request, settings.max_message_bytes))
+        except BadRequest as exc:
+            code = ErrorCode.INVALID_REQUEST
+            state.metrics.errors.labels(code.value).inc()
+            error = error_payload(code, exc.message, param=exc.param)
+            return JSONResponse({"error": error}, HTTP_STATUS[code])
         session = body.session.model_dump(exclude_none=True) if body.session else None
         ttl = body.expires_after.seconds if body.expires_after else None
         return JSONResponse(state.auth.mint(ttl, session))

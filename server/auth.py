@@ -5,13 +5,17 @@ subprotocol `openai-insecure-api-key.<key or secret>` (what browsers can send), 
 the `client_secret` query parameter. API keys are long-lived; client secrets are minted
 by `POST /v1/realtime/client_secrets` (which itself needs an API key), expire after a
 TTL and work once. Auth is on when any API key is configured; with none, any
-connection is let in (local use). The Origin check runs either way. This module knows
-nothing about sessions or the engine.
+connection is let in (local use). The Origin check runs either way: a browser Origin
+must be one of the server's public origins (configured, or derived from the address the
+connection arrived on, never from the Host header, which a DNS-rebinding page controls)
+or on the allowlist. The credential subprotocol is never echoed back in the handshake.
+This module knows nothing about sessions or the engine.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import secrets
 import time
 from collections import OrderedDict
@@ -22,6 +26,7 @@ from .settings import ServerSettings
 
 SUBPROTOCOL_KEY_PREFIX = "openai-insecure-api-key."
 REALTIME_SUBPROTOCOL = "realtime"
+QUERY_SECRET_PARAM = "client_secret"  # the one query parameter read as a credential
 SECRET_PREFIX = "ek_"
 SECRET_BYTES = 24
 
@@ -87,11 +92,10 @@ class Authenticator:
             (s[len(SUBPROTOCOL_KEY_PREFIX) :] for s in subprotocols if s.startswith(SUBPROTOCOL_KEY_PREFIX)),
             None,
         )
-        echo = (
-            REALTIME_SUBPROTOCOL
-            if REALTIME_SUBPROTOCOL in subprotocols
-            else (subprotocols[0] if subprotocols else None)
-        )
+        # Browsers fail a handshake whose selected subprotocol they did not offer, and Chromium also
+        # one that selects none of those offered; so echo a non-secret one when there is one.
+        plain = [s for s in subprotocols if not s.startswith(SUBPROTOCOL_KEY_PREFIX)]
+        echo = REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in plain else (plain[0] if plain else None)
         credential = _bearer(authorization) or from_protocol or query_secret
         if credential is not None and credential.startswith(SECRET_PREFIX):
             secret = self._redeem(credential)
@@ -100,14 +104,53 @@ class Authenticator:
             return Grant(echo, None)
         return None
 
-    def origin_allowed(self, origin: str | None, host: str | None) -> bool:
-        """Non-browser clients send no Origin; browsers must be same-origin or on the allowlist."""
+    def origin_allowed(self, origin: str | None, local_addr: tuple[str, int] | None) -> bool:
+        """Non-browser clients send no Origin; browsers must come from a public origin or the allowlist.
+
+        `local_addr` is the server address the connection arrived on (the ASGI `server`), which
+        gives the default public origins when none are configured.
+        """
         if origin is None:
             return True
         allowed = self._settings.allowed_origins
         if "*" in allowed or origin.rstrip("/") in (o.rstrip("/") for o in allowed):
             return True
-        return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+        key = _origin_key(origin)
+        public = self._settings.public_origins or _address_origins(local_addr or self._bind_addr())
+        return key is not None and any(key == _origin_key(o) for o in [*public, *allowed])
+
+    def _bind_addr(self) -> tuple[str, int]:
+        return self._settings.host, self._settings.port
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_key(origin: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) with the scheme's default port filled in; None when it is no origin."""
+    try:
+        parts = urlsplit(origin.strip().rstrip("/"))
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname:
+        return None
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname.lower(), port if port is not None else DEFAULT_PORTS.get(scheme)
+
+
+def _address_origins(addr: tuple[str, int]) -> list[str]:
+    """The http origins a page served from this address has: loopback also by its names."""
+    host, port = addr
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return [f"http://{host}:{port}"]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 peers this way
+    if ip.is_loopback:
+        return [f"http://127.0.0.1:{port}", f"http://localhost:{port}", f"http://[::1]:{port}"]
+    return [f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"]
 
 
 def _bearer(authorization: str | None) -> str | None:

@@ -6,8 +6,10 @@ the `MICROTURN_*` settings, prints the demo page URL and runs uvicorn. SIGTERM s
 exits when it is done; a second signal or Ctrl-C exits at once. The listening socket
 carries `send_buffer_bytes` as SO_SNDBUF, which accepted connections inherit: without
 it loopback autotuning lets a client that never reads absorb megabytes (tens of seconds
-of audio) before the output queue can notice. This module knows nothing about sessions
-or the engine.
+of audio) before the output queue can notice. uvicorn logs every request's path with its
+query string (HTTP in `uvicorn.access`, WebSocket handshakes in `uvicorn.error`), where a
+browser's `client_secret` travels: `RedactQuerySecrets` masks such values first. This
+module knows nothing about sessions or the engine.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import socket
 from types import FrameType
@@ -27,6 +30,34 @@ from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 FLAG_FIELDS = ("host", "port", "preset", "checkpoint", "device", "dtype")
+# loggers uvicorn writes request paths (with the query string) to
+REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error")
+# query parameters whose value is masked: the credential auth reads, and look-alikes clients try
+SECRET_QUERY = re.compile(r"([?&][^=&\s\"]*(?:secret|key|token|password|auth)[^=&\s\"]*=)[^&#\s\"]*", re.I)
+REDACTED = "[redacted]"
+
+
+class RedactQuerySecrets(logging.Filter):
+    """Mask secret query values in a record's message and arguments before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_query(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_query(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def redact_query(text: str) -> str:
+    return SECRET_QUERY.sub(rf"\1{REDACTED}", text)
+
+
+def install_log_redaction() -> None:
+    """Idempotent: uvicorn's logging config keeps logger filters, so this survives a new Config."""
+    for name in REQUEST_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactQuerySecrets) for f in logger.filters):
+            logger.addFilter(RedactQuerySecrets())
 
 
 class DrainingServer(uvicorn.Server):
@@ -57,8 +88,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def uvicorn_config(app: FastAPI, settings: ServerSettings, **kw: object) -> uvicorn.Config:
-    """The uvicorn config the settings ask for (message size, pings); tests reuse it."""
-    return uvicorn.Config(
+    """The uvicorn config the settings ask for (message size, pings, log redaction); tests reuse it."""
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -68,6 +99,8 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, **kw: object) -> uvic
         ws_per_message_deflate=False,
         **kw,
     )
+    install_log_redaction()  # after Config: it (re)configures uvicorn's loggers
+    return config
 
 
 def bound_send_buffer(sock: socket.socket, settings: ServerSettings) -> socket.socket:

@@ -25,10 +25,10 @@ from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from . import protocol as p
-from .auth import Authenticator, Grant
+from .auth import QUERY_SECRET_PARAM, Authenticator, Grant
 from .background_service import BackgroundService, SessionBackground
 from .errors import HTTP_STATUS, ErrorCode, ProtocolError, close_code, error_payload
-from .media_input import decode_image
+from .media_input import base64_decoded_min, check_input_ahead, decode_image
 from .metrics import Metrics
 from .session import Session
 from .session_config import apply_session_config
@@ -56,11 +56,14 @@ class ServerState:
 
 async def serve_websocket(ws: WebSocket, state: ServerState) -> None:
     headers = ws.headers
-    if not state.auth.origin_allowed(headers.get("origin"), headers.get("host")):
+    # the address the connection arrived on, not the Host header: a DNS-rebinding page sets that
+    server = ws.scope.get("server")
+    local_addr = (str(server[0]), int(server[1])) if server and server[1] is not None else None
+    if not state.auth.origin_allowed(headers.get("origin"), local_addr):
         return await _deny(ws, state, ErrorCode.FORBIDDEN_ORIGIN, "Origin not allowed")
     grant = state.auth.authorize(
         headers.get("authorization"),
-        ws.query_params.get("client_secret"),
+        ws.query_params.get(QUERY_SECRET_PARAM),
         list(ws.scope.get("subprotocols", [])),
     )
     if grant is None:
@@ -111,6 +114,7 @@ class Connection:
             ),
             beta=beta,
             hears=engine.hears,
+            on_fatal=self.request_close,
         )
         self._closing: asyncio.Future[tuple[ErrorCode, str]] = asyncio.get_running_loop().create_future()
         self._last_message = time.monotonic()
@@ -128,7 +132,11 @@ class Connection:
         tasks: list[asyncio.Task] = []
         try:
             if grant.session:
-                await self._configure(p.SessionConfig.model_validate(grant.session), None)
+                try:
+                    await self._configure(p.SessionConfig.model_validate(grant.session), None)
+                except ProtocolError as exc:  # e.g. transcription asked of a model that does not hear
+                    message = f"the client secret's session config is refused: {exc.message}"
+                    return await _refuse(self.ws, state, ErrorCode.INVALID_REQUEST, message)
             if self.ws.query_params.get("audio") == "binary":
                 session.output_transport = "binary"
             try:
@@ -217,9 +225,20 @@ class Connection:
         self.state.metrics.errors.labels(exc.code.value).inc()
         self.session.send(p.ErrorEvent(error=error_payload(exc.code, exc.message, exc.event_id, exc.param)))
 
+    def _check_room(self, pcm_bytes: int, rate: int, event_id: str | None) -> None:
+        """The input-ahead bound from the size alone: an unpaced flood is refused before it is decoded."""
+        buffered_ms, max_ahead_ms = self.session.input_buffered_ms, self.settings.max_input_ahead_ms
+        check_input_ahead(pcm_bytes, rate, buffered_ms, max_ahead_ms, event_id)
+
     def _append_audio(self, pcm: bytes, rate: int, event_id: str | None) -> None:
+        self._check_room(len(pcm), rate, event_id)
         self.session.append_audio(pcm, rate, event_id)
         self._rate_error_sent = False
+
+    def _append_base64_audio(self, audio: str, event_id: str | None) -> None:
+        rate = self.session.input_rate
+        self._check_room(base64_decoded_min(len(audio)), rate, event_id)
+        self._append_audio(b64decode(audio, ErrorCode.INVALID_AUDIO, event_id), rate, event_id)
 
     async def _on_binary(self, data: bytes) -> None:
         frame = p.decode_frame(data)
@@ -228,7 +247,8 @@ class Connection:
             rate = p.PCM_RATE_24K if frame.flags & p.FLAG_RATE_24K else p.PCM_RATE_16K
             self._append_audio(frame.payload, rate, event_id)
         else:
-            self.session.set_image(await decode_image(frame.payload, event_id))
+            image = await decode_image(frame.payload, event_id, self.settings.max_image_pixels)
+            self.session.set_image(image)
 
     async def _on_event(self, event: Any) -> None:
         session, eid = self.session, event.event_id
@@ -236,7 +256,7 @@ class Connection:
             await self._configure(event.session, eid)
             session.send(p.SessionUpdated(session=session.session_dict()))
         elif isinstance(event, p.InputAudioBufferAppend):
-            self._append_audio(b64decode(event.audio, ErrorCode.INVALID_AUDIO, eid), session.input_rate, eid)
+            self._append_base64_audio(event.audio, eid)
         elif isinstance(event, p.InputAudioBufferCommit):
             session.commit_audio()
         elif isinstance(event, p.InputAudioBufferClear):
@@ -249,6 +269,9 @@ class Connection:
             session.barge_in()
         elif isinstance(event, p.TaskCreate):
             task = event.task
+            if len(task.input) > self.settings.max_task_input_chars:
+                message = f"task input over {self.settings.max_task_input_chars} characters"
+                raise ProtocolError(ErrorCode.TEXT_TOO_LONG, message, eid, "task.input")
             try:
                 self._background(eid).submit(
                     task.input, task.scheduling, tool=task.tool, timeout_s=task.timeout_s, client_event_id=eid
@@ -289,12 +312,11 @@ class Connection:
                 _, mark, payload = part.image_url.partition(DATA_URL_MARK)
                 if not mark:
                     raise ProtocolError(ErrorCode.INVALID_IMAGE, "image_url must be a base64 data URL", eid)
-                image = await decode_image(b64decode(payload, ErrorCode.INVALID_IMAGE, eid), eid)
+                data = b64decode(payload, ErrorCode.INVALID_IMAGE, eid)
+                image = await decode_image(data, eid, self.settings.max_image_pixels)
                 self.session.set_image(image)
             elif isinstance(part, p.InputAudio):
-                self._append_audio(
-                    b64decode(part.audio, ErrorCode.INVALID_AUDIO, eid), self.session.input_rate, eid
-                )
+                self._append_base64_audio(part.audio, eid)
         if text:
             self.session.queue_text(text, eid)
         added = {

@@ -3,8 +3,9 @@
 Every `error` event and every server-initiated close goes through `ErrorCode`: its
 value is the wire `code`, `ERROR_TYPES` the OpenAI-style `type`, `CLOSE_CODES` the
 WebSocket close code when the condition ends the session (absent = the session lives on),
-`HTTP_STATUS` the status of a handshake refusal. `ProtocolError` carries one up from
-parsing to the session loop. This module knows nothing about sockets or sessions.
+`HTTP_STATUS` the status of a handshake refusal or an HTTP error response.
+`ProtocolError` carries one up from parsing to the session loop. This module knows
+nothing about sockets or sessions.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ class ErrorCode(StrEnum):
     INVALID_AUDIO = "invalid_audio"  # base64 that does not decode, or odd-length PCM16
     UNSUPPORTED_SAMPLE_RATE = "unsupported_sample_rate"  # input audio not 16 or 24 kHz
     INVALID_FRAME = "invalid_frame"  # binary frame too short or of an unknown kind
-    INVALID_IMAGE = "invalid_image"  # an image that does not decode
-    TEXT_TOO_LONG = "text_too_long"  # one message over max_text_chars, or the text queue full
+    INVALID_IMAGE = "invalid_image"  # an image that does not decode, or over max_image_pixels
+    # an HTTP request body that is not JSON of the expected shape, or a client secret whose session
+    # config this server refuses at connect (the session is closed)
+    INVALID_REQUEST = "invalid_request"
+    TEXT_TOO_LONG = "text_too_long"  # text over max_text_chars / max_task_input_chars, or the queue full
     INPUT_RATE_EXCEEDED = "input_rate_exceeded"  # audio arriving faster than real time beyond the bound
     UNSUPPORTED = "unsupported"  # a known event whose feature is not available here
     UNKNOWN_TASK = "unknown_task"  # task.cancel of a task this session does not have running
@@ -53,12 +57,14 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.SERVER_BUSY: 1013,
     ErrorCode.SERVER_DRAINING: 1001,
     ErrorCode.SLOW_CONSUMER: 1008,
+    ErrorCode.INVALID_REQUEST: 1008,
     ErrorCode.IDLE_TIMEOUT: 1000,
     ErrorCode.SESSION_EXPIRED: 1000,
     ErrorCode.INTERNAL_ERROR: 1011,
 }
 
 HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN_ORIGIN: 403,
     ErrorCode.SERVER_DRAINING: 503,

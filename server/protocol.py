@@ -35,6 +35,10 @@ PCM_RATE_24K = 24_000
 PCM_RATES = (PCM_RATE_16K, PCM_RATE_24K)  # accepted input and output rates
 DEFAULT_PCM_RATE = PCM_RATE_24K  # OpenAI's audio/pcm rate, and the beta "pcm16" format's
 PTS_WRAP = 1 << 32
+# numeric client fields are range-checked here, before they reach a tensor or a timer
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # the engine keeps each row's seed in an int64 tensor
+TEMPERATURE_MIN, TEMPERATURE_MAX = 0.0, 2.0  # OpenAI's sampling temperature range
+MAX_TASK_TIMEOUT_S = 3600.0  # longest timeout a client may ask for one background task
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class _Loose(BaseModel):
 
 class AudioFormat(_Loose):
     type: str = "audio/pcm"  # only audio/pcm (PCM16 LE mono) is supported
-    rate: int = DEFAULT_PCM_RATE  # one of PCM_RATES
+    rate: int = DEFAULT_PCM_RATE  # one of PCM_RATES (checked against the set, so any int is safe here)
 
 
 class TurnDetection(_Loose):
@@ -121,8 +125,10 @@ class SessionConfig(_Loose):
     input_audio_format: str | None = None  # beta: "pcm16" = 24 kHz PCM16
     output_audio_format: str | None = None  # beta
     turn_detection: TurnDetection | None = None  # beta spelling of audio.input.turn_detection
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # beta; both streams' sampling temperature
-    seed: int | None = None  # microturn extension: sampling seed (same seed + inputs = same output)
+    # beta; both streams' sampling temperature (NaN and infinities are refused, not clamped)
+    temperature: float | None = Field(None, ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX, allow_inf_nan=False)
+    # microturn extension: sampling seed (same seed + inputs = same output)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     tools: list[dict] | None = None  # function tools; `"behavior": "background"` makes one a background task
 
 
@@ -201,7 +207,7 @@ class TaskRequest(_Loose):
     input: str
     scheduling: Literal["interrupt", "when_idle", "silent"] = "when_idle"
     tool: str | None = None
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TASK_TIMEOUT_S, allow_inf_nan=False)
 
 
 class TaskCreate(_ClientEvent):
@@ -245,12 +251,50 @@ def parse_client_event(text: str | bytes) -> BaseModel:
         raise ProtocolError(ErrorCode.INVALID_EVENT, "missing string field 'type'", event_id, "type")
     if kind not in CLIENT_EVENT_TYPES:
         raise ProtocolError(ErrorCode.UNKNOWN_EVENT, f"unknown event type {kind!r}", event_id, "type")
+    if (bad := unencodable_text(data)) is not None:
+        event_id = None if event_id is not None and not _encodable(event_id) else event_id
+        raise ProtocolError(ErrorCode.INVALID_EVENT, f"{bad}: text is not valid Unicode (lone surrogate)",
+                            event_id, bad)
     try:
         return _CLIENT_ADAPTER.validate_python(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"][1:]) or None
         raise ProtocolError(ErrorCode.INVALID_EVENT, f"{param}: {first['msg']}", event_id, param) from None
+
+
+def _encodable(text: str) -> bool:
+    # isascii is a fast scan without a copy: audio base64 and most text never pay for the encode
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unencodable_text(data: Any) -> str | None:
+    """The path of the first string (key or value) that UTF-8 cannot encode, or None.
+
+    JSON's `\\ud800` escapes decode to lone surrogates, which are valid Python str but fail
+    every later encode (tokenizer, JSON dump, socket). One walk over the parsed JSON covers
+    every field, including the untyped ones (`tools`, `transcription`) a field validator
+    would miss. Iterative, so a deep document cannot overflow the stack."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                return path or "event"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodable(key):
+                    return path or "event"
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item) for i, item in enumerate(value))
+    return None
 
 
 # --- server events ---

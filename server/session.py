@@ -54,12 +54,15 @@ class Session:
         on_overflow: Callable[[], None],
         beta: bool = False,
         hears: bool = False,
+        on_fatal: Callable[[ErrorCode, str], None] | None = None,
     ) -> None:
         self.id = p.new_id("sess")
         self.settings = settings
         self.beta = beta  # beta spellings of server events
         self.slot: int | None = None
         self.closed = False
+        self.failed = False  # a tick stage raised for this session: no more micro-turns, it is closing
+        self._on_fatal = on_fatal  # closes the connection with a code (the session cannot close itself)
         self.created_at = time.monotonic()
         # sampling and prefix: changing either re-joins the engine slot
         self.instructions = ""
@@ -133,6 +136,13 @@ class Session:
         self.closed = True
         if self.background is not None:
             self.background.close()
+
+    def fail(self, reason: str) -> None:
+        """A tick stage raised for this session (a bug): it takes no more micro-turns and is closed, so
+        nothing it queued can fail again next tick and no other session is held up."""
+        self.failed = True
+        if self._on_fatal is not None:
+            self._on_fatal(ErrorCode.INTERNAL_ERROR, f"internal error: {reason}")
 
     # --- event loop: input ---
     def append_audio(self, pcm: bytes, rate: int, event_id: str | None = None) -> None:
@@ -213,7 +223,7 @@ class Session:
 
     def deliver(self, out: SlotOutput, inp: SlotInput) -> None:
         """One micro-turn of output (called once per tick on the event loop) and the input it answered."""
-        if self.closed:
+        if self.closed or self.failed:
             return
         if self._turns.voice_activity(self.seq, inp.audio, out.audio):
             self.barge_in()

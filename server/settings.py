@@ -53,6 +53,9 @@ class ServerSettings(BaseSettings):
         2 * 1024 * 1024, ge=1024, description="largest WebSocket message; larger closes the session 1009"
     )
     max_text_chars: int = Field(4096, ge=1, description="longest text in one conversation.item.create")
+    max_task_input_chars: int = Field(
+        4096, ge=1, description="longest input of one task.create; longer is refused (text_too_long)"
+    )
     max_text_queue_tokens: int = Field(
         16_384, ge=1, description="queued text-in tokens per session before text is refused"
     )
@@ -61,6 +64,17 @@ class ServerSettings(BaseSettings):
     )
     jitter_ms: int = Field(
         100, ge=0, description="audio buffered before a stream starts; later gaps are padded (underrun)"
+    )
+    # --- browser origin and camera image checks ---
+    public_origins: CommaList = Field(
+        default_factory=list,
+        description="comma-separated origins this server is served at (e.g. https://talk.example behind a "
+        "proxy); empty = the address a connection arrived on (loopback: http://127.0.0.1:PORT and "
+        "http://localhost:PORT), never the Host header",
+    )
+    max_image_pixels: int = Field(
+        3840 * 2160, ge=1, description="largest camera image (width x height, read from its header before "
+        "decoding); larger is refused with invalid_image",
     )
 
     # --- output ---
@@ -120,7 +134,7 @@ class ServerSettings(BaseSettings):
         False, description="send debug.text_in events (what entered the model's text-in slots); or ?debug=1"
     )
 
-    @field_validator("api_keys", "allowed_origins", mode="before")
+    @field_validator("api_keys", "allowed_origins", "public_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

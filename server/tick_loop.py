@@ -69,12 +69,15 @@ class TickLoop:
         return session.slot
 
     async def rejoin(self, session: Session) -> None:
-        """New prefix or sampling: restart the slot's conversation without giving the slot up."""
-        slot = session.slot
+        """New prefix or sampling: restart the slot's conversation without giving the slot up.
+
+        A failed join raises with the session holding no slot (the engine gave the row back), so
+        the caller closes it; rows stepped stay equal to live sessions either way."""
+        slot, session.slot = session.slot, None  # slot ids are reused: never leave a stale one behind
 
         def op() -> int:
-            self.engine.leave(slot)
-            del self._sessions[slot]
+            if self._sessions.pop(slot, None) is not None:
+                self.engine.leave(slot)
             new = self.engine.join(instructions=session.instructions, sampling=session.sampling)
             self._sessions[new] = session
             return new
@@ -82,12 +85,13 @@ class TickLoop:
         session.slot = await self.call(op)
 
     async def leave(self, session: Session) -> None:
-        slot, session.slot = session.slot, None
-        if slot is None:
-            return
+        session.slot = None
 
         def op() -> None:
-            if self._sessions.pop(slot, None) is not None:
+            # by identity, not session.slot: a join or rejoin whose awaiting coroutine was cancelled
+            # still ran here (calls run in order), and its row must go too
+            for slot in [s for s, owner in self._sessions.items() if owner is session]:
+                del self._sessions[slot]
                 self.engine.leave(slot)
 
         await self.call(op)
@@ -138,7 +142,15 @@ class TickLoop:
         now = time.monotonic()
         inputs, underruns, queued_ms = {}, 0, 0
         for slot, session in sessions:
-            inputs[slot], underrun = session.take_input(now)
+            if session.failed:
+                continue  # closing; the engine gives its row silence until the leave lands
+            try:
+                inputs[slot], underrun = session.take_input(now)
+            except Exception:
+                log.exception("session %s: taking its input failed; closing it", session.id)
+                self._loop.call_soon_threadsafe(session.fail, "its input could not be prepared")
+                session.failed = True  # set here too, so later ticks skip it before the loop runs fail
+                continue
             underruns += underrun
             queued_ms += session.input_buffered_ms
         started = time.perf_counter()
@@ -155,13 +167,21 @@ class TickLoop:
         self._metrics.input_queue_ms.set(queued_ms)
         self.ticks += 1
         batch = [
-            (session, outputs[slot], inputs[slot]) for slot, session in sessions if slot in outputs
+            (session, outputs[slot], inputs[slot]) for slot, session in sessions
+            if slot in outputs and slot in inputs
         ]
         self._loop.call_soon_threadsafe(self._deliver, batch)
 
     def _deliver(self, batch: list) -> None:
         for session, out, inp in batch:
-            session.deliver(out, inp)
+            if session.failed:
+                continue  # failed in an earlier delivery whose tick overlapped this one
+            try:
+                session.deliver(out, inp)
+            except Exception:
+                # one session's bug must not cost the rest of the batch its micro-turn
+                log.exception("session %s: delivering its output failed; closing it", session.id)
+                session.fail("its output could not be delivered")
         self._metrics.output_queue_turns.set(sum(s.queued_turns for s, _, _ in batch))
 
 

@@ -140,10 +140,11 @@ def test_client_secrets_are_single_use_and_expire():
 
 def test_origin_allowlist():
     auth = Authenticator(ServerSettings(allowed_origins="https://app.example"))
-    assert auth.origin_allowed(None, "localhost:8000")
-    assert auth.origin_allowed("http://localhost:8000", "localhost:8000")
-    assert auth.origin_allowed("https://app.example", "localhost:8000")
-    assert not auth.origin_allowed("https://evil.example", "localhost:8000")
+    local = ("127.0.0.1", 8000)  # the server address a connection arrived on
+    assert auth.origin_allowed(None, local)
+    assert auth.origin_allowed("http://localhost:8000", local)
+    assert auth.origin_allowed("https://app.example", local)
+    assert not auth.origin_allowed("https://evil.example", local)
 
 
 def test_settings_from_env(monkeypatch):

@@ -49,12 +49,14 @@ def demo_settings(max_sessions: int) -> ServerSettings:
 class ServerThread:
     """uvicorn serving `create_app(settings, engine)` on a free loopback port, in a thread."""
 
-    def __init__(self, settings: ServerSettings, engine: Engine, background=None) -> None:
+    def __init__(
+        self, settings: ServerSettings, engine: Engine, background=None, log_level: str = "warning"
+    ) -> None:
         self.sock = bound_send_buffer(socket.socket(), settings)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.app = create_app(settings, engine, background=background)
-        self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level=log_level))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property

@@ -15,7 +15,7 @@ the task text: it is a tool runner, not a reasoner.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..context import ContextPackage
@@ -42,7 +42,30 @@ _WORD_OPERATORS: list[tuple[str, str]] = [
     ("÷", "/"),
     (r"\^", "**"),
 ]
-_ARITHMETIC = re.compile(r"[-+(\s]*[\d.]+(?:\s*(?:\*\*|//|[-+*/%()])\s*[-+(\s]*[\d.]*\)*)+")
+# An arithmetic span is [-+( ]* NUMBER then one or more (OPERATOR [-+( ]* [digits.]* )*), spaces
+# allowed before each operator. It is scanned by hand (`_arithmetic_spans`), not by a regex: the
+# regex's nested quantifiers backtracked quadratically on inputs like "(" * 40000.
+_OPERATOR = "-+*/%()"
+
+
+# str.isspace / str.isdecimal are what the regex classes \s and \d test, so the scan and the regex agree
+def _is_space(c: str) -> bool:
+    return c.isspace()
+
+
+def _is_lead(c: str) -> bool:  # may open a span, or an operand, before its number
+    return c in "-+(" or c.isspace()
+
+
+def _is_number(c: str) -> bool:
+    return c == "." or c.isdecimal()
+
+
+def _is_close(c: str) -> bool:
+    return c == ")"
+
+
+_WITH_OPERATOR = re.compile(r"\d\s*(?:\*\*|//|[-+*/%])[-+(\s]*\d")  # one class after the operator: linear
 _TIME_WORDS = re.compile(r"\b(time|date|day|today|clock|weekday|o'clock)\b", re.IGNORECASE)
 _TIMEZONE = re.compile(r"\b([A-Z][A-Za-z_]+/[A-Za-z_]+(?:/[A-Za-z_]+)?|UTC)\b")
 
@@ -52,12 +75,50 @@ def find_expression(text: str) -> str | None:
     normal = text.lower()
     for pattern, symbol in _WORD_OPERATORS:
         normal = re.sub(pattern, f" {symbol} ", normal)
-    candidates = [m.group(0).strip() for m in _ARITHMETIC.finditer(normal)]
-    with_operator = [c for c in candidates if re.search(r"\d\s*(\*\*|//|[-+*/%])\s*[-+(\s]*\d", c)]
+    candidates = [span.strip() for span in _arithmetic_spans(normal)]
+    with_operator = [c for c in candidates if _WITH_OPERATOR.search(c)]
     if not with_operator:
         return None
     expression = max(with_operator, key=len)
     return re.sub(r"\s+", "", expression).rstrip(".")
+
+
+def _run_end(text: str, start: int, accepts: Callable[[str], bool]) -> int:
+    end = start
+    while end < len(text) and accepts(text[end]):
+        end += 1
+    return end
+
+
+def _arithmetic_spans(text: str) -> list[str]:
+    """The arithmetic spans of `text`, left to right, in one linear pass.
+
+    Each span is matched greedily with no backtracking (none is needed: no element of the
+    grammar can match what the next one starts with), and a start that fails skips past the
+    whole lead and number it scanned: every start inside them would fail the same way."""
+    spans, start, n = [], 0, len(text)
+    while start < n:
+        number = _run_end(text, start, _is_lead)
+        end = _run_end(text, number, _is_number)
+        if end == number:  # no number after the lead
+            start = number + 1
+            continue
+        stop = _operand_groups_end(text, end)
+        if stop == end:  # a number with no operator after it
+            start = end
+            continue
+        spans.append(text[start:stop])
+        start = stop
+    return spans
+
+
+def _operand_groups_end(text: str, pos: int) -> int:
+    """Where the operator groups after a number end: each is [ ]* OPERATOR [-+( ]* [digits.]* )*."""
+    while True:
+        op = _run_end(text, pos, _is_space)
+        if op >= len(text) or text[op] not in _OPERATOR:
+            return pos
+        pos = _run_end(text, _run_end(text, _run_end(text, op + 1, _is_lead), _is_number), _is_close)
 
 
 def _default_arguments(tool: str, schema: dict[str, Any], text: str) -> dict[str, Any]:
