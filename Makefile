@@ -5,7 +5,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PRESET ?= tiny
 
-.PHONY: install system-deps serve test lint bench bench-engine train-demo eval-demo clean
+.PHONY: install system-deps serve test fuzz lint bench bench-engine train-demo eval-demo clean
 
 # Debian packages the tests need, as COMMAND:PACKAGE (espeak-ng speaks the test and training speech;
 # chromium runs the demo page's browser tests)
@@ -32,6 +32,13 @@ system-deps:
 
 test: install system-deps
 	$(PY) -m pytest -q -ra
+
+# The protocol fuzz test against a live server, fresh random examples for FUZZ_SECONDS (make test runs a
+# short seeded profile of it); a failing example is saved in .hypothesis/ and replayed first next time.
+FUZZ_SECONDS ?= 600
+
+fuzz: install system-deps
+	MICROTURN_FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest -q -s -ra --timeout=0 tests/test_protocol_fuzz.py
 
 # ruff, then the layer contract ([tool.importlinter] in pyproject.toml)
 lint: install

@@ -27,6 +27,7 @@ from fastapi import FastAPI
 
 from .app import create_app, drain
 from .settings import ServerSettings
+from .transport import CuttableWebSockets
 
 log = logging.getLogger(__name__)
 FLAG_FIELDS = ("host", "port", "preset", "checkpoint", "device", "dtype")
@@ -97,7 +98,7 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, **kw: object) -> uvic
         ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.ping_timeout_s,
         ws_per_message_deflate=False,
-        **kw,
+        **{"ws": CuttableWebSockets, **kw},  # the app can cut a stuck peer's socket (server/transport.py)
     )
     install_log_redaction()  # after Config: it (re)configures uvicorn's loggers
     return config

@@ -34,10 +34,11 @@ from .session import Session
 from .session_config import apply_session_config
 from .settings import ServerSettings
 from .tick_loop import TickLoop
+from .transport import abort as abort_transport
 
 log = logging.getLogger(__name__)
 
-CLOSE_SEND_TIMEOUT_S = 1.0  # how long a closing error event may take to go out
+CLOSE_SEND_TIMEOUT_S = 1.0  # how long a closing error event may take to go out; past it the socket is cut
 DATA_URL_MARK = ";base64,"
 
 
@@ -175,8 +176,13 @@ class Connection:
             event = p.dump_event(p.ErrorEvent(error=error_payload(code, message)), self.session.beta)
             await asyncio.wait_for(self.ws.send_text(event), CLOSE_SEND_TIMEOUT_S)
             await asyncio.wait_for(self.ws.close(close_code(code) or 1000, code.value), CLOSE_SEND_TIMEOUT_S)
-        except (TimeoutError, RuntimeError, WebSocketDisconnect):
-            pass  # the peer is gone or stuck; the socket is dropped either way
+        except TimeoutError:
+            # stuck behind a send buffer the peer does not drain: a graceful close would flush first and so
+            # hold the socket, its buffers and its fd for as long as the peer likes
+            if not abort_transport(self.ws.scope):
+                log.warning("session %s: the server offers no way to cut a stuck connection", self.session.id)
+        except (RuntimeError, WebSocketDisconnect):
+            pass  # the peer is gone
 
     async def _send_loop(self) -> None:
         session = self.session

@@ -12,6 +12,8 @@ every micro-turn.
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 
 import numpy as np
@@ -26,6 +28,8 @@ from microturn.server.settings import ServerSettings
 
 MAX_SLOTS = 2
 GIVE_UP_S = 30.0  # the victim must be gone within this, before the default keepalive (40 s) could
+TINY_RCVBUF = 4096  # the stuck victim's receive buffer: the server's sends back up at once
+RELEASE_S = 15.0  # generous bound for the server to let go of a stuck victim's socket after closing it
 PACKET_MS = 100
 
 
@@ -98,3 +102,50 @@ async def test_a_client_that_never_reads_is_closed_and_the_other_session_lives(e
     assert not [e for e in events if e["type"] == "error"], events
     assert [f.seq for f in frames] == list(range(len(frames))), "the bystander lost micro-turns"
     assert all(f.kind == p.KIND_OUTPUT_PCM16 and len(f.payload) == 2 * TURN_SAMPLES for f in frames)
+
+
+def server_side_open(server_port: int, client_port: int) -> bool:
+    """The kernel still holds the server's end of this connection (with its fd, or orphaned with a buffer)."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, remote = line.split()[1:3]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return True
+    return False
+
+
+def slow_consumers(srv: ServerThread) -> float:
+    try:
+        return srv.metric('microturn_errors_total{code="slow_consumer"}')
+    except KeyError:  # no such error yet
+        return 0.0
+
+
+async def test_a_stuck_client_closed_as_slow_consumer_has_its_socket_cut(engine):
+    """The close frame cannot get past a client that never reads: the server cuts the transport rather
+    than holding the socket, its buffers and its fd for as long as the client likes."""
+    settings = ServerSettings(max_sessions=MAX_SLOTS, max_output_queue_turns=3)
+    with ServerThread(settings, engine) as srv:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TINY_RCVBUF)  # before connect: the window
+        sock.connect(("127.0.0.1", srv.port))
+        sock.setblocking(False)
+        client_port = sock.getsockname()[1]
+        async with websockets.connect(srv.ws_url, sock=sock, max_queue=None) as victim:
+            first = json.loads(await victim.recv())
+            assert first["type"] == "session.created", first
+            victim.transport.pause_reading()  # never reads again, until the server has let go
+            deadline = time.monotonic() + GIVE_UP_S
+            while not await asyncio.to_thread(slow_consumers, srv):
+                assert time.monotonic() < deadline, "the client that never reads was not closed"
+                await asyncio.sleep(0.2)
+            deadline = time.monotonic() + RELEASE_S
+            while server_side_open(srv.port, client_port):
+                assert time.monotonic() < deadline, "the server still holds the closed client's socket"
+                await asyncio.sleep(0.2)
+            assert await asyncio.to_thread(srv.metric, "microturn_active_sessions") == 0
+
+            victim.transport.resume_reading()  # the client finds its connection reset or closed
+            try:
+                await asyncio.wait_for(victim.wait_closed(), RELEASE_S)
+            finally:
+                assert victim.state is websockets.State.CLOSED
