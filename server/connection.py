@@ -186,18 +186,23 @@ class Connection:
 
     async def _send_loop(self) -> None:
         session = self.session
-        try:
-            while True:
-                await session.outbox_ready.wait()
-                message = session.pop_message()
-                if message is None:
-                    continue
+        while True:
+            await session.outbox_ready.wait()
+            message = session.pop_message()
+            if message is None:
+                continue
+            try:
                 if isinstance(message, bytes):
                     await self.ws.send_bytes(message)
                 else:
                     await self.ws.send_text(message)
-        except WebSocketDisconnect:
-            return  # the peer left; the receive loop sees it too
+            except WebSocketDisconnect:
+                return  # the peer left; the receive loop sees it too
+            except RuntimeError:
+                # the ASGI server refuses sends once it has closed the socket itself (1009 for an
+                # oversized message, or our own close racing this loop): the connection is over, not
+                # broken, and the receive loop sees the disconnect
+                return
 
     async def _watch_limits(self) -> None:
         limit, idle = self.settings.max_session_s, self.settings.idle_timeout_s
