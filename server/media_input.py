@@ -49,9 +49,13 @@ def check_input_ahead(
         return  # append names the rate
     incoming_ms = pcm_bytes // 2 * 1000 // rate
     if buffered_ms + incoming_ms > max_ahead_ms:
-        raise ProtocolError(
-            ErrorCode.INPUT_RATE_EXCEEDED, f"input audio over {max_ahead_ms} ms ahead of real time", event_id
-        )
+        raise _too_far_ahead(max_ahead_ms, event_id)
+
+
+def _too_far_ahead(max_ahead_ms: int, event_id: str | None) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.INPUT_RATE_EXCEEDED, f"input audio over {max_ahead_ms} ms ahead of real time", event_id
+    )
 
 
 def base64_decoded_min(encoded_chars: int) -> int:
@@ -88,11 +92,7 @@ class InputAudioBuffer:
         incoming = len(samples) * SAMPLE_RATE // rate
         with self._lock:
             if len(self._buf) + incoming > self._max_ahead:
-                raise ProtocolError(
-                    ErrorCode.INPUT_RATE_EXCEEDED,
-                    f"input audio over {self._max_ahead * 1000 // SAMPLE_RATE} ms ahead of real time",
-                    event_id,
-                )
+                raise _too_far_ahead(self._max_ahead * 1000 // SAMPLE_RATE, event_id)
             if self._resampler is None or self._resampler.sr_in != rate:
                 self._resampler = StreamResampler(rate, SAMPLE_RATE)
             self._buf = np.concatenate([self._buf, self._resampler.process(samples)])
