@@ -36,7 +36,7 @@ from functools import partial
 import torch
 
 from .config import ModelConfig, preset
-from .layout import image_patches
+from .patches import image_patches
 from .precision import slow_bf16_warning
 from .runner import Runner
 from .slot_table import EngineFull, SlotTable
@@ -137,6 +137,14 @@ class Engine:
     def max_slots(self) -> int:
         return self.table.max_slots
 
+    @property
+    def rows(self) -> int:
+        """Rows each step computes (joined slots)."""
+        return len(self.table)
+
+    def close(self) -> None:
+        """Nothing to release: the engine lives and dies with this process."""
+
     # --- slots ---
     @property
     def active_slots(self) -> list[int]:
@@ -160,9 +168,11 @@ class Engine:
             self.runner.move_row(*move)
 
     def set_sampling(self, slot: int, p: SamplingParams) -> None:
-        """The slot's wait_bias adds to the checkpoint's calibrated one."""
-        row_params = dataclasses.replace(p, wait_bias=self.wait_bias_default + p.wait_bias)
-        self.runner.set_sampling(self.table.row(slot), row_params)
+        self.runner.set_sampling(self.table.row(slot), self.row_sampling(p))
+
+    def row_sampling(self, p: SamplingParams) -> SamplingParams:
+        """A session's params as its row runs them: its wait_bias adds to the checkpoint's calibrated one."""
+        return dataclasses.replace(p, wait_bias=self.wait_bias_default + p.wait_bias)
 
     def set_instructions(self, slot: int, instructions: str) -> None:
         """Prefill the pinned prefix: INSTR + instruction bytes, truncated to prefix_len."""

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
-import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -131,15 +129,6 @@ def sequence_logits(
     """Offline forward -> text logits (B, N, To, vocab), audio logits (B, N, A, k, C, L), router losses."""
     h, losses = sequence_hidden(model, prefix, turns)
     return *output_logits(model, h), losses
-
-
-def image_patches(image: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> (grid*grid, 3*p*p) float32 in [0, 1], row-major patches."""
-    size, p = cfg.image_size, cfg.patch_size
-    img = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
-    g = size // p
-    patches = img.reshape(g, p, g, p, 3).transpose(0, 2, 4, 1, 3)  # (g, g, 3, p, p)
-    return np.ascontiguousarray(patches.reshape(g * g, 3 * p * p))
 
 
 def patch_indices(turn_index: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

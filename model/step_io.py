@@ -24,7 +24,7 @@ class StepBatch:
     source: np.ndarray  # (B, Ti) int64 text-in source: 1 = background result, 0 = user
     forced: np.ndarray  # (B, To) int64 text-out ids to force, -1 = sample
     image_rows: list[int]  # the I rows whose camera frame changed this turn
-    images: np.ndarray  # (I, G, P) float32 patches of those frames (model/layout.py image_patches)
+    images: np.ndarray  # (I, G, P) float32 patches of those frames (model/patches.py image_patches)
 
 
 @dataclass

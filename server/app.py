@@ -26,6 +26,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 
+from ..model.engine_core import EngineSpec
+from ..model.engine_process import ProcessEngine
 from . import protocol as p
 from .auth import Authenticator
 from .background_service import BackgroundService
@@ -56,21 +58,26 @@ def web_dir() -> Path | None:
     return path if (path / "index.html").is_file() else None
 
 
-def build_engine(settings: ServerSettings) -> EngineAPI:
-    from ..model.engine import Engine, resolve_device, resolve_dtype
+def engine_spec(settings: ServerSettings) -> EngineSpec:
+    return EngineSpec(
+        checkpoint=settings.checkpoint, preset=settings.preset, seed=settings.seed, device=settings.device,
+        dtype=settings.dtype, max_slots=settings.max_sessions, threads=settings.engine_threads,
+        cpus=tuple(settings.engine_cpus),
+    )
 
-    dtype = resolve_dtype(settings.dtype, resolve_device(settings.device))
-    if settings.checkpoint:
-        engine = Engine.from_checkpoint(
-            settings.checkpoint, max_slots=settings.max_sessions, device=settings.device, dtype=dtype
-        )
-    else:
-        engine = Engine.from_preset(
-            settings.preset, max_slots=settings.max_sessions, device=settings.device, seed=settings.seed,
-            dtype=dtype,
-        )
-    engine.warmup()
-    return engine
+
+def build_engine(settings: ServerSettings) -> EngineAPI:
+    """The engine core in its own process (the server then never imports torch), or in this one."""
+    spec = engine_spec(settings)
+    if settings.engine_process:
+        engine = ProcessEngine(spec, settings.engine_call_timeout_s, settings.engine_start_timeout_s)
+        engine.start()
+        return engine
+    from ..model.engine_core import build_engine as build_local  # brings torch into this process
+
+    local = build_local(spec)
+    local.warmup()
+    return local
 
 
 class ExpiresAfter(BaseModel):
@@ -165,6 +172,8 @@ def create_app(
         finally:
             await drain(app, 0.0)
             await asyncio.to_thread(state.tick.stop)
+            if engine is None:  # ours to stop; a caller's engine is the caller's
+                await asyncio.to_thread(eng.close)
             if work is not None:
                 await work.close()
 
@@ -177,11 +186,14 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        ready = state.ready and not state.draining
+        engine_up = state.tick is not None and state.tick.engine_up
+        ready = state.ready and not state.draining and engine_up
         body = {
             "ready": ready,
             "draining": state.draining,
+            "engine": "up" if engine_up else ("restarting" if state.ready else "starting"),
             "sessions": len(state.connections),
+            "engine_rows": state.tick.engine.rows if state.tick is not None else 0,
             "capacity": state.capacity,
         }
         return JSONResponse(body, status_code=200 if ready else 503)

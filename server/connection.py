@@ -24,6 +24,7 @@ from fastapi import WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from ..model.engine_process import EngineDied
 from . import protocol as p
 from .auth import QUERY_SECRET_PARAM, Authenticator, Grant
 from .background_service import BackgroundService, SessionBackground
@@ -76,6 +77,9 @@ async def serve_websocket(ws: WebSocket, state: ServerState) -> None:
         return await _refuse(
             ws, state, ErrorCode.SERVER_BUSY, f"all {state.capacity} session slots are taken"
         )
+    if not state.tick.engine_up:
+        message = "the engine is restarting; reconnect in a moment"
+        return await _refuse(ws, state, ErrorCode.ENGINE_RESTARTING, message)
     beta = "realtime=v1" in headers.get("openai-beta", "")
     await Connection(ws, state, beta).run(grant)
 
@@ -142,6 +146,9 @@ class Connection:
                 session.output_transport = "binary"
             try:
                 await state.tick.join(session)
+            except EngineDied:
+                message = "the engine stopped; reconnect in a moment"
+                return await _refuse(self.ws, state, ErrorCode.ENGINE_RESTARTING, message)
             except RuntimeError:  # EngineFull: slots held by sessions still leaving
                 return await _refuse(self.ws, state, ErrorCode.SERVER_BUSY, "no free engine slot")
             if self.ws.query_params.get("debug") == "1":
@@ -354,4 +361,7 @@ class Connection:
     async def _configure(self, cfg: p.SessionConfig, eid: str | None) -> None:
         """Apply a session config all-or-nothing; a new prefix or sampling re-joins the slot."""
         if apply_session_config(self.session, cfg, eid) and self.session.slot is not None:
-            await self.state.tick.rejoin(self.session)
+            try:
+                await self.state.tick.rejoin(self.session)
+            except EngineDied:  # the session holds no row now: it cannot go on
+                self.request_close(ErrorCode.ENGINE_RESTARTING, "the engine stopped; reconnect in a moment")

@@ -1,8 +1,10 @@
 """What the server needs of the engine, as a typed Protocol.
 
-`model/engine.py`'s `Engine` satisfies it structurally; so can a test double or a proxy to an
-engine in another process. Calls go through the tick thread only (server/tick_loop.py): the
-engine is not thread-safe. This module knows nothing about how the engine computes a step.
+`model/engine.py`'s `Engine` (in this process) and `model/engine_process.py`'s `ProcessEngine`
+(the engine core in its own process) satisfy it structurally. Calls go through the tick thread
+only (server/tick_loop.py): neither is thread-safe. An engine whose calls can raise `EngineDied`
+also offers `restart()`, which the tick thread calls then. This module knows nothing about how
+the engine computes a step.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ class EngineAPI(Protocol):
         """Sessions the engine can hold at once."""
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> torch.device | str:
         """Where the model runs (reported by benchmarks)."""
+
+    @property
+    def rows(self) -> int:
+        """Rows each step computes: the engine's own count, which must equal the live sessions."""
 
     def join(self, instructions: str = "", sampling: SamplingParams | None = None) -> int:
         """A free slot with a fresh conversation; raises RuntimeError (EngineFull) when none is free."""
@@ -49,3 +55,6 @@ class EngineAPI(Protocol):
 
     def warmup(self, turns: int = 2, cuda_graphs: bool = True) -> None:
         """Pay first-call costs before serving."""
+
+    def close(self) -> None:
+        """Release what the engine holds outside this process (its process, shared memory)."""

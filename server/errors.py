@@ -37,6 +37,9 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"  # no, wrong, expired or replayed credential
     FORBIDDEN_ORIGIN = "forbidden_origin"  # browser Origin not on the allowlist
     ENGINE_ERROR = "engine_error"  # the engine failed this session's row
+    # the engine process died or hung: live sessions are closed 1012 (reconnect) while it restarts, and
+    # new ones are refused until it is back
+    ENGINE_RESTARTING = "engine_restarting"
     INTERNAL_ERROR = "internal_error"  # a bug; the session is closed
 
 
@@ -44,6 +47,7 @@ ERROR_TYPES: dict[ErrorCode, str] = {
     ErrorCode.SERVER_BUSY: "server_error",
     ErrorCode.SERVER_DRAINING: "server_error",
     ErrorCode.ENGINE_ERROR: "server_error",
+    ErrorCode.ENGINE_RESTARTING: "server_error",
     ErrorCode.INTERNAL_ERROR: "server_error",
     ErrorCode.SLOW_CONSUMER: "server_error",
     ErrorCode.UNAUTHORIZED: "authentication_error",
@@ -52,10 +56,12 @@ ERROR_TYPES: dict[ErrorCode, str] = {
 }
 DEFAULT_ERROR_TYPE = "invalid_request_error"
 
-# 1008 policy violation, 1011 internal error, 1013 try again later, 1001 going away, 1000 normal.
+# 1008 policy violation, 1011 internal error, 1012 service restart, 1013 try again later, 1001 going away,
+# 1000 normal.
 CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.SERVER_BUSY: 1013,
     ErrorCode.SERVER_DRAINING: 1001,
+    ErrorCode.ENGINE_RESTARTING: 1012,
     ErrorCode.SLOW_CONSUMER: 1008,
     ErrorCode.INVALID_REQUEST: 1008,
     ErrorCode.IDLE_TIMEOUT: 1000,
@@ -68,6 +74,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN_ORIGIN: 403,
     ErrorCode.SERVER_DRAINING: 503,
+    ErrorCode.ENGINE_RESTARTING: 503,
 }
 
 

@@ -36,6 +36,16 @@ class Metrics:
         )
         self.sessions = Counter("microturn_sessions_total", "sessions admitted", registry=r)
         self.batch_size = Gauge("microturn_batch_size", "sessions in the last engine step", registry=r)
+        self.engine_rows = Gauge(
+            "microturn_engine_rows", "rows the engine itself steps (equals active sessions when all is well)",
+            registry=r,
+        )
+        self.engine_up = Gauge(
+            "microturn_engine_up", "1 while the engine serves, 0 while it restarts", registry=r
+        )
+        self.engine_restarts = Counter(
+            "microturn_engine_restarts_total", "engine processes replaced after dying or hanging", registry=r
+        )
         self.input_queue_ms = Gauge(
             "microturn_input_queue_ms", "input audio buffered, summed over sessions", registry=r
         )

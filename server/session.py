@@ -137,12 +137,14 @@ class Session:
         if self.background is not None:
             self.background.close()
 
-    def fail(self, reason: str) -> None:
-        """A tick stage raised for this session (a bug): it takes no more micro-turns and is closed, so
-        nothing it queued can fail again next tick and no other session is held up."""
+    def fail(self, reason: str, code: ErrorCode = ErrorCode.INTERNAL_ERROR) -> None:
+        """A tick stage raised for this session (a bug), or the engine under it was lost: it takes no more
+        micro-turns and is closed, so nothing it queued can fail again next tick and no other session is
+        held up."""
         self.failed = True
         if self._on_fatal is not None:
-            self._on_fatal(ErrorCode.INTERNAL_ERROR, f"internal error: {reason}")
+            message = f"internal error: {reason}" if code is ErrorCode.INTERNAL_ERROR else reason
+            self._on_fatal(code, message)
 
     # --- event loop: input ---
     def append_audio(self, pcm: bytes, rate: int, event_id: str | None = None) -> None:

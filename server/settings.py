@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .protocol import DEFAULT_PCM_RATE
 
 CommaList = Annotated[list[str], NoDecode]
+CpuList = Annotated[list[int], NoDecode]
 
 
 class ServerSettings(BaseSettings):
@@ -32,6 +33,26 @@ class ServerSettings(BaseSettings):
     seed: int = Field(0, description="seed of the preset's random weights")
     max_sessions: int = Field(
         64, ge=1, description="engine slots = concurrent sessions; more get server_busy"
+    )
+
+    # --- the engine process ---
+    engine_process: bool = Field(
+        True, description="run the engine in its own process (restarted when it dies or hangs); false = a "
+        "thread of the server process (debugging, tests)",
+    )
+    engine_threads: int = Field(
+        0, ge=0, description="torch intra-op threads of the engine; 0 = one per CPU it may run on"
+    )
+    engine_cpus: CpuList = Field(
+        default_factory=list, description="comma-separated CPU ids the engine process is pinned to "
+        "(the server process keeps the rest); empty = no pinning",
+    )
+    engine_call_timeout_s: float = Field(
+        2.0, gt=0, description="a step, join or leave the engine process has not answered in this long "
+        "counts as hung: it is killed, live sessions are closed 1012 and it restarts",
+    )
+    engine_start_timeout_s: float = Field(
+        600.0, gt=0, description="longest an engine process may take to load, warm up and capture graphs"
     )
 
     # --- auth ---
@@ -134,7 +155,7 @@ class ServerSettings(BaseSettings):
         False, description="send debug.text_in events (what entered the model's text-in slots); or ?debug=1"
     )
 
-    @field_validator("api_keys", "allowed_origins", "public_origins", mode="before")
+    @field_validator("api_keys", "allowed_origins", "public_origins", "engine_cpus", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

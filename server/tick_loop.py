@@ -6,7 +6,13 @@ re-join) submitted from the event loop with `call`; the event loop never touches
 engine and never waits on a step. Each tick it takes every session's input, steps the
 engine once for all of them, and hands the outputs back to the event loop with
 `loop.call_soon_threadsafe`. A step that overruns by more than a whole tick skips the
-missed grid points and counts them. This module knows nothing about sockets or protocol.
+missed grid points and counts them.
+
+An engine in another process can die or hang (model/engine_process.py raises `EngineDied`
+from any call). Then every live session is closed with `engine_restarting` (1012), the
+engine is restarted on this thread (`engine_up` is false meanwhile: /readyz and admission
+read it), and calls queued in between run against the fresh engine. This module knows
+nothing about sockets or protocol.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ..model.engine_process import EngineDied
 from .engine_api import EngineAPI
+from .errors import ErrorCode
 from .metrics import Metrics
 from .session import TURN_MS, Session
 
@@ -30,6 +38,7 @@ log = logging.getLogger(__name__)
 TICK_S = TURN_MS / 1000.0
 STEP_HISTORY = 100_000  # step durations kept for exact percentiles (benchmarks)
 STOP_TIMEOUT_S = 10.0  # longest wait for the thread to finish its step on shutdown
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # waits between failed engine restarts, the last repeated
 
 
 class TickLoop:
@@ -43,6 +52,9 @@ class TickLoop:
         self._thread = threading.Thread(target=self._run, name="microturn-tick", daemon=True)
         self.ticks = 0  # ticks stepped (with sessions)
         self.step_ms: deque[float] = deque(maxlen=STEP_HISTORY)  # recent step durations, for benchmarks
+        self._restarted = False  # set by a restart for _run to start the grid again
+        self.engine_up = True  # false while a dead engine is being replaced; read from the event loop
+        self._metrics.engine_up.set(1)
 
     def start(self) -> None:
         self._thread.start()
@@ -106,6 +118,10 @@ class TickLoop:
                 break
             self._tick()
             n += 1
+            if self._restarted:  # the grid starts again after a restart: its wait is not missed ticks
+                self._restarted = False
+                t0, n = time.monotonic(), 0
+                continue
             behind = time.monotonic() - (t0 + n * TICK_S)
             if behind > TICK_S:
                 missed = math.floor(behind / TICK_S)
@@ -115,7 +131,10 @@ class TickLoop:
                     session.skip_input(missed)
                 log.warning("tick overran: %d tick(s) missed", missed)
         for slot in list(self._sessions):
-            self.engine.leave(slot)
+            try:
+                self.engine.leave(slot)
+            except EngineDied:
+                break  # nothing left to give back
         self._sessions.clear()
 
     def _serve_calls(self, until: float) -> None:
@@ -133,10 +152,14 @@ class TickLoop:
             except Exception as exc:  # handed to the awaiting coroutine
                 result, error = None, exc
             self._loop.call_soon_threadsafe(_resolve, future, result, error)
+            if isinstance(error, EngineDied):
+                self._engine_lost(error)
+            self._metrics.engine_rows.set(self.engine.rows)
 
     def _tick(self) -> None:
         sessions = list(self._sessions.items())
         self._metrics.batch_size.set(len(sessions))
+        self._metrics.engine_rows.set(self.engine.rows)
         if not sessions:
             return
         now = time.monotonic()
@@ -156,6 +179,9 @@ class TickLoop:
         started = time.perf_counter()
         try:
             outputs = self.engine.step(inputs)
+        except EngineDied as exc:
+            self._engine_lost(exc)
+            return
         except Exception:
             log.exception("engine step failed; this tick's output is dropped")
             return
@@ -171,6 +197,32 @@ class TickLoop:
             if slot in outputs and slot in inputs
         ]
         self._loop.call_soon_threadsafe(self._deliver, batch)
+
+    def _engine_lost(self, exc: EngineDied) -> None:
+        """Close every live session, then bring a fresh engine up (blocking this thread: no rows to step)."""
+        self.engine_up = False
+        self._metrics.engine_up.set(0)
+        lost = list(self._sessions.values())
+        self._sessions.clear()
+        log.error("engine lost (%s): closing %d session(s) and restarting it", exc, len(lost))
+        reason = f"the engine stopped ({exc}); reconnect in a moment"
+        for session in lost:
+            session.failed = True
+            self._loop.call_soon_threadsafe(session.fail, reason, ErrorCode.ENGINE_RESTARTING)
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                self.engine.restart()
+                break
+            except Exception:
+                log.exception("engine restart failed")
+                self._stop.wait(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
+                attempt += 1
+        self._metrics.engine_restarts.inc()
+        self._restarted = True
+        self._metrics.engine_rows.set(self.engine.rows)
+        self.engine_up = True
+        self._metrics.engine_up.set(1)
 
     def _deliver(self, batch: list) -> None:
         for session, out, inp in batch:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from microturn.model.config import tiny
-from microturn.model.layout import image_patches, patch_indices
+from microturn.model.layout import patch_indices
 from microturn.model.moe import BACKENDS, MoE, route
+from microturn.model.patches import image_patches
 from microturn.model.sampling import hash_uniform, sample
 from microturn.model.tokenizer import ByteStreamDecoder, ByteTokenizer
 from microturn.model.transformer import apply_rope, rope_tables

@@ -31,12 +31,12 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from helpers.realserver import ServerThread, stream_binary, warm_engine
+from helpers.realserver import ServerThread, process_engine, stream_binary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microturn.model.engine import Engine
 from microturn.server import protocol as p
+from microturn.server.engine_api import EngineAPI
 from microturn.server.errors import CLOSE_CODES, ErrorCode
 from microturn.server.settings import ServerSettings
 
@@ -278,7 +278,7 @@ class Peer:
 
 
 class Rig:
-    def __init__(self, server: ServerThread, engine: Engine, logs: ErrorLogs) -> None:
+    def __init__(self, server: ServerThread, engine: EngineAPI, logs: ErrorLogs) -> None:
         self.server, self.engine, self.logs = server, engine, logs
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -375,7 +375,7 @@ class Rig:
     def check_rows(self) -> None:
         deadline = time.monotonic() + ROWS_SETTLE_S
         while True:
-            rows, live = len(self.engine.active_slots), len(self.server.app.state.server.connections)
+            rows, live = self.engine.rows, len(self.server.app.state.server.connections)
             if rows == live or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -399,7 +399,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Do not use the `random` module i
 def rig(speech_16k: np.ndarray) -> Iterator[Rig]:
     logs = ErrorLogs()
     loggers = [logging.getLogger(), logging.getLogger("uvicorn"), logging.getLogger("uvicorn.error")]
-    engine = warm_engine(4)
+    engine = process_engine(4)
     settings_ = ServerSettings(max_sessions=3, max_message_bytes=MAX_MESSAGE_BYTES, max_text_chars=2048,
                                max_task_input_chars=2048, background_max_per_session=2)
     with ServerThread(settings_, engine) as server:
@@ -417,6 +417,7 @@ def rig(speech_16k: np.ndarray) -> Iterator[Rig]:
             rig.run(rig.close())
             rig.loop.call_soon_threadsafe(rig.loop.stop)
             rig.thread.join(5)
+            engine.close()
 
 
 def _example(rig: Rig, batch: list[Wire]) -> None:

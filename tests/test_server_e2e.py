@@ -16,10 +16,10 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from helpers.realserver import ServerThread, collect, pcm16, stream_binary, warm_engine
+from helpers.realserver import ServerThread, collect, pcm16, process_engine, stream_binary
 from openai import AsyncOpenAI
 
-from microturn.model.engine import Engine
+from microturn.model.engine_process import ProcessEngine
 from microturn.model.resample import resample
 from microturn.model.slots import TURN_SAMPLES
 from microturn.server import protocol as p
@@ -30,8 +30,11 @@ MAX_SLOTS = 8
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return warm_engine(MAX_SLOTS)
+def engine() -> Iterator[ProcessEngine]:
+    """The engine core in its own process, as `microturn serve` runs it."""
+    engine = process_engine(MAX_SLOTS)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,8 @@ import torch
 
 from ..model.config import ModelConfig
 from ..model.dmel import DMel
-from ..model.layout import Turns, image_patches, patch_indices
+from ..model.layout import Turns, patch_indices
+from ..model.patches import image_patches
 from ..model.slots import SAMPLE_RATE, TURN_SAMPLES, SlotInput
 from ..model.tokenizer import ByteTokenizer
 from .curricula import CHAT_INTENTS, PHRASINGS, SCENARIOS, Curriculum

@@ -14,6 +14,8 @@ import numpy as np
 import uvicorn
 
 from microturn.model.engine import Engine
+from microturn.model.engine_core import EngineSpec
+from microturn.model.engine_process import ProcessEngine
 from microturn.server import protocol as p
 from microturn.server.app import create_app
 from microturn.server.cli import bound_send_buffer, uvicorn_config
@@ -36,6 +38,17 @@ def demo_engine(max_slots: int) -> Engine:
     """The shipped demo checkpoint on CPU, warmed up (share one per test module)."""
     engine = Engine.from_checkpoint(DEMO_CHECKPOINT, max_slots=max_slots, device="cpu")
     engine.warmup()
+    return engine
+
+
+def process_engine(max_slots: int, checkpoint: Path | None = None) -> ProcessEngine:
+    """The engine core in its own process, as `microturn serve` runs it (the caller closes it)."""
+    spec = EngineSpec(
+        checkpoint=str(checkpoint) if checkpoint else None, preset="tiny", seed=0, device="cpu", dtype="auto",
+        max_slots=max_slots, threads=0,
+    )
+    engine = ProcessEngine(spec)
+    engine.start()
     return engine
 
 
