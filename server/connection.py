@@ -124,6 +124,7 @@ class Connection:
         self._closing: asyncio.Future[tuple[ErrorCode, str]] = asyncio.get_running_loop().create_future()
         self._last_message = time.monotonic()
         self._rate_error_sent = False
+        self._left: asyncio.Future | None = None  # the queued leave, once the slot is given back
 
     def request_close(self, code: ErrorCode, message: str) -> None:
         if not self._closing.done():
@@ -166,14 +167,22 @@ class Connection:
                     log.error("session %s failed", session.id, exc_info=task.exception())
                     self.request_close(ErrorCode.INTERNAL_ERROR, "internal error")
             if self._closing.done():
+                self._release()  # before the close frame: a client reconnecting on it finds the slot free
                 await self._close(*self._closing.result())
         finally:
             session.close()
             for task in tasks:
                 task.cancel()
-            await state.tick.leave(session)
-            state.connections.discard(self)
-            state.metrics.active_sessions.set(len(state.connections))
+            await self._release()
+
+    def _release(self) -> asyncio.Future:
+        """Give the engine row and the admission place back, once. The leave is queued on the tick thread
+        ahead of any later join, so the next connection can be admitted at once (no 1013 race)."""
+        if self._left is None:
+            self._left = self.state.tick.leave_soon(self.session)
+            self.state.connections.discard(self)
+            self.state.metrics.active_sessions.set(len(self.state.connections))
+        return self._left
 
     async def _close(self, code: ErrorCode, message: str) -> None:
         self.state.metrics.errors.labels(code.value).inc()

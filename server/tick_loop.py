@@ -67,9 +67,13 @@ class TickLoop:
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the tick thread between steps; returns its result or raises its exception."""
+        return await self.submit(fn)
+
+    def submit(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Queue `fn` now (calls run in the order they are queued); the future resolves when it ran."""
         future = self._loop.create_future()
         self._calls.put((fn, future))
-        return await future
+        return future
 
     async def join(self, session: Session) -> int:
         def op() -> int:
@@ -97,6 +101,10 @@ class TickLoop:
         session.slot = await self.call(op)
 
     async def leave(self, session: Session) -> None:
+        await self.leave_soon(session)
+
+    def leave_soon(self, session: Session) -> asyncio.Future:
+        """Queue the session's leave at once: any join queued after it finds the row already free."""
         session.slot = None
 
         def op() -> None:
@@ -106,7 +114,7 @@ class TickLoop:
                 del self._sessions[slot]
                 self.engine.leave(slot)
 
-        await self.call(op)
+        return self.submit(op)
 
     # --- the thread ---
     def _run(self) -> None:

@@ -245,3 +245,30 @@ def test_find_expression_is_linear_on_hostile_input():
     assert find_expression("(" * 100_000 + " x 6*7") == "6*7"
     assert find_expression("1" + " " * 100_000 + "x") is None
     assert find_expression("1+" * 50_000 + "1") == "1+" * 50_000 + "1"
+
+
+RECONNECTS = 5
+
+
+@pytest.mark.parametrize("who_closes", ["server", "client"])
+async def test_a_closed_sessions_slot_is_free_for_the_next_connection_at_once(engine, who_closes):
+    """One slot: whoever ends a session, a client reconnecting the moment it sees the close is admitted."""
+    settings = ServerSettings(max_sessions=1, max_session_s=0.5 if who_closes == "server" else 0.0)
+    with ServerThread(settings, engine) as server:
+        for _ in range(RECONNECTS):
+            ws = await websockets.connect(server.ws_url + "?audio=binary")
+            _, events = await collect(ws, 5, until=lambda e: e["type"] in ("response.created", "error"))
+            assert events[-1]["type"] == "response.created", events
+            if who_closes == "client":
+                await ws.close()
+            else:
+                with pytest.raises(websockets.ConnectionClosed):
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 5)
+                assert ws.close_code == 1000, ws.close_code  # session_expired
+        last = await websockets.connect(server.ws_url)
+        _, events = await collect(last, 5, until=lambda e: e["type"] in ("response.created", "error"))
+        assert events[-1]["type"] == "response.created", events
+        await last.close()
+        rows, live = await _settled_rows(server, engine)
+        assert rows == live == 0
