@@ -54,6 +54,20 @@ def _bench_engine_flags(parser: argparse.ArgumentParser) -> None:
     _device(parser)
 
 
+def _bench_server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default="checkpoints/tiny-demo", help="checkpoint both runs serve")
+    parser.add_argument("--engine-seconds", type=float, default=5.0, help="bench engine: seconds per level")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds each load level streams")
+    parser.add_argument("--ramp", type=float, default=2.0, help="seconds a level's starts spread over")
+    parser.add_argument("--cushion-ms", type=float, default=200.0, help="client playback cushion (underruns)")
+    parser.add_argument("--wav", default=None, help="input speech file (default: generated)")
+    parser.add_argument("--engine-threads", type=int, default=0,
+                        help="MICROTURN_ENGINE_THREADS of the server (0 = one per CPU it may use)")
+    parser.add_argument("--engine-cpus", default="", help="MICROTURN_ENGINE_CPUS of the server (e.g. 1)")
+    parser.add_argument("--max-sessions", type=int, default=None, help="cap on bench engine's session counts")
+    _device(parser)
+
+
 def _bench_background_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("--sessions", type=int, default=4, help="real-time sessions streaming speech")
@@ -198,6 +212,8 @@ COMMANDS: list[Command] = [
     Command(("serve",), "microturn.server.cli:serve_main", _serve_flags, "run the realtime server"),
     Command(("bench", "engine"), "microturn.benchmarks.engine_capacity:main", _bench_engine_flags,
             "sessions held in real time"),
+    Command(("bench", "server"), "microturn.benchmarks.server_capacity:main", _bench_server_flags,
+            "sessions the server holds end to end vs its engine"),
     Command(("bench", "background"), "microturn.benchmarks.background_overhead:main", _bench_background_flags,
             "tick time with background tasks streaming"),
     Command(("loadtest",), "microturn.clients.loadtest.cli:main", _loadtest_flags,

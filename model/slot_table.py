@@ -103,7 +103,7 @@ class SlotTable:
         text_in = np.full((B, cfg.text_in_slots), sp.PAD, dtype=np.int64)
         source = np.zeros((B, cfg.text_in_slots), dtype=np.int64)
         forced = np.full((B, cfg.text_out_slots), -1, dtype=np.int64)
-        image_rows, images = [], []
+        image_rows, images, errors = [], [], [error for _, error in checked]
         for b, (inp, _) in enumerate(checked):
             if inp.text_in:
                 text_in[b, : len(inp.text_in)] = inp.text_in
@@ -111,12 +111,17 @@ class SlotTable:
             if inp.force_text_out:
                 forced[b, : len(inp.force_text_out)] = inp.force_text_out
             if inp.image is not None:
-                image_rows.append(b)
-                images.append(self._patchify(inp.image))
+                try:
+                    patches = self._patchify(inp.image)
+                except Exception as exc:  # one row's frame must not cost the whole batch its step
+                    errors[b] = f"image could not be patchified: {exc}"
+                else:
+                    image_rows.append(b)
+                    images.append(patches)
         grid = (cfg.image_size // cfg.patch_size) ** 2
         stacked = np.stack(images) if images else np.zeros((0, grid, cfg.patch_dim), np.float32)
         batch = StepBatch(audio, text_in, source, forced, image_rows, stacked)
-        return batch, [error for _, error in checked]
+        return batch, errors
 
     def unpack(self, result: StepResult, errors: list[str | None]) -> dict[int, SlotOutput]:
         outputs = {}

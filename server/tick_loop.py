@@ -39,6 +39,9 @@ TICK_S = TURN_MS / 1000.0
 STEP_HISTORY = 100_000  # step durations kept for exact percentiles (benchmarks)
 STOP_TIMEOUT_S = 10.0  # longest wait for the thread to finish its step on shutdown
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # waits between failed engine restarts, the last repeated
+# consecutive whole-batch step failures after which the engine counts as lost: one failed tick is
+# dropped, but a step that keeps failing would otherwise silence every session for good
+MAX_STEP_FAILURES = 3
 
 
 class TickLoop:
@@ -53,6 +56,7 @@ class TickLoop:
         self.ticks = 0  # ticks stepped (with sessions)
         self.step_ms: deque[float] = deque(maxlen=STEP_HISTORY)  # recent step durations, for benchmarks
         self._restarted = False  # set by a restart for _run to start the grid again
+        self._step_failures = 0  # consecutive steps that raised
         self.engine_up = True  # false while a dead engine is being replaced; read from the event loop
         self._metrics.engine_up.set(1)
 
@@ -190,9 +194,13 @@ class TickLoop:
         except EngineDied as exc:
             self._engine_lost(exc)
             return
-        except Exception:
-            log.exception("engine step failed; this tick's output is dropped")
+        except Exception as exc:
+            self._step_failures += 1
+            log.exception("engine step failed (%d in a row); its output is dropped", self._step_failures)
+            if self._step_failures >= MAX_STEP_FAILURES:
+                self._engine_lost(EngineDied(f"{self._step_failures} steps in a row failed: {exc}"))
             return
+        self._step_failures = 0
         elapsed = time.perf_counter() - started
         self._metrics.tick_seconds.observe(elapsed)
         self.step_ms.append(elapsed * 1e3)
@@ -210,17 +218,22 @@ class TickLoop:
         """Close every live session, then bring a fresh engine up (blocking this thread: no rows to step)."""
         self.engine_up = False
         self._metrics.engine_up.set(0)
-        lost = list(self._sessions.values())
+        lost = list(self._sessions.items())
         self._sessions.clear()
         log.error("engine lost (%s): closing %d session(s) and restarting it", exc, len(lost))
         reason = f"the engine stopped ({exc}); reconnect in a moment"
-        for session in lost:
+        for _, session in lost:
             session.failed = True
             self._loop.call_soon_threadsafe(session.fail, reason, ErrorCode.ENGINE_RESTARTING)
+        self._step_failures = 0
         attempt = 0
-        while not self._stop.is_set():
+        restart = getattr(self.engine, "restart", None)
+        if restart is None:  # an in-process engine cannot be replaced: it gives the closed rows back
+            for slot, _ in lost:
+                self.engine.leave(slot)
+        while restart is not None and not self._stop.is_set():
             try:
-                self.engine.restart()
+                restart()
                 break
             except Exception:
                 log.exception("engine restart failed")

@@ -94,3 +94,22 @@ def test_bench_background_reports() -> None:
                               "--device", "cpu"])
     assert result["tasks"] == 2 and result["task_deltas"] > 0
     assert result["tick_ms_p99_base"] > 0 and result["tick_ms_p99_tasks"] > 0
+
+
+def test_bench_server_reports_both_capacities_and_their_ratio() -> None:
+    """Short levels, capped at MAX_SESSIONS: the figures must be consistent with the levels it ran."""
+    lines = _run(["bench", "server", "--engine-seconds", "0.5", "--duration", "2", "--ramp", "0.2",
+                  "--max-sessions", str(MAX_SESSIONS), "--device", "cpu"])
+    result = json.loads(lines[-1])
+    engine, server = result["engine_sessions"], result["server_sessions"]
+    assert 0 <= engine <= MAX_SESSIONS
+    levels = {level["sessions"]: level for level in result["levels"]}
+    assert levels, "no load level ran"
+    passing = [n for n, level in levels.items() if level["goodput"] >= result["goodput_target"]]
+    assert server == max(passing, default=0)
+    assert all(n > server for n in levels if n not in passing)  # nothing passed above a failure
+    if engine:
+        assert result["ratio"] == round(server / engine, 3)
+    if server:
+        assert result["tick_ms_p50"] == levels[server]["server_tick_ms_p50"]
+        assert result["first_audio_ms_p95"] == levels[server]["first_audio_ms_p95"]

@@ -135,3 +135,19 @@ async def test_engine_loss_closes_sessions_cleanly_and_the_engine_comes_back(ser
     assert server.metric("microturn_engine_restarts_total") == restarts + 1
     assert server.metric("microturn_engine_up") == 1
     await _new_session_streams(server, engine, speech)
+
+
+async def test_a_step_that_keeps_failing_counts_as_a_lost_engine(server, engine, speech, monkeypatch):
+    """A whole-batch failure is dropped once; one that repeats must not silence every session for good."""
+    ws, feed = await _streaming(server, speech)
+
+    def broken_pack(inputs):
+        raise RuntimeError("a bug in packing the batch")
+
+    monkeypatch.setattr(engine._table, "pack", broken_pack)  # this table only: a restart builds a new one
+    watch = asyncio.create_task(_watch_recovery(server))
+    await _closed_by_restart(ws)
+    feed.cancel()
+    saw_down, _ = await watch
+    assert saw_down
+    await _new_session_streams(server, engine, speech)
