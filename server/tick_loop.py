@@ -138,6 +138,8 @@ class TickLoop:
             if behind > TICK_S:
                 missed = math.floor(behind / TICK_S)
                 n += missed
+                if not self._sessions:
+                    continue  # an idle grid point is missed by no one (a GIL-heavy burst between sessions)
                 self._metrics.missed_ticks.inc(missed)
                 for session in self._sessions.values():
                     session.skip_input(missed)

@@ -84,12 +84,14 @@ async def _scrape(http: httpx.AsyncClient, url: str) -> dict[str, float]:
 
 
 async def _settle(http: httpx.AsyncClient, url: str) -> None:
-    """Wait (bounded) until the server holds no sessions, so levels do not overlap."""
+    """Wait (bounded) until the server holds no sessions and its engine no rows, so levels do not overlap
+    (a closed session leaves the admission count before its engine row is given back)."""
     ready = url.replace("/metrics", "/readyz")
     deadline = time.monotonic() + SETTLE_S
     while time.monotonic() < deadline:
         try:
-            if (await http.get(ready)).json().get("sessions", 0) == 0:
+            body = (await http.get(ready)).json()
+            if body.get("sessions", 0) == 0 and body.get("engine_rows", 0) == 0:
                 return
         except (httpx.HTTPError, ValueError):
             return
