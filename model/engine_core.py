@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -86,6 +87,8 @@ def _pin(spec: EngineSpec) -> None:
 
 
 def run_engine_core(spec: EngineSpec, conn: Connection) -> None:
+    # Ctrl-C reaches the whole process group; the owner decides when the engine stops (it drains first)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
     try:
         _pin(spec)

@@ -15,8 +15,8 @@ Contract
 - `start()` blocks until the engine process is warm and attached (or raises `EngineStartError`
   with the process's own reason); `close()` stops it.
 - Every call answers within its deadline or raises `EngineDied`: the process exited, or missed the
-  deadline (it is then killed). After `EngineDied` every row is gone and every call raises it again
-  until `restart()` brings a fresh process up.
+  deadline (it is then killed). After `EngineDied` every row is gone and every call but `leave` (a
+  no-op then) raises it again until `restart()` brings a fresh process up.
 - A request the process answers with an error (`EngineCallError`) leaves it serving.
 - This module does not import torch; it knows nothing about sessions, clocks or sockets.
 """
@@ -165,7 +165,10 @@ class ProcessEngine:
         return slot
 
     def leave(self, slot: int) -> None:
-        move = self._live_table().leave(slot)
+        """A no-op while the engine is down: its rows went with it."""
+        if self._table is None:
+            return
+        move = self._table.leave(slot)
         if move is not None:
             self._request(("move", *move), self.call_timeout_s)
 

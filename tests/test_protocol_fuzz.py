@@ -417,7 +417,7 @@ def rig(speech_16k: np.ndarray) -> Iterator[Rig]:
             rig.run(rig.close())
             rig.loop.call_soon_threadsafe(rig.loop.stop)
             rig.thread.join(5)
-            engine.close()
+    engine.close()  # after the server: its sessions' leaves reach a live engine
 
 
 def _example(rig: Rig, batch: list[Wire]) -> None:
