@@ -23,7 +23,6 @@ from helpers.realserver import ServerThread, collect, process_engine, stream_bin
 
 from microturn.model.engine_process import ProcessEngine
 from microturn.server.settings import ServerSettings
-from microturn.training.espeak import speak
 
 RECOVER_S = 90.0  # a fresh engine process imports torch, builds the model and warms up (2-core CI)
 RATE = "input_rate_exceeded"
@@ -32,14 +31,10 @@ HEALTH_BUDGET_S = 1.0  # /healthz must answer this fast while the engine is down
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[ProcessEngine]:
+    """Its own engine process: these tests kill it."""
     engine = process_engine(4)
     yield engine
     engine.close()
-
-
-@pytest.fixture(scope="module")
-def speech() -> np.ndarray:
-    return speak("Hello there. The quick brown fox jumps over the lazy dog.", rate=16_000)
 
 
 @pytest.fixture
@@ -104,10 +99,10 @@ async def _new_session_streams(server: ServerThread, engine: ProcessEngine, spee
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
-async def test_engine_loss_closes_sessions_cleanly_and_the_engine_comes_back(server, engine, speech, sig):
+async def test_engine_loss_closes_sessions_cleanly_and_the_engine_comes_back(server, engine, speech_16k, sig):
     restarts = server.metric("microturn_engine_restarts_total")
-    first, first_feed = await _streaming(server, speech)
-    second, second_feed = await _streaming(server, speech)
+    first, first_feed = await _streaming(server, speech_16k)
+    second, second_feed = await _streaming(server, speech_16k)
     old_pid = engine.pid
     assert engine.rows == 2
 
@@ -134,12 +129,12 @@ async def test_engine_loss_closes_sessions_cleanly_and_the_engine_comes_back(ser
             time.sleep(0.1)
     assert server.metric("microturn_engine_restarts_total") == restarts + 1
     assert server.metric("microturn_engine_up") == 1
-    await _new_session_streams(server, engine, speech)
+    await _new_session_streams(server, engine, speech_16k)
 
 
-async def test_a_step_that_keeps_failing_counts_as_a_lost_engine(server, engine, speech, monkeypatch):
+async def test_a_step_that_keeps_failing_counts_as_a_lost_engine(server, engine, speech_16k, monkeypatch):
     """A whole-batch failure is dropped once; one that repeats must not silence every session for good."""
-    ws, feed = await _streaming(server, speech)
+    ws, feed = await _streaming(server, speech_16k)
 
     def broken_pack(inputs):
         raise RuntimeError("a bug in packing the batch")
@@ -150,4 +145,4 @@ async def test_a_step_that_keeps_failing_counts_as_a_lost_engine(server, engine,
     feed.cancel()
     saw_down, _ = await watch
     assert saw_down
-    await _new_session_streams(server, engine, speech)
+    await _new_session_streams(server, engine, speech_16k)
