@@ -202,12 +202,38 @@ def create_app(
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
+    created = int(time.time())
+    # the checkpoint's directory name, not its path: the card is served to any caller with a key
+    root = Path(settings.checkpoint).name if settings.checkpoint else f"preset:{settings.preset}"
+
+    def unauthorized() -> JSONResponse:
+        state.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
+        return JSONResponse({"error": error_payload(ErrorCode.UNAUTHORIZED, "API key required")}, 401)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        """The served model, as OpenAI-compatible servers list theirs (the SDK's `models.list()`)."""
+        if not state.auth.http_allowed(request.headers.get("authorization")):
+            return unauthorized()
+        return JSONResponse({"object": "list", "data": [p.model_card(created, root)]})
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str, request: Request) -> JSONResponse:
+        if not state.auth.http_allowed(request.headers.get("authorization")):
+            return unauthorized()
+        if model_id != p.MODEL_ID:
+            code = ErrorCode.MODEL_NOT_FOUND
+            state.metrics.errors.labels(code.value).inc()
+            error = error_payload(code, f"no model {model_id!r} here; this server serves {p.MODEL_ID!r}",
+                                  param="model")
+            return JSONResponse({"error": error}, HTTP_STATUS[code])
+        return JSONResponse(p.model_card(created, root))
+
     @app.post("/v1/realtime/client_secrets")
     async def client_secrets(request: Request) -> JSONResponse:
         # auth first: the body is not even read for a caller without a key
         if not state.auth.http_allowed(request.headers.get("authorization")):
-            state.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
-            return JSONResponse({"error": error_payload(ErrorCode.UNAUTHORIZED, "API key required")}, 401)
+            return unauthorized()
         try:
             body = parse_secret_request(await read_body(request, settings.max_message_bytes))
         except BadRequest as exc:

@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     # an HTTP request body that is not JSON of the expected shape, or a client secret whose session
     # config this server refuses at connect (the session is closed)
     INVALID_REQUEST = "invalid_request"
+    MODEL_NOT_FOUND = "model_not_found"  # GET /v1/models/{id} of a model this server does not serve
     TEXT_TOO_LONG = "text_too_long"  # text over max_text_chars / max_task_input_chars, or the queue full
     INPUT_RATE_EXCEEDED = "input_rate_exceeded"  # audio arriving faster than real time beyond the bound
     UNSUPPORTED = "unsupported"  # a known event whose feature is not available here
@@ -71,6 +72,7 @@ CLOSE_CODES: dict[ErrorCode, int] = {
 
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.MODEL_NOT_FOUND: 404,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN_ORIGIN: 403,
     ErrorCode.SERVER_DRAINING: 503,

@@ -444,6 +444,14 @@ def response_dict(response_id: str, status: str) -> dict:
     }
 
 
+MODEL_ID = "microturn"  # the model name sessions report and GET /v1/models lists
+
+
+def model_card(created: int, root: str) -> dict:
+    """An OpenAI `model` object for GET /v1/models; `root` names the weights (preset or checkpoint)."""
+    return {"id": MODEL_ID, "object": "model", "created": created, "owned_by": "microturn", "root": root}
+
+
 def session_dict(
     session_id: str,
     instructions: str,
@@ -459,13 +467,13 @@ def session_dict(
         "type": "realtime",
         "object": "realtime.session",
         "id": session_id,
-        "model": "microturn",
+        "model": MODEL_ID,
         "instructions": instructions,
         "output_modalities": ["audio"],
         "audio": {
             "input": {
                 "format": {"type": "audio/pcm", "rate": input_rate},
-                "transcription": {"model": "microturn"} if transcribe else None,
+                "transcription": {"model": MODEL_ID} if transcribe else None,
                 "turn_detection": {"type": "semantic_vad", "eagerness": eagerness},
             },
             "output": {

@@ -345,3 +345,20 @@ async def test_disconnect_frees_slot_without_leaking_state(engine, speech):
         ws.transport.abort()  # mid-stream, no close handshake
         feed.cancel()
         assert await fresh_turns() == reference
+
+
+async def test_the_openai_sdk_lists_and_retrieves_the_served_model(engine):
+    import openai
+
+    settings = ServerSettings(max_sessions=MAX_SLOTS, api_keys=["sk-test"])
+    with ServerThread(settings, engine) as srv:
+        client = AsyncOpenAI(base_url=f"{srv.http_url}/v1", api_key="sk-test")
+        listed = await client.models.list()
+        assert [m.id for m in listed.data] == ["microturn"]
+        assert listed.data[0].object == "model" and listed.data[0].owned_by == "microturn"
+        assert (await client.models.retrieve("microturn")).id == "microturn"
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.models.retrieve("gpt-4o-realtime-preview")
+        assert missing.value.body["code"] == "model_not_found"
+        with pytest.raises(openai.AuthenticationError):
+            await AsyncOpenAI(base_url=f"{srv.http_url}/v1", api_key="wrong").models.list()
