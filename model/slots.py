@@ -43,7 +43,7 @@ class SlotInput:
 class SlotOutput:
     audio: np.ndarray  # (TURN_SAMPLES,) float32 at 16 kHz, after the vocoder
     text_tokens: list[int]  # the text-out tokens sampled this micro-turn (PAD included)
-    text: str  # printable text decoded from text_tokens (specials dropped)
+    text: str  # printable text decoded from text_tokens (specials and task marker contents dropped)
     task_texts: list[str]  # background tasks the model's TASK_START ... TASK_END markers closed this turn
     turn_index: int  # micro-turns this slot has run since join (0-based)
     error: str | None = None  # set when this slot's row failed this step; others unaffected

@@ -79,34 +79,55 @@ MAX_TASK_MARKER_BYTES = 512  # a task marker longer than this is dropped (runawa
 class DecodedText:
     """One micro-turn of text-out, decoded once for everyone who reads it."""
 
-    text: str  # printable text (every byte, task marker contents included; specials dropped)
+    # printable text: the bytes outside task markers (TASK_START ... TASK_END contents, and a runaway
+    # marker's, are not for the user to read); specials dropped. A multi-byte character split across
+    # calls, or around a marker, comes out whole once its last byte arrives
+    text: str
     task_texts: list[str]  # TASK_START ... TASK_END spans completed in these tokens, stripped, non-empty
 
 
 class TextOutDecoder:
-    """Streaming decoder of one session's text-out: printable text, and the task markers it closes."""
+    """Streaming decoder of one session's text-out: printable text, and the task markers it closes.
+
+    A marker's bytes go to its task text, never to the printable text, even before it closes (the
+    text streams to the user as it is decoded, so a marker cannot be shown first and taken back).
+    A runaway marker (more than MAX_TASK_MARKER_BYTES bytes) yields no task, and its bytes stay out
+    of the printable text until the TASK_END that closes it: what the model meant as a task
+    description is no more for the user past the cap than before it. The model's EPAD (end of its
+    text span) or a new TASK_START also ends that exclusion, so a model that never closes its
+    runaway marker does not mute its transcript for the rest of the session.
+    """
 
     def __init__(self, tokenizer: ByteTokenizer) -> None:
         self._text = ByteStreamDecoder()
         self._start = tokenizer.special.TASK_START
         self._end = tokenizer.special.TASK_END
+        self._epad = tokenizer.special.EPAD
         self._marker: list[int] | None = None  # inside a marker: its bytes so far
+        self._runaway = False  # a dropped marker's bytes are still coming: keep them out of the text
 
     def feed(self, ids: list[int]) -> DecodedText:
         tasks: list[str] = []
+        printable: list[int] = []  # the bytes of these ids outside any marker
         for t in ids:
             if t == self._start:
-                self._marker = []
-            elif t == self._end and self._marker is not None:
-                task = bytes(self._marker).decode("utf-8", errors="replace").strip()
-                self._marker = None
-                if task:
-                    tasks.append(task)
-            elif self._marker is not None and t < ByteTokenizer.n_bytes:
-                self._marker.append(t)
-                if len(self._marker) > MAX_TASK_MARKER_BYTES:
-                    self._marker = None
-        return DecodedText(self._text.feed(ids), tasks)
+                self._marker, self._runaway = [], False
+            elif t == self._end:
+                if self._marker is not None:
+                    task = bytes(self._marker).decode("utf-8", errors="replace").strip()
+                    if task:
+                        tasks.append(task)
+                self._marker, self._runaway = None, False
+            elif t == self._epad:
+                self._runaway = False
+            elif t < ByteTokenizer.n_bytes:
+                if self._marker is not None:
+                    self._marker.append(t)
+                    if len(self._marker) > MAX_TASK_MARKER_BYTES:
+                        self._marker, self._runaway = None, True
+                elif not self._runaway:
+                    printable.append(t)
+        return DecodedText(self._text.feed(printable), tasks)
 
 
 class CtcStreamDecoder:

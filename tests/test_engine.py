@@ -25,7 +25,7 @@ from microturn.model.layout import (
 from microturn.model.row_state import RowState
 from microturn.model.slot_table import SlotTable
 from microturn.model.slots import TURN_SAMPLES, SamplingParams, SlotInput
-from microturn.model.tokenizer import ByteTokenizer
+from microturn.model.tokenizer import MAX_TASK_MARKER_BYTES, ByteTokenizer, TextOutDecoder
 from microturn.model.transformer import build_model
 
 INSTR = "You are a helpful voice assistant."
@@ -413,3 +413,54 @@ def test_slot_table_packs_rows_in_row_order() -> None:
     assert batch.text_in[0].tolist() == [1, 2] + [table.tokenizer.special.PAD] * (cfg.text_in_slots - 2)
     assert batch.source[:, 0].tolist() == [1, 0] and batch.forced[0, 0] == 7 and (batch.forced[1] == -1).all()
     assert batch.image_rows == [0] and batch.images.shape == (1, 4, cfg.patch_dim)
+
+
+def _decode_all(chunks: list[list[int]]) -> tuple[str, list[str]]:
+    decoder = TextOutDecoder(ByteTokenizer())
+    fed = [decoder.feed(c) for c in chunks]
+    return "".join(d.text for d in fed), [t for d in fed for t in d.task_texts]
+
+
+def test_task_marker_text_stays_out_of_the_printable_text() -> None:
+    sp = ByteTokenizer().special
+    decoder = TextOutDecoder(ByteTokenizer())
+    first = decoder.feed([*b"one moment.", sp.TASK_START, *b"what ti"])
+    assert (first.text, first.task_texts) == ("one moment.", [])
+    second = decoder.feed([*b"me is it", sp.TASK_END, sp.EPAD, *b"it is 3:36."])
+    assert (second.text, second.task_texts) == ("it is 3:36.", ["what time is it"])
+    # a character split across calls, or around a whole marker, comes out once, whole
+    euro, nai = "€".encode(), "naïve".encode()
+    assert _decode_all([[euro[0]], [euro[1], sp.PAD], [euro[2], *b"!"]]) == ("€!", [])
+    assert _decode_all([[*b"caf", 0xC3], [sp.TASK_START, *nai[:3]], [*nai[3:], sp.TASK_END, 0xA9]]) == (
+        "café", ["naïve"])
+
+
+def test_a_runaway_marker_is_no_task_and_no_text() -> None:
+    sp = ByteTokenizer().special
+    runaway = [sp.TASK_START, *(b"a" * (MAX_TASK_MARKER_BYTES + 1))]
+    # past the cap, its bytes stay out up to the TASK_END that closes it
+    assert _decode_all([[*b"hm ", *runaway[:300]], runaway[300:], [*b"bbb", sp.TASK_END, *b"ok"]]) == (
+        "hm ok", [])
+    # never closed: the model's EPAD ends it (its text span is over), so is a new marker
+    assert _decode_all([runaway, [*b"zz", sp.EPAD, *b"hi"]]) == ("hi", [])
+    assert _decode_all([runaway, [sp.TASK_START, *b"t", sp.TASK_END, *b"hi"]]) == ("hi", ["t"])
+    # within the cap, a marker's EPAD is its content's business: it stays a marker
+    assert _decode_all([[sp.TASK_START, *b"ab", sp.EPAD, *b"c", sp.TASK_END, *b"d"]]) == ("d", ["abc"])
+
+
+def test_printable_text_is_the_bytes_outside_markers_however_the_stream_is_cut() -> None:
+    sp = ByteTokenizer().special
+    rng = random.Random(4)
+    for _ in range(50):
+        ids, outside, tasks = [], bytearray(), []
+        for _ in range(rng.randint(1, 6)):
+            said = rng.choice(["hé ", "ça va? ", "日本 ", "ok. "]).encode()
+            ids += [*said, sp.PAD]
+            outside += said
+            if rng.random() < 0.5:
+                task = rng.choice(["what time is ít", "2+2", "€ rate"])
+                ids += [sp.TASK_START, *task.encode(), sp.TASK_END]
+                tasks.append(task)
+        cuts = sorted(rng.sample(range(1, len(ids)), min(4, len(ids) - 1)))
+        chunks = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(ids)], strict=True)]
+        assert _decode_all(chunks) == (outside.decode(), tasks)
