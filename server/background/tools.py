@@ -120,6 +120,10 @@ class ToolRegistry:
             raise ToolError(f"unknown tool {name!r}; known: {known}")
         return tool
 
+    def client_tools(self) -> Mapping[str, Tool]:
+        """The running task's client-declared tools (name -> Tool); empty outside a pool task."""
+        return session_tools.get()
+
     def specs(self) -> list[ToolSpec]:
         return [tool.spec() for tool in self._tools.values()]
 
@@ -136,6 +140,9 @@ class ToolRegistry:
             jsonschema.validate(arguments, tool.parameters)
         except jsonschema.ValidationError as exc:
             raise ToolError(f"{name}: invalid arguments: {exc.message}") from None
+        except jsonschema.SchemaError as exc:
+            # a client's declared schema is not checked at session.update; a broken one fails this call only
+            raise ToolError(f"{name}: its parameters schema is invalid: {exc.message}") from None
         try:
             return await tool.fn(**arguments)
         except ToolError:

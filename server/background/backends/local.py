@@ -1,19 +1,26 @@
 """The offline default backend: picks one tool for the task and streams its steps.
 
 Contract: `LocalBackend(registry).run(ctx)` chooses a tool - the task's own `tool`
-when given, else the calculator when the text holds arithmetic ("17 times 23",
-"(2+3)*4"), the clock when it asks for the time, date or day, else a knowledge
-search with the task text as query - calls it through the registry and streams
-three partial results ("Thinking: ...", "Calling tool(args).", "Result: ...")
-then the final answer. A tool failure (a refused expression, unknown zone)
+when given; else, when the session declared client tools (offered in the package
+and callable in this task), the one whose name and description are closest in
+meaning to the task text, if it reaches `MATCH_THRESHOLD` and its arguments can
+be read from the text (`tool_choice`); else the calculator when the text holds
+arithmetic ("17 times 23", "(2+3)*4"), the clock when it asks for the time, date
+or day, else a knowledge search with the task text as query - calls it through
+the registry and streams three partial results ("Thinking: ...", "Calling
+tool(args).", "Result: ...") then the final answer. A client tool's call goes to
+the client and waits for its output (the task's timeout bounds the wait); the
+answer is that output. A tool failure (a refused expression, unknown zone)
 raises `ToolError` and so fails the task with its message.
 
-No model, no network, no downloads. It does not read the conversation beyond
+No language model, no network, no downloads: matching uses the knowledge
+search's sentence encoder, in a thread. It does not read the conversation beyond
 the task text: it is a tool runner, not a reasoner.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,6 +28,7 @@ from typing import Any
 from ..context import ContextPackage
 from ..tools import ToolRegistry, output_text
 from .base import TaskDelta, TaskEvent, TaskResult
+from .tool_choice import fill_arguments, match_tool, name_words
 
 MAX_ANSWER_CHARS = 400  # knowledge passages are cut to this in the spoken answer
 
@@ -122,17 +130,15 @@ def _operand_groups_end(text: str, pos: int) -> int:
 
 
 def _default_arguments(tool: str, schema: dict[str, Any], text: str) -> dict[str, Any]:
-    """Arguments for a tool named without any: built-ins from the text, else the one required string."""
+    """Arguments for a tool named without any: built-ins from the text, else read by its schema (the
+    one required free-text string gets the whole text); what cannot be read is left for the schema
+    check to refuse."""
     if tool == "calculator":
         return {"expression": find_expression(text) or text}
     if tool == "clock":
         zone = _TIMEZONE.search(text)
         return {"timezone": zone.group(1)} if zone else {}
-    required = schema.get("required", [])
-    properties = schema.get("properties", {})
-    if len(required) == 1 and properties.get(required[0], {}).get("type") == "string":
-        return {required[0]: text}
-    return {}
+    return fill_arguments(schema, text).arguments
 
 
 def _route(text: str) -> tuple[str, str]:
@@ -172,17 +178,15 @@ class LocalBackend:
 
     async def run(self, ctx: ContextPackage) -> AsyncIterator[TaskEvent]:
         task = ctx.task
+        arguments: dict[str, Any] | None = task.arguments
         if task.tool is not None:
             tool, why = task.tool, f"the task asks for {task.tool}"
         else:
-            tool, why = _route(task.input)
+            tool, why, arguments = await self._choose(ctx)
         yield TaskDelta(f"Thinking: {why}.\n")
         spec = self.registry.get(tool)
-        arguments = (
-            task.arguments
-            if task.arguments is not None
-            else _default_arguments(tool, spec.parameters, task.input)
-        )
+        if arguments is None:
+            arguments = _default_arguments(tool, spec.parameters, task.input)
         yield TaskDelta(f"Calling {_call_text(tool, arguments)}.\n")
         output = await self.registry.call(tool, arguments)
         answer = _answer(tool, arguments, output)
@@ -191,3 +195,22 @@ class LocalBackend:
         if spec.brief is not None and (brief := spec.brief(output)) is not None:
             data["brief"] = brief
         yield TaskResult(text=answer, data=data)
+
+    async def _choose(self, ctx: ContextPackage) -> tuple[str, str, dict[str, Any] | None]:
+        """(tool, why, arguments or None to read them later) for a task that named no tool."""
+        text = ctx.task.input
+        on_client = self.registry.client_tools()
+        offered = [on_client[spec.name] for spec in ctx.tools if spec.name in on_client]
+        if offered:
+            # embedding is CPU work (and may load the encoder): keep it off the event loop
+            match = await asyncio.to_thread(match_tool, text, offered)
+            if match is not None:
+                tool, score = match
+                filled = fill_arguments(tool.parameters, text, name_words(tool.name))
+                if filled.problem is None:
+                    why = f"the task matches the client tool {tool.name} (similarity {score:.2f})"
+                    return tool.name, why, filled.arguments
+                builtin, why = _route(text)
+                return builtin, f"{tool.name} matches but {filled.problem}; {why}", None
+        builtin, why = _route(text)
+        return builtin, why, None
