@@ -18,11 +18,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from microturn.server.background.backends import OpenAIBackend, OpenAIBackendConfig, TaskDelta, TaskResult
 from microturn.server.background.context import ConversationRecord, TaskSpec, ToolSpec
 from microturn.server.background.pool import WorkerPool
-from microturn.server.background.tools import ToolRegistry, default_registry
+from microturn.server.background.tools import Tool, ToolRegistry, default_registry
 from microturn.server.background_service import SessionBackground
 
 API_KEY = "sk-test-key"
 START_WAIT_S = 10.0  # bound on waiting for uvicorn to come up
+SPLIT_ARGUMENTS = ('{"ord', 'er": "A1', '7", "note": "caf\\u00', 'e9"}')  # {"order": "A17", "note": "café"}
+SHORT_TIMEOUT_S = 1.0  # a task whose client tool never answers
 
 
 def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> str:
@@ -36,7 +38,7 @@ def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-def _tool_call_stream(model: str, name: str = "calculator", arguments: tuple[str, str] = (
+def _tool_call_stream(model: str, name: str = "calculator", arguments: tuple[str, ...] = (
         '{"expression":', ' "17*23"}')) -> Iterator[str]:
     yield _chunk(model, {"role": "assistant", "content": "Let me compute. "})
     yield _chunk(
@@ -80,10 +82,13 @@ def make_app(requests: list[dict[str, Any]]) -> FastAPI:
                 {"error": {"message": "model exploded", "type": "server_error"}}, status_code=500
             )
         last = body["messages"][-1]
-        if model == "client-tools" and last["role"] == "tool":
+        if model.startswith("client-tools") and last["role"] == "tool":
             stream = _text_stream(model, [f"your order: {last['content']}"])
         elif model == "client-tools":
             stream = _tool_call_stream(model, "lookup_order", ('{"order": ', '"A17"}'))
+        elif model == "client-tools-split":
+            # the arguments JSON cut mid-key, mid-value and inside a \u escape, as streaming endpoints do
+            stream = _tool_call_stream(model, "lookup_order", SPLIT_ARGUMENTS)
         elif last["role"] == "tool":
             stream = _text_stream(model, [f"17 times 23 is {last['content']}", "."])
         elif body.get("tools"):
@@ -230,3 +235,89 @@ async def test_the_model_calls_a_client_declared_tool_and_the_client_answers(end
     answer = {"role": "tool", "tool_call_id": "call_1", "content": "shipped on Monday"}
     assert second["messages"][-1] == answer
     assert not tasks.function_call_output(call["call_id"], "again"), "a call is answered once"
+
+
+ORDER_SCHEMA = {
+    "type": "object",
+    "properties": {"order": {"type": "string"}, "note": {"type": "string"}},
+    "required": ["order"],
+}
+
+
+async def _until(events: list[dict[str, Any]], kind: str, count: int = 1) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + START_WAIT_S
+    while len(found := [e for e in events if e["type"] == kind]) < count:
+        assert time.monotonic() < deadline, events
+        await asyncio.sleep(0.01)
+    return found
+
+
+async def test_a_client_tool_gets_the_exact_streamed_arguments_and_its_output_answers(
+    endpoint: tuple[str, list],
+) -> None:
+    """The pool hands the task its session's client tools; the LLM's call to one (arguments streamed in
+    pieces) runs it with exactly those arguments, and its output goes back as the `tool` message."""
+    url, requests = endpoint
+    requests.clear()
+    registry = default_registry()
+    received: list[dict[str, Any]] = []
+
+    async def lookup_order(**arguments: Any) -> str:
+        received.append(arguments)
+        return "shipped on Monday"
+
+    client_tool = Tool("lookup_order", "an order's status", ORDER_SCHEMA, lookup_order)
+    backend = _backend(url, registry, model="client-tools-split")
+    ctx = _ctx(registry, "where is my order A17?")
+    ctx.tools.append(client_tool.spec())
+    events: list[dict[str, Any]] = []
+    WorkerPool(backend).submit(ctx, events.append, tools={"lookup_order": client_tool})
+    (done,) = await _until(events, "task.done")
+    await backend.aclose()
+    assert received == [{"order": "A17", "note": "café"}]
+    assert done["result"]["text"] == "Let me compute. your order: shipped on Monday"
+    call = done["result"]["tool_calls"][0]
+    assert call["name"] == "lookup_order" and json.loads(call["arguments"]) == received[0]
+    assert call["output"] == "shipped on Monday"
+    first, second = (r["body"] for r in requests)
+    assert [t["function"]["name"] for t in first["tools"]].count("lookup_order") == 1
+    answer = {"role": "tool", "tool_call_id": "call_1", "content": "shipped on Monday"}
+    assert second["messages"][-1] == answer
+
+
+async def test_a_client_tool_named_like_a_registered_one_is_offered_once(endpoint: tuple[str, list]) -> None:
+    url, requests = endpoint
+    requests.clear()
+    registry = default_registry()
+    backend = _backend(url, registry)
+    ctx = _ctx(registry, "what is 17 times 23?")
+    mine = ToolSpec(name="clock", description="the client's own clock", parameters={"type": "object"})
+    ctx.tools.append(mine)
+    [e async for e in backend.run(ctx)]
+    await backend.aclose()
+    offered = [t["function"] for t in requests[0]["body"]["tools"]]
+    assert sorted(t["name"] for t in offered) == ["calculator", "clock", "knowledge_search"]
+    (clock,) = [t for t in offered if t["name"] == "clock"]
+    assert clock["description"] == registry.get("clock").description, "the registry's clock runs"
+
+
+async def test_a_client_tool_that_never_answers_times_out_and_the_other_tasks_go_on(
+    endpoint: tuple[str, list],
+) -> None:
+    url, _ = endpoint
+    registry = default_registry()
+    backend = _backend(url, registry, model="client-tools")
+    events: list[dict[str, Any]] = []
+    tasks = SessionBackground("s1", WorkerPool(backend), registry, events.append)
+    tasks.client_tools = [ToolSpec(name="lookup_order", description="order status", parameters=ORDER_SCHEMA)]
+    silent = tasks.submit("where is my order A17?", timeout_s=SHORT_TIMEOUT_S)
+    answered = tasks.submit("and order A17 again?")
+    calls = await _until(events, "response.function_call_arguments.done", 2)
+    by_task = {c["task_id"]: c["call_id"] for c in calls}
+    assert tasks.function_call_output(by_task[answered], "delivered")
+    (done,) = await _until(events, "task.done")
+    assert done["task_id"] == answered and done["result"]["text"].endswith("your order: delivered")
+    (error,) = await _until(events, "task.error")
+    await backend.aclose()
+    assert error["task_id"] == silent and error["error"]["code"] == "timeout"
+    assert not tasks.function_call_output(by_task[silent], "too late"), "a timed-out call waits no more"

@@ -12,7 +12,7 @@ from helpers.task_events import WAIT_S, Sink
 from microturn.server.background.backends import LocalBackend, TaskDelta, TaskEvent, TaskResult
 from microturn.server.background.context import ContextPackage, TaskSpec
 from microturn.server.background.pool import PoolConfig, TaskRejected, WorkerPool
-from microturn.server.background.tools import default_registry
+from microturn.server.background.tools import Tool, ToolError, ToolRegistry, default_registry
 
 
 class Steps:
@@ -250,3 +250,41 @@ async def test_duplicate_task_id_is_refused() -> None:
         pool.submit(ctx("t1"), sink)
     backend.gate.set()
     await sink.final("t1")
+
+
+class SeesTools:
+    """Reports the client tools its registry sees inside the task, after a yield to the other tasks."""
+
+    name = "sees-tools"
+
+    def __init__(self, registry: ToolRegistry) -> None:
+        self.registry = registry
+
+    async def run(self, ctx: ContextPackage) -> AsyncIterator[TaskEvent]:
+        await asyncio.sleep(0.01)  # the other task has set its own tools by now
+        names = sorted(self.registry.client_tools())
+        seen = [n for n in ("alpha", "beta") if n in self.registry]
+        yield TaskResult(text=",".join(names), data={"in": seen})
+
+
+async def test_client_tools_are_seen_only_inside_their_own_task() -> None:
+    async def nothing() -> str:
+        return ""
+
+    def tool(name: str) -> Tool:
+        return Tool(name, f"the {name} tool", {"type": "object"}, nothing)
+
+    registry = default_registry()
+    sink, pool = Sink(), WorkerPool(SeesTools(registry))
+    pool.submit(ctx("a", session="s1"), sink, tools={"alpha": tool("alpha")})
+    pool.submit(ctx("b", session="s2"), sink, tools={"beta": tool("beta")})
+    pool.submit(ctx("c", session="s3"), sink)
+    results = {t: (await sink.final(t))["result"] for t in ("a", "b", "c")}
+    assert results == {
+        "a": {"text": "alpha", "in": ["alpha"]},
+        "b": {"text": "beta", "in": ["beta"]},
+        "c": {"text": "", "in": []},
+    }
+    assert "alpha" not in registry and not registry.client_tools(), "the test's own context sees none"
+    with pytest.raises(ToolError, match="unknown tool 'alpha'"):
+        registry.get("alpha")

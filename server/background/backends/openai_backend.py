@@ -14,7 +14,9 @@ back to the model as the tool's output; an endpoint failure raises.
 Works with vLLM, SGLang, llama.cpp server and Ollama: one system message and
 strictly alternating messages, so strict chat templates accept it. It does not
 know about sessions, pools or scheduling; only tools present in both the package
-and the registry are offered.
+and the registry are offered, once per name. The session's client-declared tools
+are in the registry inside a pool task (`session_tools`), so they are offered and
+a call to one goes to the client; its output is the `tool` message.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from openai import AsyncOpenAI
 
-from ..context import ContextPackage
+from ..context import ContextPackage, ToolSpec
 from ..tools import ToolError, ToolRegistry, openai_tool, output_text
 from .base import TaskDelta, TaskEvent, TaskResult
 
@@ -72,7 +74,7 @@ class OpenAIBackend:
             {"role": "system", "content": _system_text(ctx)},
             {"role": "user", "content": _user_text(ctx)},
         ]
-        tools = [openai_tool(spec) for spec in ctx.tools if spec.name in self.registry]
+        tools = [openai_tool(spec) for spec in _offered(ctx, self.registry)]
         content: list[str] = []
         calls_made: list[dict[str, Any]] = []
         for _ in range(self.config.max_tool_rounds + 1):
@@ -137,6 +139,17 @@ class OpenAIBackend:
             return output_text(await self.registry.call(name, arguments))
         except ToolError as exc:
             return f"error: {exc}"
+
+
+def _offered(ctx: ContextPackage, registry: ToolRegistry) -> list[ToolSpec]:
+    """The package's tools the registry can call - its own and, inside a pool task, the session's client
+    tools - once per name: a client tool named like a registered one runs on the server (the registry
+    wins), and endpoints may refuse a request naming a tool twice."""
+    offered: dict[str, ToolSpec] = {}
+    for spec in ctx.tools:
+        if spec.name in registry and spec.name not in offered:
+            offered[spec.name] = spec
+    return list(offered.values())
 
 
 def _merge_call(calls: dict[int, dict[str, str]], fragment: Any) -> None:
