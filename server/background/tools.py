@@ -12,8 +12,10 @@ decorator. Built-ins (`default_registry`): `calculator`, `clock`,
 
 Tools a client declared (session.update) run on the client: the pool sets
 `session_tools` inside each task's own asyncio context to that session's client
-tools, and `get`, `call` and `in` see them beside the registered ones, so a
-backend reaches them without knowing sessions. Tools run on the asyncio loop: a
+tools, and `get`, `call` and `in` see them beside the registered ones (the
+registered one wins a shared name), and `client_tools()` lists them, so a backend
+reaches them without knowing sessions. A client's schema is not checked when it
+is declared: a broken one fails that tool's calls with a `ToolError`. Tools run on the asyncio loop: a
 tool doing blocking or CPU-heavy work must offload it (the knowledge search runs
 in a thread). It does not know about tasks, sessions or backends.
 """

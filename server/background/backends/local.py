@@ -10,8 +10,10 @@ or day, else a knowledge search with the task text as query - calls it through
 the registry and streams three partial results ("Thinking: ...", "Calling
 tool(args).", "Result: ...") then the final answer. A client tool's call goes to
 the client and waits for its output (the task's timeout bounds the wait); the
-answer is that output. A tool failure (a refused expression, unknown zone)
-raises `ToolError` and so fails the task with its message.
+answer is that output, and the result data holds the match's `similarity`. A
+tool failure (a refused expression, unknown zone) raises `ToolError` and so fails
+the task with its message; a matcher that fails (no encoder) leaves the built-in
+routing.
 
 No language model, no network, no downloads: matching uses the knowledge
 search's sentence encoder, in a thread. It does not read the conversation beyond
@@ -21,8 +23,10 @@ the task text: it is a tool runner, not a reasoner.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..context import ContextPackage
@@ -30,7 +34,10 @@ from ..tools import ToolRegistry, output_text
 from .base import TaskDelta, TaskEvent, TaskResult
 from .tool_choice import fill_arguments, match_tool, name_words
 
+log = logging.getLogger(__name__)
+
 MAX_ANSWER_CHARS = 400  # knowledge passages are cut to this in the spoken answer
+SIMILARITY_DIGITS = 3  # a matched client tool's similarity in the result data
 
 # word forms of operators, applied in order (longest phrases first)
 _WORD_OPERATORS: list[tuple[str, str]] = [
@@ -168,6 +175,14 @@ def _answer(tool: str, arguments: dict[str, Any], output: Any) -> str:
     return output_text(output)
 
 
+@dataclass
+class _Choice:
+    tool: str
+    why: str  # the "Thinking: ..." step
+    arguments: dict[str, Any] | None = None  # None: read from the text once the tool is known
+    similarity: float | None = None  # a matched client tool's cosine similarity to the task
+
+
 class LocalBackend:
     """Tool runner over a `ToolRegistry`; the offline default backend."""
 
@@ -178,39 +193,46 @@ class LocalBackend:
 
     async def run(self, ctx: ContextPackage) -> AsyncIterator[TaskEvent]:
         task = ctx.task
-        arguments: dict[str, Any] | None = task.arguments
         if task.tool is not None:
-            tool, why = task.tool, f"the task asks for {task.tool}"
+            choice = _Choice(task.tool, f"the task asks for {task.tool}", task.arguments)
         else:
-            tool, why, arguments = await self._choose(ctx)
-        yield TaskDelta(f"Thinking: {why}.\n")
+            choice = await self._choose(ctx)
+        tool = choice.tool
+        yield TaskDelta(f"Thinking: {choice.why}.\n")
         spec = self.registry.get(tool)
+        arguments = choice.arguments
         if arguments is None:
             arguments = _default_arguments(tool, spec.parameters, task.input)
         yield TaskDelta(f"Calling {_call_text(tool, arguments)}.\n")
         output = await self.registry.call(tool, arguments)
         answer = _answer(tool, arguments, output)
         yield TaskDelta(f"Result: {answer}\n")
-        data = {"tool": tool, "arguments": arguments, "output": output}
+        data: dict[str, Any] = {"tool": tool, "arguments": arguments, "output": output}
         if spec.brief is not None and (brief := spec.brief(output)) is not None:
             data["brief"] = brief
+        if choice.similarity is not None:
+            data["similarity"] = round(choice.similarity, SIMILARITY_DIGITS)
         yield TaskResult(text=answer, data=data)
 
-    async def _choose(self, ctx: ContextPackage) -> tuple[str, str, dict[str, Any] | None]:
-        """(tool, why, arguments or None to read them later) for a task that named no tool."""
+    async def _choose(self, ctx: ContextPackage) -> _Choice:
+        """The tool for a task that named none: a matching client tool, else the built-in routing."""
         text = ctx.task.input
         on_client = self.registry.client_tools()
         offered = [on_client[spec.name] for spec in ctx.tools if spec.name in on_client]
         if offered:
-            # embedding is CPU work (and may load the encoder): keep it off the event loop
-            match = await asyncio.to_thread(match_tool, text, offered)
+            try:
+                # embedding is CPU work (and may load the encoder): keep it off the event loop
+                match = await asyncio.to_thread(match_tool, text, offered)
+            except Exception:
+                # an encoder that cannot load must not take the calculator and clock down with it
+                log.warning("matching client tools failed; using the built-in tools", exc_info=True)
+                match = None
             if match is not None:
                 tool, score = match
                 filled = fill_arguments(tool.parameters, text, name_words(tool.name))
                 if filled.problem is None:
-                    why = f"the task matches the client tool {tool.name} (similarity {score:.2f})"
-                    return tool.name, why, filled.arguments
+                    why = f"the task matches the client tool {tool.name}"
+                    return _Choice(tool.name, why, filled.arguments, score)
                 builtin, why = _route(text)
-                return builtin, f"{tool.name} matches but {filled.problem}; {why}", None
-        builtin, why = _route(text)
-        return builtin, why, None
+                return _Choice(builtin, f"{tool.name} matches but {filled.problem}; {why}")
+        return _Choice(*_route(text))
