@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field, ValidationError
 from ..model.engine_core import EngineSpec
 from ..model.engine_process import ProcessEngine
 from . import protocol as p
+from . import server_events as ev
 from .auth import Authenticator
 from .background_service import BackgroundService
 from .connection import ServerState, serve_websocket
@@ -215,19 +216,19 @@ def create_app(
         """The served model, as OpenAI-compatible servers list theirs (the SDK's `models.list()`)."""
         if not state.auth.http_allowed(request.headers.get("authorization")):
             return unauthorized()
-        return JSONResponse({"object": "list", "data": [p.model_card(created, root)]})
+        return JSONResponse({"object": "list", "data": [ev.model_card(created, root)]})
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str, request: Request) -> JSONResponse:
         if not state.auth.http_allowed(request.headers.get("authorization")):
             return unauthorized()
-        if model_id != p.MODEL_ID:
+        if model_id != ev.MODEL_ID:
             code = ErrorCode.MODEL_NOT_FOUND
             state.metrics.errors.labels(code.value).inc()
-            error = error_payload(code, f"no model {model_id!r} here; this server serves {p.MODEL_ID!r}",
+            error = error_payload(code, f"no model {model_id!r} here; this server serves {ev.MODEL_ID!r}",
                                   param="model")
             return JSONResponse({"error": error}, HTTP_STATUS[code])
-        return JSONResponse(p.model_card(created, root))
+        return JSONResponse(ev.model_card(created, root))
 
     @app.post("/v1/realtime/client_secrets")
     async def client_secrets(request: Request) -> JSONResponse:
@@ -266,7 +267,7 @@ async def drain(app: FastAPI, timeout_s: float) -> None:
     state: ServerState = app.state.server
     state.draining = True
     for conn in list(state.connections):
-        conn.session.send(p.SessionGoAway(time_left_ms=int(timeout_s * 1000)))
+        conn.session.send(ev.SessionGoAway(time_left_ms=int(timeout_s * 1000)))
     deadline = time.monotonic() + timeout_s
     while state.connections and time.monotonic() < deadline:
         await asyncio.sleep(DRAIN_POLL_S)

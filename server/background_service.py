@@ -45,7 +45,7 @@ from typing import Any, Literal, get_args
 
 from ..model.slots import SlotOutput
 from ..model.tokenizer import ByteTokenizer
-from . import protocol as p
+from . import server_events as ev
 from .background import (
     Backend,
     ConversationRecord,
@@ -106,22 +106,23 @@ class SessionBackground:
         self.epoch = 0  # the session's barge-in epoch
         self._measure = measure  # text-in units (the session's token slots) of a text
         self._metrics = metrics
-        self._model_was_speaking = False
+        # sends a client tool call the OpenAI way (Responses.function_call) and returns its call_id; None: the
+        # bare `response.function_call_arguments.done` event (sessions without a response lifecycle)
+        self.on_function_call: Callable[[str, dict[str, Any]], str] | None = None
         self._tasks: dict[str, _Task] = {}
         self._client_calls: dict[str, asyncio.Future[str]] = {}  # call_id -> the client's output
 
     # --- the session's conversation ---
-    def on_user_text(self, text: str) -> None:
-        self.record.add_user_text(text)
+    def on_user_text(self, text: str, item_id: str | None = None) -> None:
+        self.record.add_user_text(text, item_id=item_id)
 
-    def on_model_turn(self, out: SlotOutput, model_speaking: bool, room: int) -> list[str]:
-        """Once per tick: record the model's text, start the tasks its markers name, and return the
-        background text for this tick's text-in slots (at most `room` units)."""
-        if out.text:
-            self.record.add_model_text(out.text)
-        if self._model_was_speaking and not model_speaking:
-            self.record.end_model_turn()
-        self._model_was_speaking = model_speaking
+    def on_model_turn(self, out: SlotOutput, model_speaking: bool, room: int, item_id: str | None = None
+                      ) -> list[str]:
+        """Once per tick: record the model's text (as the response item `item_id`; None: outside any
+        response, so not recorded), start the tasks its markers name, and return the background text for
+        this tick's text-in slots (at most `room` units)."""
+        if out.text and item_id is not None:
+            self.record.add_model_text(out.text, item_id)
         for task_text in out.task_texts:
             name, _, rest = task_text.partition(":")
             tool = self._background_tool(name.strip())
@@ -224,12 +225,15 @@ class SessionBackground:
         }
 
     async def _call_client(self, task_id: str, name: str, **arguments: Any) -> str:
-        call_id = f"call_{uuid.uuid4().hex[:24]}"
         answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if self.on_function_call is not None:
+            call_id = self.on_function_call(name, arguments)
+        else:
+            call_id = f"call_{uuid.uuid4().hex[:24]}"
+            self.send({"type": "response.function_call_arguments.done", "task_id": task_id,
+                       "call_id": call_id, "item_id": f"item_{call_id[5:]}", "output_index": 0, "name": name,
+                       "arguments": json.dumps(arguments)})
         self._client_calls[call_id] = answer
-        self.send({"type": "response.function_call_arguments.done", "task_id": task_id, "call_id": call_id,
-                   "item_id": f"item_{call_id[5:]}", "output_index": 0, "name": name,
-                   "arguments": json.dumps(arguments)})
         try:
             return await answer
         finally:
@@ -296,11 +300,11 @@ class BackgroundService:
             ))
         return self._pool
 
-    def for_session(self, session_id: str, send: Callable[[p.ServerEvent], None]) -> SessionBackground:
+    def for_session(self, session_id: str, send: Callable[[ev.ServerEvent], None]) -> SessionBackground:
         """The background of a new session whose task events go out through `send`."""
 
         def send_task_event(event: dict[str, Any]) -> None:
-            send(p.TaskServerEvent(**event))
+            send(ev.TaskServerEvent(**event))
             if self.metrics is not None:
                 self.metrics.background_tasks.set(self.pool.active())
 

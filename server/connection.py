@@ -26,13 +26,14 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..model.engine_process import EngineDied
 from . import protocol as p
+from . import server_events as ev
 from .auth import QUERY_SECRET_PARAM, Authenticator, Grant
 from .background_service import BackgroundService, SessionBackground
 from .errors import HTTP_STATUS, ErrorCode, ProtocolError, close_code, error_payload
 from .media_input import base64_decoded_min, check_input_ahead, decode_image
 from .metrics import Metrics
 from .session import Session
-from .session_config import apply_session_config
+from .session_config import apply_session_config, output_modality
 from .settings import ServerSettings
 from .tick_loop import TickLoop
 from .transport import abort as abort_transport
@@ -41,6 +42,19 @@ log = logging.getLogger(__name__)
 
 CLOSE_SEND_TIMEOUT_S = 1.0  # how long a closing error event may take to go out; past it the socket is cut
 DATA_URL_MARK = ";base64,"
+ROOT_ITEM = "root"  # previous_item_id that places an item first (OpenAI's and LiveKit's spelling)
+
+
+def check_metadata(metadata: dict[str, str] | None, event_id: str | None) -> None:
+    """OpenAI's bounds on a response's metadata: 16 pairs, keys to 64 and values to 512 characters."""
+    if metadata is None:
+        return
+    if len(metadata) > p.MAX_METADATA_KEYS or any(
+        len(k) > p.MAX_METADATA_KEY_CHARS or len(v) > p.MAX_METADATA_VALUE_CHARS for k, v in metadata.items()
+    ):
+        message = (f"metadata: at most {p.MAX_METADATA_KEYS} pairs, keys to {p.MAX_METADATA_KEY_CHARS} and "
+                   f"values to {p.MAX_METADATA_VALUE_CHARS} characters")
+        raise ProtocolError(ErrorCode.INVALID_EVENT, message, event_id, "response.metadata")
 
 
 @dataclass
@@ -92,7 +106,7 @@ async def _deny(ws: WebSocket, state: ServerState, code: ErrorCode, message: str
 
 async def _refuse(ws: WebSocket, state: ServerState, code: ErrorCode, message: str) -> None:
     state.metrics.errors.labels(code.value).inc()
-    await ws.send_text(p.dump_event(p.ErrorEvent(error=error_payload(code, message))))
+    await ws.send_text(ev.dump_event(ev.ErrorEvent(error=error_payload(code, message))))
     await ws.close(close_code(code) or 1011, code.value)
 
 
@@ -120,6 +134,7 @@ class Connection:
             beta=beta,
             hears=engine.hears,
             on_fatal=self.request_close,
+            audio_tokens_per_turn=engine.config.audio_tokens,
         )
         self._closing: asyncio.Future[tuple[ErrorCode, str]] = asyncio.get_running_loop().create_future()
         self._last_message = time.monotonic()
@@ -156,8 +171,7 @@ class Connection:
                 session.debug = True
             if state.background is not None:
                 session.attach_background(state.background.for_session(session.id, session.send))
-            session.send(p.SessionCreated(session=session.session_dict()))
-            session.send(p.ResponseCreated(response=p.response_dict(session.response_id, "in_progress")))
+            session.send(ev.SessionCreated(session=session.session_dict()))
             tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._send_loop())]
             if self.settings.max_session_s or self.settings.idle_timeout_s:
                 tasks.append(asyncio.create_task(self._watch_limits()))
@@ -189,7 +203,7 @@ class Connection:
         if self.ws.application_state != WebSocketState.CONNECTED:
             return
         try:
-            event = p.dump_event(p.ErrorEvent(error=error_payload(code, message)), self.session.beta)
+            event = ev.dump_event(ev.ErrorEvent(error=error_payload(code, message)), self.session.beta)
             await asyncio.wait_for(self.ws.send_text(event), CLOSE_SEND_TIMEOUT_S)
             await asyncio.wait_for(self.ws.close(close_code(code) or 1000, code.value), CLOSE_SEND_TIMEOUT_S)
         except TimeoutError:
@@ -250,7 +264,7 @@ class Connection:
                 return  # one error per burst, not one per dropped packet
             self._rate_error_sent = True
         self.state.metrics.errors.labels(exc.code.value).inc()
-        self.session.send(p.ErrorEvent(error=error_payload(exc.code, exc.message, exc.event_id, exc.param)))
+        self.session.send(ev.ErrorEvent(error=error_payload(exc.code, exc.message, exc.event_id, exc.param)))
 
     def _check_room(self, pcm_bytes: int, rate: int, event_id: str | None) -> None:
         """The input-ahead bound from the size alone: an unpaced flood is refused before it is decoded."""
@@ -281,7 +295,7 @@ class Connection:
         session, eid = self.session, event.event_id
         if isinstance(event, p.SessionUpdate):
             await self._configure(event.session, eid)
-            session.send(p.SessionUpdated(session=session.session_dict()))
+            session.send(ev.SessionUpdated(session=session.session_dict()))
         elif isinstance(event, p.InputAudioBufferAppend):
             self._append_base64_audio(event.audio, eid)
         elif isinstance(event, p.InputAudioBufferCommit):
@@ -289,11 +303,24 @@ class Connection:
         elif isinstance(event, p.InputAudioBufferClear):
             session.clear_audio()
         elif isinstance(event, p.ConversationItemCreate):
-            await self._add_item(event.item, eid)
+            await self._add_item(event.item, eid, event.previous_item_id)
+        elif isinstance(event, p.ConversationItemTruncate):
+            session.truncate(event.item_id, event.content_index, event.audio_end_ms, eid)
+        elif isinstance(event, p.ConversationItemDelete):
+            session.delete_item(event.item_id, eid)
+        elif isinstance(event, p.ConversationItemRetrieve):
+            if event.item_id not in session.conversation:
+                message = f"item {event.item_id!r} is not in the conversation"
+                raise ProtocolError(ErrorCode.ITEM_RETRIEVE_INVALID_ITEM_ID, message, eid, "item_id")
+            session.send(ev.ConversationItemRetrieved(item=session.conversation.get(event.item_id)))
         elif isinstance(event, p.ResponseCreate):
-            session.send(p.ResponseCreated(response=p.response_dict(session.response_id, "in_progress")))
-        elif isinstance(event, p.ResponseCancel | p.OutputAudioBufferClear):
-            session.barge_in()
+            self._create_response(event.response or p.ResponseParams(), eid)
+        elif isinstance(event, p.ResponseCancel):
+            active = session.responses.active
+            if active is not None and event.response_id in (None, active.id):
+                session.barge_in("client_cancelled")
+        elif isinstance(event, p.OutputAudioBufferClear):
+            session.barge_in("client_cancelled")
         elif isinstance(event, p.TaskCreate):
             task = event.task
             if len(task.input) > self.settings.max_task_input_chars:
@@ -315,25 +342,59 @@ class Connection:
             raise ProtocolError(ErrorCode.UNSUPPORTED, "background tasks are not enabled", eid)
         return self.session.background
 
-    async def _add_item(self, item: p.Item | p.FunctionCallOutputItem, eid: str | None) -> None:
-        if isinstance(item, p.FunctionCallOutputItem):
-            self._function_call_output(item, eid)
-            return
-        if item.role != "user":
-            raise ProtocolError(
-                ErrorCode.UNSUPPORTED,
-                "only user items; set instructions with session.update",
-                eid,
-                "item.role",
-            )
-        text = "".join(part.text for part in item.content if isinstance(part, p.InputText))
+    def _create_response(self, params: p.ResponseParams, eid: str | None) -> None:
+        """response.create: the model is asked to speak; what the one response cannot honour is refused."""
+        session = self.session
+        for name in ("input", "tools", "tool_choice"):
+            if getattr(params, name):
+                message = f"response.{name} is not supported: the model answers from the live conversation"
+                raise ProtocolError(ErrorCode.UNSUPPORTED, message, eid, f"response.{name}")
+        if params.conversation not in (None, "auto"):
+            message = "response.conversation: only 'auto' (every response joins the conversation)"
+            raise ProtocolError(ErrorCode.UNSUPPORTED, message, eid, "response.conversation")
+        if params.output_modalities is not None:
+            modality = output_modality(params.output_modalities, eid, "response.output_modalities")
+            if modality != session.responses.modality:
+                message = "response.output_modalities must match the session's (set them with session.update)"
+                raise ProtocolError(ErrorCode.UNSUPPORTED, message, eid, "response.output_modalities")
+        if params.max_output_tokens is not None and params.max_output_tokens != "inf":
+            message = "response.max_output_tokens: set it with session.update"
+            raise ProtocolError(ErrorCode.UNSUPPORTED, message, eid, "response.max_output_tokens")
+        check_metadata(params.metadata, eid)
+        if params.instructions:
+            self._check_text(params.instructions, eid, "response.instructions")
+        session.responses.request(params.metadata, eid)
+        if params.instructions:
+            session.queue_text(params.instructions, eid)
+
+    def _check_text(self, text: str, eid: str | None, param: str) -> None:
         if len(text) > self.settings.max_text_chars:
-            raise ProtocolError(
-                ErrorCode.TEXT_TOO_LONG,
-                f"text over {self.settings.max_text_chars} characters",
-                eid,
-                "item.content",
-            )
+            message = f"text over {self.settings.max_text_chars} characters"
+            raise ProtocolError(ErrorCode.TEXT_TOO_LONG, message, eid, param)
+
+    async def _add_item(self, item: p.Item | p.FunctionCallOutputItem, eid: str | None,
+                        previous_item_id: str | None = None) -> None:
+        conversation = self.session.conversation
+        if item.id is not None:
+            conversation.check_new_id(item.id, eid)
+        previous = None if previous_item_id == ROOT_ITEM else previous_item_id
+        conversation.check_previous(previous, eid)
+        if isinstance(item, p.FunctionCallOutputItem):
+            self._function_call_output(item, eid, previous_item_id)
+            return
+        text = "".join(part.text for part in item.content if isinstance(part, p.InputText))
+        self._check_text(text, eid, "item.content")
+        if item.role != "user":  # system and assistant text join the record; the model reads user text only
+            if any(not isinstance(part, p.InputText) for part in item.content):
+                message = f"a {item.role} item carries text only"
+                raise ProtocolError(ErrorCode.UNSUPPORTED, message, eid, "item.content")
+            part = "output_text" if item.role == "assistant" else "input_text"
+            added = self._item_dict(item, [{"type": part, "text": text}])
+            self._announce(added, previous_item_id)
+            if self.session.background is not None:
+                role = "model" if item.role == "assistant" else "system"
+                self.session.background.record.add_text(role, text, item_id=added["id"])
+            return
         for part in item.content:
             if isinstance(part, p.InputImage):
                 _, mark, payload = part.image_url.partition(DATA_URL_MARK)
@@ -344,18 +405,26 @@ class Connection:
                 self.session.set_image(image)
             elif isinstance(part, p.InputAudio):
                 self._append_base64_audio(part.audio, eid)
+        added = self._item_dict(item, [{"type": "input_text", "text": part.text} for part in item.content
+                                       if isinstance(part, p.InputText)])
         if text:
-            self.session.queue_text(text, eid)
-        added = {
-            "id": p.new_id("item"),
-            "type": "message",
-            "role": "user",
-            "status": "completed",
-            "content": [part.model_dump() for part in item.content if isinstance(part, p.InputText)],
-        }
-        self.session.send(p.ConversationItemAdded(item=added))
+            self.session.queue_text(text, eid, added["id"])
+        self._announce(added, previous_item_id)
 
-    def _function_call_output(self, item: p.FunctionCallOutputItem, eid: str | None) -> None:
+    @staticmethod
+    def _item_dict(item: p.Item, content: list[dict]) -> dict:
+        return {"id": item.id or p.new_id("item"), "object": "realtime.item", "type": "message",
+                "role": item.role, "status": "completed", "content": content}
+
+    def _announce(self, item: dict, previous_item_id: str | None) -> None:
+        """Add a client item to the conversation and confirm it (added, then done)."""
+        previous = None if previous_item_id == ROOT_ITEM else previous_item_id
+        before = self.session.conversation.add(dict(item), previous, first=previous_item_id == ROOT_ITEM)
+        self.session.send(ev.ConversationItemAdded(item=item, previous_item_id=before))
+        self.session.send(ev.ConversationItemDone(item=item, previous_item_id=before))
+
+    def _function_call_output(self, item: p.FunctionCallOutputItem, eid: str | None,
+                              previous_item_id: str | None) -> None:
         background = self._background(eid)
         if len(item.output) > self.settings.max_text_chars:
             message = f"output over {self.settings.max_text_chars} characters"
@@ -363,9 +432,9 @@ class Connection:
         if not background.function_call_output(item.call_id, item.output):
             message = f"no client tool call {item.call_id!r} is waiting in this session"
             raise ProtocolError(ErrorCode.UNKNOWN_CALL, message, eid, "item.call_id")
-        added = {"id": p.new_id("item"), "type": "function_call_output", "call_id": item.call_id,
-                 "output": item.output, "status": "completed"}
-        self.session.send(p.ConversationItemAdded(item=added))
+        added = {"id": item.id or p.new_id("item"), "object": "realtime.item", "type": "function_call_output",
+                 "call_id": item.call_id, "output": item.output, "status": "completed"}
+        self._announce(added, previous_item_id)
 
     async def _configure(self, cfg: p.SessionConfig, eid: str | None) -> None:
         """Apply a session config all-or-nothing; a new prefix or sampling re-joins the slot."""

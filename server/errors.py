@@ -30,6 +30,12 @@ class ErrorCode(StrEnum):
     UNSUPPORTED = "unsupported"  # a known event whose feature is not available here
     UNKNOWN_TASK = "unknown_task"  # task.cancel of a task this session does not have running
     UNKNOWN_CALL = "unknown_call"  # a function_call_output for no client tool call waiting
+    ITEM_NOT_FOUND = "item_not_found"  # truncate / delete / previous_item_id of no such item
+    # conversation.item.retrieve of no such item: OpenAI's code, which clients (pipecat) expect and survive
+    ITEM_RETRIEVE_INVALID_ITEM_ID = "item_retrieve_invalid_item_id"
+    # response.create while one is active is queued, not refused; this is for asks that cannot be met
+    # (a second queued response.create)
+    RESPONSE_ALREADY_ACTIVE = "conversation_already_has_active_response"
     SERVER_BUSY = "server_busy"  # every engine slot is taken
     SERVER_DRAINING = "server_draining"  # the server is shutting down
     SLOW_CONSUMER = "slow_consumer"  # the client does not read its output

@@ -39,6 +39,10 @@ PTS_WRAP = 1 << 32
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # the engine keeps each row's seed in an int64 tensor
 TEMPERATURE_MIN, TEMPERATURE_MAX = 0.0, 2.0  # OpenAI's sampling temperature range
 MAX_TASK_TIMEOUT_S = 3600.0  # longest timeout a client may ask for one background task
+MAX_OUTPUT_TOKENS = 4096  # OpenAI's ceiling on max_output_tokens ("inf" = no limit)
+MAX_METADATA_KEYS = 16  # OpenAI's limits on a response's metadata
+MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 64, 512
+MAX_AUDIO_END_MS = 1 << 31  # conversation.item.truncate's audio_end_ms (clamped to the audio sent)
 
 
 @dataclass(frozen=True)
@@ -97,11 +101,13 @@ class TurnDetection(_Loose):
 
     type: str | None = None  # "server_vad" / "semantic_vad": accepted, the model decides either way
     eagerness: Literal["low", "medium", "high", "auto"] | None = None
+    create_response: bool | None = None  # False: the model speaks only after response.create
+    interrupt_response: bool | None = None  # False: user speech does not cut the model off
 
 
 class AudioInput(_Loose):
     format: AudioFormat | None = None
-    turn_detection: TurnDetection | None = None
+    turn_detection: TurnDetection | bool | None = None  # null or false: push to talk
     # OpenAI's {"model", "language", "prompt"}: any object turns transcripts of the user's speech on,
     # null off; microturn's are the model's own reading of its audio-in (no second model, no fields used)
     transcription: dict | None = None
@@ -109,6 +115,7 @@ class AudioInput(_Loose):
 
 class AudioOutput(_Loose):
     format: AudioFormat | None = None
+    voice: str | None = None  # only server_events.MODEL_VOICE: the model speaks with one voice
     transport: Literal["json", "binary"] | None = None  # microturn extension: audio as binary 0x81 frames
 
 
@@ -121,10 +128,14 @@ class SessionConfig(_Loose):
     type: str | None = None
     instructions: str | None = None
     audio: AudioConfig | None = None
-    output_modalities: list[str] | None = None
+    output_modalities: list[Literal["audio", "text"]] | None = None
+    voice: str | None = None  # beta spelling of audio.output.voice
+    tool_choice: str | dict | None = None  # "auto", "none", or {"type": "function", "name": ...}
+    max_output_tokens: int | Literal["inf"] | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
+    max_response_output_tokens: int | Literal["inf"] | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)  # beta
     input_audio_format: str | None = None  # beta: "pcm16" = 24 kHz PCM16
     output_audio_format: str | None = None  # beta
-    turn_detection: TurnDetection | None = None  # beta spelling of audio.input.turn_detection
+    turn_detection: TurnDetection | bool | None = None  # beta spelling of audio.input.turn_detection
     # beta; both streams' sampling temperature (NaN and infinities are refused, not clamped)
     temperature: float | None = Field(None, ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX, allow_inf_nan=False)
     # microturn extension: sampling seed (same seed + inputs = same output)
@@ -155,7 +166,7 @@ class InputAudioBufferClear(_ClientEvent):
 
 
 class InputText(_Loose):
-    type: Literal["input_text", "text"]
+    type: Literal["input_text", "text", "output_text"]
     text: str
 
 
@@ -173,14 +184,17 @@ ContentPart = Annotated[InputText | InputImage | InputAudio, Field(discriminator
 
 
 class Item(_Loose):
+    id: str | None = None  # the client's id for it (kept); else the server picks one
     type: Literal["message"] = "message"
-    role: Literal["user", "system"] = "user"
+    # user text goes to the model; system and assistant messages join the conversation record only
+    role: Literal["user", "system", "assistant"] = "user"
     content: list[ContentPart]
 
 
 class FunctionCallOutputItem(_Loose):
     """The client's answer to `response.function_call_arguments.done` (a client-declared tool ran)."""
 
+    id: str | None = None
     type: Literal["function_call_output"]
     call_id: str
     output: str
@@ -188,15 +202,48 @@ class FunctionCallOutputItem(_Loose):
 
 class ConversationItemCreate(_ClientEvent):
     type: Literal["conversation.item.create"]
+    previous_item_id: str | None = None  # place it after this item ("root": first)
     item: Item | FunctionCallOutputItem
+
+
+class ConversationItemTruncate(_ClientEvent):
+    type: Literal["conversation.item.truncate"]
+    item_id: str
+    content_index: int = Field(0, ge=0, le=1 << 16)
+    audio_end_ms: int = Field(ge=0, le=MAX_AUDIO_END_MS)
+
+
+class ConversationItemDelete(_ClientEvent):
+    type: Literal["conversation.item.delete"]
+    item_id: str
+
+
+class ConversationItemRetrieve(_ClientEvent):
+    type: Literal["conversation.item.retrieve"]
+    item_id: str
+
+
+class ResponseParams(_Loose):
+    """What response.create may ask of the one response; fields it cannot honour are refused."""
+
+    instructions: str | None = None  # read by the model as text-in before it answers
+    metadata: dict[str, str] | None = None  # echoed on response.created / response.done
+    output_modalities: list[Literal["audio", "text"]] | None = None  # must match the session's
+    conversation: str | None = None  # "auto" only
+    input: list | None = None  # out-of-band input: refused
+    tools: list | None = None  # per-response tools: refused (set them with session.update)
+    tool_choice: str | dict | None = None  # per-response tool choice: refused
+    max_output_tokens: int | Literal["inf"] | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
 
 
 class ResponseCreate(_ClientEvent):
     type: Literal["response.create"]
+    response: ResponseParams | None = None
 
 
 class ResponseCancel(_ClientEvent):
     type: Literal["response.cancel"]
+    response_id: str | None = None
 
 
 class OutputAudioBufferClear(_ClientEvent):
@@ -226,6 +273,9 @@ CLIENT_EVENTS = (
     InputAudioBufferCommit,
     InputAudioBufferClear,
     ConversationItemCreate,
+    ConversationItemTruncate,
+    ConversationItemDelete,
+    ConversationItemRetrieve,
     ResponseCreate,
     ResponseCancel,
     OutputAudioBufferClear,
@@ -295,191 +345,3 @@ def unencodable_text(data: Any) -> str | None:
         elif isinstance(value, list):
             stack.extend((f"{path}.{i}", item) for i, item in enumerate(value))
     return None
-
-
-# --- server events ---
-class ServerEvent(BaseModel):
-    event_id: str = Field(default_factory=lambda: new_id("event"))
-    type: str
-
-
-class SessionCreated(ServerEvent):
-    type: str = "session.created"
-    session: dict
-
-
-class SessionUpdated(ServerEvent):
-    type: str = "session.updated"
-    session: dict
-
-
-class ResponseCreated(ServerEvent):
-    type: str = "response.created"
-    response: dict
-
-
-class ResponseDone(ServerEvent):
-    type: str = "response.done"
-    response: dict
-
-
-class _ResponsePart(ServerEvent):
-    response_id: str
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
-
-
-class OutputAudioDelta(_ResponsePart):
-    type: str = "response.output_audio.delta"
-    delta: str  # base64 PCM16 LE mono at the session's output rate
-    seq: int  # microturn: micro-turn number in this session (0-based)
-    pts_ms: int  # microturn: session time of this audio's first sample
-
-
-class OutputTextDelta(_ResponsePart):
-    type: str = "response.output_text.delta"
-    delta: str
-    seq: int
-
-
-class OutputAudioTranscriptDelta(_ResponsePart):
-    type: str = "response.output_audio_transcript.delta"
-    delta: str
-    seq: int
-
-
-class InputAudioTranscriptionDelta(ServerEvent):
-    type: str = "conversation.item.input_audio_transcription.delta"
-    item_id: str  # the user speech item (input_audio_buffer.speech_started)
-    content_index: int = 0
-    delta: str
-    seq: int  # microturn: the micro-turn whose audio-in gave this text
-
-
-class InputAudioTranscriptionCompleted(ServerEvent):
-    type: str = "conversation.item.input_audio_transcription.completed"
-    item_id: str
-    content_index: int = 0
-    transcript: str
-
-
-class OutputAudioBufferCleared(ServerEvent):
-    type: str = "output_audio_buffer.cleared"
-    response_id: str
-
-
-class InputAudioBufferCommitted(ServerEvent):
-    type: str = "input_audio_buffer.committed"
-    item_id: str
-    previous_item_id: str | None = None
-
-
-class InputAudioBufferCleared(ServerEvent):
-    type: str = "input_audio_buffer.cleared"
-
-
-class InputAudioBufferSpeechStarted(ServerEvent):
-    type: str = "input_audio_buffer.speech_started"
-    audio_start_ms: int
-    item_id: str
-
-
-class ConversationItemAdded(ServerEvent):
-    type: str = "conversation.item.added"
-    item: dict
-    previous_item_id: str | None = None
-
-
-class ErrorEvent(ServerEvent):
-    type: str = "error"
-    error: dict  # errors.error_payload(...)
-
-
-class SessionGoAway(ServerEvent):
-    type: str = "session.go_away"
-    time_left_ms: int  # how long the session may go on before the server closes it
-
-
-class DebugTextIn(ServerEvent):
-    """What entered the model's text-in slots this micro-turn (debug_events or ?debug=1 only)."""
-
-    type: str = "debug.text_in"
-    seq: int  # the output micro-turn that answered this input
-    source: Literal["user", "background"]
-    tokens: list[int]
-    text: str
-
-
-class TaskServerEvent(ServerEvent):
-    """task.created / task.delta / task.done / task.error / task.cancelled (server/background fills these)."""
-
-    model_config = ConfigDict(extra="allow")
-    task_id: str
-
-
-BETA_NAMES = {
-    "response.output_audio.delta": "response.audio.delta",
-    "response.output_text.delta": "response.text.delta",
-    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
-    "conversation.item.added": "conversation.item.created",
-}
-
-
-def dump_event(event: ServerEvent, beta: bool = False) -> str:
-    data = event.model_dump(mode="json")
-    if beta:
-        data["type"] = BETA_NAMES.get(data["type"], data["type"])
-    return json.dumps(data, separators=(",", ":"))
-
-
-def response_dict(response_id: str, status: str) -> dict:
-    """The OpenAI response object of `response.created` / `response.done`."""
-    return {
-        "id": response_id,
-        "object": "realtime.response",
-        "status": status,
-        "output_modalities": ["audio"],
-        "output": [],
-    }
-
-
-MODEL_ID = "microturn"  # the model name sessions report and GET /v1/models lists
-
-
-def model_card(created: int, root: str) -> dict:
-    """An OpenAI `model` object for GET /v1/models; `root` names the weights (preset or checkpoint)."""
-    return {"id": MODEL_ID, "object": "model", "created": created, "owned_by": "microturn", "root": root}
-
-
-def session_dict(
-    session_id: str,
-    instructions: str,
-    input_rate: int,
-    transcribe: bool,
-    eagerness: str,
-    output_rate: int,
-    output_transport: str,
-    seed: int,
-) -> dict:
-    """The OpenAI session object of `session.created` / `session.updated`."""
-    return {
-        "type": "realtime",
-        "object": "realtime.session",
-        "id": session_id,
-        "model": MODEL_ID,
-        "instructions": instructions,
-        "output_modalities": ["audio"],
-        "audio": {
-            "input": {
-                "format": {"type": "audio/pcm", "rate": input_rate},
-                "transcription": {"model": MODEL_ID} if transcribe else None,
-                "turn_detection": {"type": "semantic_vad", "eagerness": eagerness},
-            },
-            "output": {
-                "format": {"type": "audio/pcm", "rate": output_rate},
-                "transport": output_transport,
-            },
-        },
-        "seed": seed,
-    }

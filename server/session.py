@@ -32,14 +32,20 @@ from ..model.resample import StreamResampler
 from ..model.slots import SAMPLE_RATE, SamplingParams, SlotInput, SlotOutput
 from ..model.tokenizer import ByteTokenizer
 from . import protocol as p
+from . import server_events as ev
 from .background import ToolSpec
 from .background_service import SessionBackground
+from .conversation import Conversation
 from .errors import ErrorCode, ProtocolError, error_payload
 from .media_input import TURN_MS, InputAudioBuffer, float_to_pcm16, pcm16_to_float
+from .responses import Responses
 from .settings import ServerSettings
 from .turn_events import TurnEvents
 
 BACKGROUND_QUEUE_TURNS = 2  # background text held in the text-in queue, in micro-turns of text-in slots
+# turn_detection.eagerness -> nats on the model's "stay silent" each tick (over the checkpoint's own
+# calibrated bias): low waits longer before taking the turn, high takes it sooner
+EAGERNESS_WAIT_BIAS = {"low": 2.0, "medium": 0.0, "high": -2.0, "auto": 0.0}
 
 
 class Session:
@@ -55,6 +61,7 @@ class Session:
         beta: bool = False,
         hears: bool = False,
         on_fatal: Callable[[ErrorCode, str], None] | None = None,
+        audio_tokens_per_turn: int = 4,
     ) -> None:
         self.id = p.new_id("sess")
         self.settings = settings
@@ -67,8 +74,12 @@ class Session:
         # sampling and prefix: changing either re-joins the engine slot
         self.instructions = ""
         self.sampling = SamplingParams()
-        self.eagerness = "auto"  # turn_detection.eagerness, as SamplingParams.wait_bias
+        self.eagerness = "auto"  # turn_detection.eagerness, as a per-tick wait bias (EAGERNESS_WAIT_BIAS)
+        # as session.updated reports it; None = push to talk
+        self.turn_detection: dict | None = {"type": "semantic_vad", "eagerness": "auto",
+                                            "create_response": True, "interrupt_response": True}
         self.tools: list[ToolSpec] = []  # declared tools, offered to background work
+        self.tool_choice: str | dict = "auto"  # "auto", "none", or {"type": "function", "name": ...}
         # transcripts of the user's speech: the model's own reading of its audio-in, where it was trained
         # for that (Engine.hears); on by default there, and audio.input.transcription = null turns it off
         self.hears = hears
@@ -91,19 +102,22 @@ class Session:
         self._out_resampler = StreamResampler(SAMPLE_RATE, self.output_rate)
         self.seq = 0  # output micro-turns produced
         self.epoch = 0  # bumped on barge-in
-        self.response_id = p.new_id("resp")
-        self.item_id = p.new_id("item")
+        self.conversation = Conversation()
+        self.responses = Responses(self.send, lambda event: self._push(ev.dump_event(event, self.beta), True),
+                                   self.conversation, audio_tokens_per_turn, lambda: self.output_rate)
+        self.responses.on_item_text = self._on_item_text
         self.outbox: deque[tuple[int, bool, str | bytes]] = deque()  # (epoch, is_turn_audio, message)
         self.outbox_ready = asyncio.Event()
         self._queued_turns = 0
         self._on_overflow = on_overflow
-        self._turns = TurnEvents(settings, self.send)
+        self._turns = TurnEvents(settings, self.send, self.conversation, self._on_transcript)
         self.background: SessionBackground | None = None
 
     # --- event loop: lifetime and config ---
     def attach_background(self, background: SessionBackground) -> None:
         self.background = background
-        background.instructions, background.client_tools = self.instructions, self.tools
+        background.instructions, background.client_tools = self.instructions, self.offered_tools
+        background.on_function_call = self.responses.function_call
 
     def configure(
         self,
@@ -111,16 +125,27 @@ class Session:
         instructions: str,
         sampling: SamplingParams,
         eagerness: str,
+        turn_detection: dict | None,
         transcribe: bool,
         input_rate: int,
         output_rate: int,
         output_transport: str,
         tools: list[ToolSpec],
+        tool_choice: str | dict,
+        modality: str,
+        max_output_tokens: int | None,
     ) -> bool:
         """Take a checked config at once; True when the prefix or sampling changed (the slot re-joins)."""
         restart = instructions != self.instructions or sampling != self.sampling
         self.instructions, self.sampling = instructions, sampling
         self.eagerness, self.transcribe = eagerness, transcribe
+        self.turn_detection = turn_detection
+        self._turns.vad = turn_detection is not None
+        self.responses.push_to_talk = (turn_detection is None
+                                       or not turn_detection.get("create_response", True))
+        self.responses.modality = "text" if modality == "text" else "audio"
+        self.responses.max_output_tokens = max_output_tokens
+        self.tool_choice = tool_choice
         self.input_rate = input_rate
         if output_rate != self.output_rate:
             self.output_rate = output_rate
@@ -128,8 +153,17 @@ class Session:
         self.output_transport = output_transport
         self.tools = tools
         if self.background is not None:
-            self.background.instructions, self.background.client_tools = instructions, tools
+            self.background.instructions, self.background.client_tools = instructions, self.offered_tools
         return restart
+
+    @property
+    def offered_tools(self) -> list[ToolSpec]:
+        """The declared tools the background model may choose, by tool_choice."""
+        if self.tool_choice == "none":
+            return []
+        if isinstance(self.tool_choice, dict):
+            return [t for t in self.tools if t.name == self.tool_choice.get("name")]
+        return list(self.tools)
 
     def close(self) -> None:
         """The connection is gone: no more output, and the session's background tasks are cancelled."""
@@ -152,25 +186,27 @@ class Session:
         self._audio_in.append(pcm16_to_float(pcm, event_id), rate, event_id)
 
     def commit_audio(self) -> None:
-        """The client says its stream paused: the buffered tail goes in without waiting for jitter."""
+        """The client says its stream paused: the buffered tail goes in without waiting for jitter, and the
+        speech so far becomes a user item (push to talk; with turn detection, an item still being spoken)."""
         self._audio_in.commit()
-        self.send(p.InputAudioBufferCommitted(item_id=p.new_id("item")))
+        self._turns.commit(self.seq)
 
     def clear_audio(self) -> None:
         self._audio_in.clear()
-        self.send(p.InputAudioBufferCleared())
+        self.send(ev.InputAudioBufferCleared())
 
     def set_image(self, rgb: np.ndarray) -> None:
         with self._image_lock:
             self._image = rgb
 
-    def queue_text(self, text: str, event_id: str | None = None) -> None:
+    def queue_text(self, text: str, event_id: str | None = None, item_id: str | None = None) -> None:
+        """User text for the model's text-in slots (and the background's record, under `item_id`)."""
         tokens = [self._tokenizer.special.SRC_USER, *self._tokenizer.encode(text)]
         if len(self._text) + len(tokens) > self.settings.max_text_queue_tokens:
             raise ProtocolError(ErrorCode.TEXT_TOO_LONG, "text-in queue is full; try again later", event_id)
         self._text.extend(tokens)
         if self.background is not None:
-            self.background.on_user_text(text)
+            self.background.on_user_text(text, item_id)
 
     def script_text_out(self, tokens: list[int]) -> None:
         """Force the model's next text-out tokens (through the real model path): demos and tests."""
@@ -193,9 +229,15 @@ class Session:
         with self._image_lock:
             image, self._image = self._image, None
         text, background = self._take_text()
-        forced = [self._scripted.popleft() for _ in range(min(self._text_out_slots, len(self._scripted)))]
+        if self.responses.stop_requested:  # an utterance is cut off: end its text span, as in training
+            self.responses.stop_requested = False
+            forced = [self._tokenizer.special.EPAD]
+        else:
+            forced = [self._scripted.popleft() for _ in range(min(self._text_out_slots, len(self._scripted)))]
+        bias = EAGERNESS_WAIT_BIAS[self.eagerness] + self.responses.wait_bias_offset(bool(self._text))
         inp = SlotInput(
-            audio=audio, image=image, text_in=text, text_in_background=background, force_text_out=forced
+            audio=audio, image=image, text_in=text, text_in_background=background, force_text_out=forced,
+            wait_bias_offset=bias, audio_out=self.responses.modality == "audio",
         )
         return inp, underrun
 
@@ -220,42 +262,41 @@ class Session:
         return taken, bool(taken)
 
     # --- event loop: output ---
-    def send(self, event: p.ServerEvent) -> None:
-        self._push(p.dump_event(event, self.beta), turn=False)
+    def send(self, event: ev.ServerEvent) -> None:
+        self._push(ev.dump_event(event, self.beta), turn=False)
 
     def deliver(self, out: SlotOutput, inp: SlotInput) -> None:
         """One micro-turn of output (called once per tick on the event loop) and the input it answered."""
         if self.closed or self.failed:
             return
-        if self._turns.voice_activity(self.seq, inp.audio, out.audio):
+        if self._turns.voice_activity(self.seq, inp.audio, out.audio) and self.interrupts:
             self.barge_in()
         if self.transcribe:
             self._turns.transcribe(self.seq, out.heard_tokens)
         if self.debug and inp.text_in:
-            self.send(p.DebugTextIn(
+            self.send(ev.DebugTextIn(
                 seq=self.seq, source="background" if inp.text_in_background else "user",
                 tokens=inp.text_in, text=self._tokenizer.decode(inp.text_in),
             ))
-        if self.background is not None:
-            room = BACKGROUND_QUEUE_TURNS * self._text_in_slots - self.background_queued
-            for text in self.background.on_model_turn(out, self._turns.model_speaking, room):
-                self.queue_background_text(text, self.epoch)
         if out.error:
-            self.send(p.ErrorEvent(error=error_payload(ErrorCode.ENGINE_ERROR, out.error)))
+            self.send(ev.ErrorEvent(error=error_payload(ErrorCode.ENGINE_ERROR, out.error)))
         seq, pts = self.seq, self.seq * TURN_MS
         self.seq += 1
-        part = {"response_id": self.response_id, "item_id": self.item_id}
-        if self.output_transport == "binary":
-            self._push(p.encode_frame(p.KIND_OUTPUT_PCM16, seq, pts, float_to_pcm16(out.audio)), turn=True)
-        else:
-            pcm = float_to_pcm16(self._out_resampler.process(out.audio))
-            delta = base64.b64encode(pcm).decode("ascii")
-            self._push(
-                p.dump_event(p.OutputAudioDelta(delta=delta, seq=seq, pts_ms=pts, **part), self.beta), True
-            )
-        if out.text:
-            self.send(p.OutputAudioTranscriptDelta(delta=out.text, seq=seq, **part))
-            self.send(p.OutputTextDelta(delta=out.text, seq=seq, **part))
+        json_audio = self.output_transport != "binary"
+        item_id = self.responses.on_turn(
+            seq, out.text, sum(t < self._tokenizer.n_bytes for t in out.text_tokens),
+            self._tokenizer.special.EPAD in out.text_tokens, self._turns.model_speaking, len(inp.text_in),
+            (lambda: self._encode_audio(out.audio)) if json_audio else None,
+        )
+        if not json_audio:
+            self._push(output_frame(seq, pts, out.audio), turn=True)
+        if self.background is not None:
+            room = BACKGROUND_QUEUE_TURNS * self._text_in_slots - self.background_queued
+            for text in self.background.on_model_turn(out, self._turns.model_speaking, room, item_id):
+                self.queue_background_text(text, self.epoch)
+
+    def _encode_audio(self, audio: np.ndarray) -> str:
+        return base64.b64encode(float_to_pcm16(self._out_resampler.process(audio))).decode("ascii")
 
     def _push(self, message: str | bytes, turn: bool) -> None:
         self.outbox.append((self.epoch, turn, message))
@@ -278,20 +319,61 @@ class Session:
     def queued_turns(self) -> int:
         return self._queued_turns
 
-    def barge_in(self) -> None:
-        """Drop queued output of the current response and tell the client to flush its playback."""
-        old = self.response_id
+    @property
+    def interrupts(self) -> bool:
+        """User speech cuts the model off (barge-in on, and turn_detection.interrupt_response not false)."""
+        td = self.turn_detection
+        return td is not None and td.get("interrupt_response", True) is not False
+
+    def barge_in(self, reason: str = "turn_detected") -> None:
+        """Cut the model off: its queued output is dropped, the active response ends cancelled, and the
+        client is told to flush its playback (user speech: "turn_detected"; response.cancel or
+        output_audio_buffer.clear: "client_cancelled")."""
         self.epoch += 1
         if self.background is not None:
             self.background.barge_in(self.epoch)
-        self.send(p.OutputAudioBufferCleared(response_id=old))
-        self.send(p.ResponseDone(response=p.response_dict(old, "cancelled")))
-        self.response_id, self.item_id = p.new_id("resp"), p.new_id("item")
-        self.send(p.ResponseCreated(response=p.response_dict(self.response_id, "in_progress")))
+        cancelled = self.responses.cancel(reason)
+        if cancelled is not None:
+            self.send(ev.OutputAudioBufferCleared(response_id=cancelled))
+
+    def truncate(self, item_id: str, content_index: int, audio_end_ms: int, event_id: str | None) -> None:
+        """conversation.item.truncate: the client played `audio_end_ms` of an assistant item; an item still
+        being spoken is cut off first."""
+        active = self.responses.active
+        if active is not None and active.item_id == item_id:
+            self.barge_in("client_cancelled")
+        kept = self.responses.truncate(item_id, content_index, audio_end_ms, event_id)
+        if self.background is not None:
+            self.background.record.set_item_text(item_id, kept)
+
+    def delete_item(self, item_id: str, event_id: str | None) -> None:
+        self.conversation.delete(item_id, event_id)
+        if self.background is not None:
+            self.background.record.delete_item(item_id)
+        self.send(ev.ConversationItemDeleted(item_id=item_id))
+
+    def _on_transcript(self, item_id: str, transcript: str) -> None:
+        if self.background is not None:
+            self.background.record.add_user_text(transcript, source="transcript", item_id=item_id)
+
+    def _on_item_text(self, item_id: str, text: str) -> None:
+        if self.background is not None:
+            self.background.record.set_item_text(item_id, text)
 
     def session_dict(self) -> dict:
-        """This session as the OpenAI session object."""
-        return p.session_dict(
-            self.id, self.instructions, self.input_rate, self.transcribe, self.eagerness, self.output_rate,
-            self.output_transport, self.sampling.seed,
+        """This session as the OpenAI session object: what is in force."""
+        modality = self.responses.modality
+        max_tokens = self.responses.max_output_tokens
+        return ev.session_dict(
+            self.id, self.instructions, self.input_rate, self.transcribe, self.turn_detection,
+            self.output_rate,
+            self.output_transport, self.sampling.seed, [modality],
+            [{"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters}
+             for t in self.tools],
+            self.tool_choice, max_tokens if max_tokens is not None else "inf",
         )
+
+
+def output_frame(seq: int, pts_ms: int, audio: np.ndarray) -> bytes:
+    """One micro-turn of output audio as a binary 0x81 frame (16 kHz PCM16)."""
+    return p.encode_frame(p.KIND_OUTPUT_PCM16, seq, pts_ms, float_to_pcm16(audio))

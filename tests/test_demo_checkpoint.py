@@ -63,7 +63,7 @@ async def ask(
 
         def until(event: dict) -> bool:
             nonlocal text
-            if event["type"] == "response.output_text.delta":
+            if event["type"] == "response.output_audio_transcript.delta":
                 text += event["delta"]
             return done(text, event)
 
@@ -113,7 +113,7 @@ async def test_server_transcribes_and_answers_a_spoken_question(server: ServerTh
     state = {"answer": "", "transcript": None}
 
     def until(event: dict) -> bool:
-        if event["type"] == "response.output_text.delta":
+        if event["type"] == "response.output_audio_transcript.delta":
             state["answer"] += event["delta"]
         if event["type"] == "conversation.item.input_audio_transcription.completed":
             state["transcript"] = event

@@ -45,7 +45,7 @@ def server(engine) -> Iterator[ServerThread]:
 
 async def _streaming(server: ServerThread, speech: np.ndarray):
     ws = await websockets.connect(server.ws_url + "?audio=binary")
-    await collect(ws, 5, until=lambda e: e["type"] == "response.created")
+    await collect(ws, 5, until=lambda e: e["type"] == "session.created")
     feed = asyncio.create_task(stream_binary(ws, speech, 16_000, seconds=30))
     frames, _ = await collect(ws, 1.0)
     assert frames, "no audio before the chaos"
@@ -88,7 +88,7 @@ async def _watch_recovery(server: ServerThread) -> tuple[bool, float]:
 
 async def _new_session_streams(server: ServerThread, engine: ProcessEngine, speech: np.ndarray) -> None:
     async with websockets.connect(server.ws_url + "?audio=binary") as ws:
-        await collect(ws, 5, until=lambda e: e["type"] == "response.created")
+        await collect(ws, 5, until=lambda e: e["type"] == "session.created")
         feed = asyncio.create_task(stream_binary(ws, speech, 16_000, seconds=2))
         frames, events = await collect(ws, 2.0)
         await feed

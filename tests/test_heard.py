@@ -123,7 +123,11 @@ def test_session_streams_what_the_model_heard_as_one_speech_item() -> None:
     assert len(started) == 1 and len(done) == 1
     assert {e["item_id"] for e in deltas + done} == {started[0]["item_id"]}
     assert "".join(e["delta"] for e in deltas) == "hi there!" and done[0]["transcript"] == "hi there!"
-    assert [e["seq"] for e in deltas] == [0, 1, 2, 3, 4]
+    # no delta names an item before the client was told of it (committed, added), none after completed
+    mine = started[0]["item_id"]
+    kinds = [e["type"] for e in events if e.get("item_id", e.get("item", {}).get("id")) == mine]
+    assert kinds.index("input_audio_buffer.committed") < kinds.index(deltas[0]["type"])
+    assert kinds[-1] == "conversation.item.input_audio_transcription.completed"
 
 
 def test_session_without_a_hearing_model_sends_no_transcripts() -> None:

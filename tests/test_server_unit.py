@@ -10,6 +10,7 @@ import pytest
 
 from microturn.model.slots import TURN_SAMPLES
 from microturn.server import protocol as p
+from microturn.server import server_events as ev
 from microturn.server.auth import Authenticator
 from microturn.server.errors import ErrorCode, ProtocolError
 from microturn.server.media_input import InputAudioBuffer
@@ -62,9 +63,9 @@ def test_parse_ga_and_beta_session_update():
     assert ga.session.instructions == "hi" and ga.session.audio.input.format.rate == 16000
     beta = p.parse_client_event('{"type": "session.update", "session": {"input_audio_format": "pcm16"}}')
     assert beta.session.input_audio_format == "pcm16"
-    delta = p.OutputTextDelta(response_id="r", item_id="i", delta="a", seq=0)
-    assert '"response.text.delta"' in p.dump_event(delta, beta=True)
-    assert '"response.output_text.delta"' in p.dump_event(delta)
+    delta = ev.OutputTextDelta(response_id="r", item_id="i", delta="a", seq=0)
+    assert '"response.text.delta"' in ev.dump_event(delta, beta=True)
+    assert '"response.output_text.delta"' in ev.dump_event(delta)
 
 
 def _pcm(n: int, start: int = 0) -> np.ndarray:

@@ -60,7 +60,7 @@ async def _settled_rows(server: ServerThread, engine: Engine) -> tuple[int, int]
 
 
 async def _ready(ws) -> None:
-    await collect(ws, 5, until=lambda e: e["type"] == "response.created")
+    await collect(ws, 5, until=lambda e: e["type"] == "session.created")
 
 
 async def _error_for(ws, event_id: str, seconds: float = 5.0) -> dict:
@@ -257,8 +257,8 @@ async def test_a_closed_sessions_slot_is_free_for_the_next_connection_at_once(en
     with ServerThread(settings, engine) as server:
         for _ in range(RECONNECTS):
             ws = await websockets.connect(server.ws_url + "?audio=binary")
-            _, events = await collect(ws, 5, until=lambda e: e["type"] in ("response.created", "error"))
-            assert events[-1]["type"] == "response.created", events
+            _, events = await collect(ws, 5, until=lambda e: e["type"] in ("session.created", "error"))
+            assert events[-1]["type"] == "session.created", events
             if who_closes == "client":
                 await ws.close()
             else:
@@ -267,8 +267,8 @@ async def test_a_closed_sessions_slot_is_free_for_the_next_connection_at_once(en
                         await asyncio.wait_for(ws.recv(), 5)
                 assert ws.close_code == 1000, ws.close_code  # session_expired
         last = await websockets.connect(server.ws_url)
-        _, events = await collect(last, 5, until=lambda e: e["type"] in ("response.created", "error"))
-        assert events[-1]["type"] == "response.created", events
+        _, events = await collect(last, 5, until=lambda e: e["type"] in ("session.created", "error"))
+        assert events[-1]["type"] == "session.created", events
         await last.close()
         rows, live = await _settled_rows(server, engine)
         assert rows == live == 0

@@ -75,7 +75,7 @@ class Recorder:
                 self.out.write(event.samples)
             return
         kind = event.type
-        if kind == "response.output_text.delta":
+        if kind in ("response.output_text.delta", "response.output_audio_transcript.delta"):
             self.text.append(event.delta)
             self._say(f"text {event.delta!r}")
         elif kind == "conversation.item.input_audio_transcription.completed":

@@ -25,6 +25,7 @@ import websockets
 from pydantic import ConfigDict
 
 from ...server import protocol as p
+from ...server import server_events as ev
 
 OUTPUT_RATE_BINARY = p.PCM_RATE_16K  # binary 0x81 frames carry the engine's 16 kHz audio
 OPEN_TIMEOUT_S = 10.0  # handshake plus waiting for session.created
@@ -47,29 +48,18 @@ class ServerBusy(ConnectError):
     """All session slots are taken (error `server_busy`, close 1013) or the server is draining."""
 
 
-class GenericEvent(p.ServerEvent):
+class GenericEvent(ev.ServerEvent):
     """A server event this SDK has no model for (kept whole, fields as attributes)."""
 
     model_config = ConfigDict(extra="allow")
 
 
-EVENT_MODELS: dict[str, type[p.ServerEvent]] = {
-    "session.created": p.SessionCreated,
-    "session.updated": p.SessionUpdated,
-    "response.created": p.ResponseCreated,
-    "response.done": p.ResponseDone,
-    "response.output_audio.delta": p.OutputAudioDelta,
-    "response.output_text.delta": p.OutputTextDelta,
-    "response.output_audio_transcript.delta": p.OutputAudioTranscriptDelta,
-    "output_audio_buffer.cleared": p.OutputAudioBufferCleared,
-    "input_audio_buffer.committed": p.InputAudioBufferCommitted,
-    "input_audio_buffer.cleared": p.InputAudioBufferCleared,
-    "input_audio_buffer.speech_started": p.InputAudioBufferSpeechStarted,
-    "conversation.item.input_audio_transcription.delta": p.InputAudioTranscriptionDelta,
-    "conversation.item.input_audio_transcription.completed": p.InputAudioTranscriptionCompleted,
-    "conversation.item.added": p.ConversationItemAdded,
-    "error": p.ErrorEvent,
-    "session.go_away": p.SessionGoAway,
+# every typed server event, by its wire type (the class's default `type`)
+EVENT_MODELS: dict[str, type[ev.ServerEvent]] = {
+    cls.model_fields["type"].default: cls
+    for cls in vars(ev).values()
+    if isinstance(cls, type) and issubclass(cls, ev.ServerEvent)
+    and isinstance(cls.model_fields["type"].default, str)
 }
 TASK_EVENT_PREFIX = "task."
 
@@ -88,7 +78,7 @@ class AudioChunk:
         return np.frombuffer(self.pcm, "<i2")
 
 
-Event = p.ServerEvent | AudioChunk
+Event = ev.ServerEvent | AudioChunk
 
 
 def parse_event(message: str | bytes) -> Event:
@@ -101,7 +91,7 @@ def parse_event(message: str | bytes) -> Event:
     data = json.loads(message)
     kind = data.get("type", "")
     if kind.startswith(TASK_EVENT_PREFIX) and "task_id" in data:
-        return p.TaskServerEvent.model_validate(data)
+        return ev.TaskServerEvent.model_validate(data)
     return EVENT_MODELS.get(kind, GenericEvent).model_validate(data)
 
 
@@ -245,10 +235,10 @@ async def connect(
     except (TimeoutError, websockets.ConnectionClosed) as exc:
         await ws.close()
         raise ConnectError("no_session", f"no session.created: {exc!r}") from None
-    if isinstance(first, p.SessionCreated):
+    if isinstance(first, ev.SessionCreated):
         return Client(ws, first.session)
     await ws.close()
-    if isinstance(first, p.ErrorEvent):
+    if isinstance(first, ev.ErrorEvent):
         code = first.error.get("code", "error")
         error_type = ServerBusy if code in ("server_busy", "server_draining") else ConnectError
         raise error_type(code, first.error.get("message", ""))

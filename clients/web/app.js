@@ -139,6 +139,7 @@ function onEvent(ev) {
       }
       break;
     case "response.output_text.delta":
+    case "response.output_audio_transcript.delta":
       appendModelText(ev.delta);
       break;
     case "conversation.item.input_audio_transcription.delta":

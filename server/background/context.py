@@ -40,11 +40,15 @@ class ConversationItem(BaseModel):
     text: str = Field(description="the text of the entry; a model turn is its text-out deltas joined")
     source: str = Field(
         description="how it arrived: 'text' (typed by the user), 'model_text' (interaction model "
-        "text-out), 'task_result' / 'task_error' (a background task's outcome), 'instructions'"
+        "text-out), 'transcript' (what the model heard the user say), 'task_result' / 'task_error' (a "
+        "background task's outcome), 'instructions'"
     )
     started_at: float = Field(description="wall-clock seconds (Unix time) of the first text of this entry")
     ended_at: float = Field(description="wall-clock seconds of the last text added to this entry")
     task_id: str | None = Field(default=None, description="the task this entry belongs to, for role 'task'")
+    item_id: str | None = Field(
+        default=None, description="the OpenAI conversation item it is (truncate and delete find it by this)"
+    )
 
 
 class MediaRef(BaseModel):
@@ -115,28 +119,51 @@ class ConversationRecord:
         self._items: deque[ConversationItem] = deque(maxlen=MAX_RECORD_ITEMS)
         self._model_turn_open = False
 
-    def add_user_text(self, text: str, source: str = "text") -> None:
+    def add_user_text(self, text: str, source: str = "text", item_id: str | None = None) -> None:
         """A user message (typed text or a transcript); it also closes any open model turn."""
         self._model_turn_open = False
         now = self._clock()
         self._items.append(
-            ConversationItem(role="user", text=text, source=source, started_at=now, ended_at=now)
+            ConversationItem(role="user", text=text, source=source, started_at=now, ended_at=now,
+                             item_id=item_id)
         )
 
-    def add_model_text(self, delta: str) -> None:
-        """A text-out delta of the interaction model, merged into the current model turn."""
+    def add_text(self, role: Role, text: str, item_id: str | None = None) -> None:
+        """A whole message the client placed in the conversation (system or assistant text)."""
+        self._model_turn_open = False
+        now = self._clock()
+        source = "model_text" if role == "model" else "instructions"
+        self._items.append(ConversationItem(role=role, text=text, source=source, started_at=now, ended_at=now,
+                                            item_id=item_id))
+
+    def add_model_text(self, delta: str, item_id: str | None = None) -> None:
+        """A text-out delta of the interaction model, merged into the current model turn (the item
+        `item_id` when given: a response's deltas are one item)."""
         if not delta:
             return
         now = self._clock()
         last = self._items[-1] if self._items else None
-        if self._model_turn_open and last is not None and len(last.text) + len(delta) <= MAX_TURN_CHARS:
+        same = item_id is not None and last is not None and last.item_id == item_id
+        if item_id is None:
+            same = self._model_turn_open
+        fits = last is not None and last.role == "model" and len(last.text) + len(delta) <= MAX_TURN_CHARS
+        if same and fits and last is not None:
             last.text += delta
             last.ended_at = now
             return
-        self._items.append(
-            ConversationItem(role="model", text=delta, source="model_text", started_at=now, ended_at=now)
-        )
+        self._items.append(ConversationItem(role="model", text=delta, source="model_text", started_at=now,
+                                            ended_at=now, item_id=item_id))
         self._model_turn_open = True
+
+    def set_item_text(self, item_id: str, text: str) -> None:
+        """The item's text is now `text` (a truncated reply: only what the user heard); its parts, when a
+        long turn was split, are cut in order."""
+        for item in self._items:
+            if item.item_id == item_id:
+                item.text, text = text[: len(item.text)], text[len(item.text):]
+
+    def delete_item(self, item_id: str) -> None:
+        self._items = deque((i for i in self._items if i.item_id != item_id), maxlen=MAX_RECORD_ITEMS)
 
     def end_model_turn(self) -> None:
         """The model stopped speaking: its next delta starts a new turn."""
