@@ -13,8 +13,11 @@ Contract
   the user's speech for checkpoints trained with `--heard-weight`
   (`Engine.hears`); noise for others.
   Slots missing from `inputs` get silence. Bad input in one slot (wrong
-  shape, non-finite samples, bad token ids) is replaced by silence and
-  reported in that slot's `SlotOutput.error`; other slots are untouched.
+  shape, non-finite samples, bad token ids, a wait bias offset out of
+  range) is replaced by silence and reported in that slot's
+  `SlotOutput.error`; other slots are untouched. Per tick, a slot's
+  `SlotInput.wait_bias_offset` shifts its turn-taking and `audio_out=False`
+  skips its vocoder (zeros out), without touching its conversation.
 - join/leave/step are not thread-safe against each other: the caller runs
   them on one thread (the tick thread), never on an asyncio loop.
 
@@ -183,9 +186,9 @@ class Engine:
         t0 = time.perf_counter()
         if not len(self.table):
             return {}
-        batch, errors = self.table.pack(inputs)
+        batch, controls, errors = self.table.pack(inputs)
         packed = time.perf_counter()
-        result = self.runner.step(batch, profile=self.profile, trace=self.trace is not None)
+        result = self.runner.step(batch, controls, profile=self.profile, trace=self.trace is not None)
         if self.profile:
             # host-side packing is part of preparing the step, as is the runner's upload
             self.stage_ms = {**result.stage_ms, "prepare": result.stage_ms["prepare"] + (packed - t0) * 1e3}

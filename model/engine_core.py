@@ -7,8 +7,8 @@ replays them), and announces `("ready", EngineInfo)`. The owner then names its s
 
 - `("join", row, SamplingParams, prefix_ids)`: a fresh conversation on `row` with that prefix;
 - `("move", src, dst)`: copy row `src` onto row `dst` (a leave's hole filled by the last row);
-- `("step", B, image_rows, profile)`: one micro-turn of rows [0, B), read from and written to the
-  block; the answer carries the stage times;
+- `("step", B, image_rows, profile)`: one micro-turn of rows [0, B), its batch and row controls
+  read from the block and its result written back; the answer carries the stage times;
 - `("stop",)`: exit.
 
 Answers are `("ok", value)` or `("error", message)`; a failed request leaves the process serving.
@@ -134,7 +134,8 @@ def run_engine_core(spec: EngineSpec, conn: Connection) -> None:
                 elif kind == "step":
                     _, B, image_rows, profile = request
                     assert buffers is not None, "step before attach"
-                    result = runner.step(buffers.read_batch(B, image_rows), profile=profile)
+                    batch, controls = buffers.read_batch(B, image_rows)
+                    result = runner.step(batch, controls, profile=profile)
                     buffers.write_result(result)
                     value = result.stage_ms
                 else:

@@ -177,9 +177,9 @@ class ProcessEngine:
         table = self._live_table()
         if not len(table):
             return {}
-        batch, errors = table.pack(inputs)
+        batch, controls, errors = table.pack(inputs)
         assert self._buffers is not None
-        B, image_rows = self._buffers.write_batch(batch)
+        B, image_rows = self._buffers.write_batch(batch, controls)
         stage_ms = self._request(("step", B, image_rows, self.profile), self.call_timeout_s)
         self.stage_ms = stage_ms
         return table.unpack(self._buffers.read_result(B, stage_ms), errors)

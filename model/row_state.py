@@ -36,6 +36,10 @@ class RowState:
     audio_top_k: torch.Tensor  # (S,) long: audio-out top-k, 0 = all bins
     seed: torch.Tensor  # (S,) long: the row's sampling seed
     wait_bias: torch.Tensor  # (S,) float: nats added to PAD while idle (checkpoint's default + session's)
+    # (S,) float: this turn's extra nats on PAD while idle (SlotInput.wait_bias_offset). A per-turn
+    # input, not state: each step writes rows [0, B) before generating. It lives here, in place, so
+    # the CUDA graphs captured over these tensors read each turn's values from the same storage
+    wait_offset: torch.Tensor
     # (S,) bool: no text-out since the last EPAD; a fresh conversation starts idle
     idle: torch.Tensor = field(metadata={"fresh": True})
 
@@ -56,6 +60,7 @@ class RowState:
             audio_top_k=torch.zeros(slots, **long),
             seed=torch.zeros(slots, **long),
             wait_bias=torch.zeros(slots, device=device),
+            wait_offset=torch.zeros(slots, device=device),
             idle=torch.ones(slots, dtype=torch.bool, device=device),
         )
 

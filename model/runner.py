@@ -5,11 +5,13 @@ Contract
   starts a conversation on a row and `move_row` copies a row onto another (a leave's hole
   filled by the last row); both cover the per-row state (`RowState`), the KV cache rows and
   the dMel / vocoder stream rows alike.
-- `step(batch) -> result` runs one micro-turn of B rows from host arrays to host arrays
-  (model/step_io.py): dMel-encode each row's 200 ms of audio, prefill the input positions
+- `step(batch, controls) -> result` runs one micro-turn of B rows from host arrays to host
+  arrays (model/step_io.py): dMel-encode each row's 200 ms of audio, prefill the input positions
   (plus the previous turn's last output token), decode the text-out then audio-out tokens
   one position at a time, vocode the audio. The text head's greedy reading of the audio-in
-  positions comes back as the heard tokens.
+  positions comes back as the heard tokens. The rows' `RowControls` add a per-turn wait bias
+  offset and say which rows are vocoded: a row with audio off still samples its audio tokens,
+  answers zeros, and has its vocoder stream restarted.
 - `generate` (prefill + decode + state advance) is pure tensor work with static shapes and
   no host sync; `capture_graphs` captures it per bucket of rows (model/cuda_graphs.py) and
   later steps replay those graphs, except traced ones.
@@ -28,6 +30,7 @@ import dataclasses
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from .cuda_graphs import GraphedGenerate, TurnInputs
@@ -36,7 +39,7 @@ from .kv_cache import KVCache
 from .layout import embed_inputs, embed_output, patch_indices
 from .row_state import RowState
 from .sampling import sample
-from .slots import SamplingParams
+from .slots import RowControls, SamplingParams
 from .step_io import StepBatch, StepResult
 from .tokenizer import SpecialIds
 from .transformer import InteractionModel
@@ -57,6 +60,18 @@ def _take_rows(state: Any, n: int) -> Any:
 def _put_rows(full: Any, part: Any, n: int) -> None:
     for f in dataclasses.fields(full):
         getattr(full, f.name)[:n] = getattr(part, f.name)
+
+
+def _gather_rows(state: Any, rows: torch.Tensor) -> Any:
+    """A stream state narrowed to `rows` (R,) long, as copies (scatter them back with `_scatter_rows`)."""
+    return dataclasses.replace(state, **{
+        f.name: getattr(state, f.name).index_select(0, rows) for f in dataclasses.fields(state)
+    })
+
+
+def _scatter_rows(full: Any, part: Any, rows: torch.Tensor) -> None:
+    for f in dataclasses.fields(full):
+        getattr(full, f.name).index_copy_(0, rows, getattr(part, f.name))
 
 
 def _copy_row(state: Any, src: int, dst: int) -> None:
@@ -132,13 +147,19 @@ class Runner:
 
     # --- the tick ---
     @torch.inference_mode()
-    def step(self, batch: StepBatch, profile: bool = False, trace: bool = False) -> StepResult:
-        """One micro-turn of rows [0, B). `profile` times the stages (adding device syncs); `trace`
-        returns host copies of the turn's tensors and runs eagerly even when graphs are captured."""
+    def step(
+        self, batch: StepBatch, controls: RowControls | None = None, profile: bool = False,
+        trace: bool = False,
+    ) -> StepResult:
+        """One micro-turn of rows [0, B); `controls` None = no wait bias offset, every row voiced.
+        `profile` times the stages (adding device syncs); `trace` returns host copies of the turn's
+        tensors and runs eagerly even when graphs are captured."""
         t0 = time.perf_counter()
         cfg, dev = self.config, self.device
         B = len(batch.audio)
+        controls = controls or RowControls.defaults(B)
         audio = torch.from_numpy(batch.audio).to(dev)  # (B, N)
+        self.rows.wait_offset[:B] = torch.from_numpy(controls.wait_bias_offset).to(dev)  # (B,) in place
         if batch.image_rows:
             self.rows.patches[batch.image_rows] = torch.from_numpy(batch.images).to(dev, self.dtype)
         host = (batch.text_in, batch.source, batch.forced)
@@ -159,10 +180,7 @@ class Runner:
             text_out, audio_out, heard = self.generate(B, inp, record)  # (B, To), (B, A, k, C), (B, A)
         self._mark(marks, profile)
 
-        logmel = self.dmel.decode(audio_out.reshape(B, -1, cfg.dmel_channels))  # (B, F, C)
-        vstate = _take_rows(self.voc_state, B)
-        pcm = self.vocoder.decode_chunk(logmel.float(), vstate)  # (B, N)
-        _put_rows(self.voc_state, vstate, B)
+        pcm = self._vocode(B, audio_out, controls.audio_out)  # (B, N)
         self._mark(marks, profile)
         stage_ms = {}
         if profile:
@@ -172,6 +190,31 @@ class Runner:
         text_host, heard_host = text_out.cpu().tolist(), heard.cpu().tolist()
         turns = self.rows.turn[:B].cpu().tolist()
         return StepResult(pcm_host, text_host, heard_host, [t - 1 for t in turns], stage_ms, record)
+
+    def _vocode(self, B: int, audio_out: torch.Tensor, voiced: np.ndarray) -> torch.Tensor:
+        """The rows' audio-out tokens (B, A, k, C) -> waveform (B, N), vocoding only the `voiced` (B,)
+        bool rows: the others' samples are zeros and their vocoder streams restart (their last voiced
+        turn's overlap-add tail must not sound when they come back on)."""
+        if voiced.all():  # the usual tick: every row, on views of the stream state
+            logmel = self.dmel.decode(audio_out.reshape(B, -1, self.config.dmel_channels))  # (B, F, C)
+            vstate = _take_rows(self.voc_state, B)
+            pcm = self.vocoder.decode_chunk(logmel.float(), vstate)  # (B, N)
+            _put_rows(self.voc_state, vstate, B)
+            return pcm
+        # restart the muted rows' streams by writing a fresh state into them, in place: a `reset` here
+        # could swap in inference-mode tensors, which a later `move_row` may not write to
+        muted = np.flatnonzero(~voiced)
+        fresh = self.vocoder.init_state(len(muted), self.device)
+        _scatter_rows(self.voc_state, fresh, torch.from_numpy(muted).to(self.device))
+        pcm = torch.zeros(B, self.dmel.cfg.chunk_samples, device=self.device)  # (B, N)
+        if voiced.any():  # host-side choice of rows: no device sync
+            rows = torch.from_numpy(np.flatnonzero(voiced)).to(self.device)  # (R,)
+            codes = audio_out.index_select(0, rows)  # (R, A, k, C)
+            logmel = self.dmel.decode(codes.reshape(len(rows), -1, self.config.dmel_channels))  # (R, F, C)
+            vstate = _gather_rows(self.voc_state, rows)
+            pcm.index_copy_(0, rows, self.vocoder.decode_chunk(logmel.float(), vstate).to(pcm.dtype))
+            _scatter_rows(self.voc_state, vstate, rows)
+        return pcm
 
     def generate(
         self, B: int, inp: TurnInputs, trace: dict | None = None
@@ -235,7 +278,9 @@ class Runner:
             if o < cfg.text_out_slots:
                 lg = model.text_logits(h)  # (B, vocab)
                 # the turn-taking decision: while idle, staying silent (PAD) gains the row's wait_bias
-                lg = lg.index_add(1, self.pad_id, (st.wait_bias[:B] * idle)[:, None])
+                # plus this turn's offset (push-to-talk holds the turn, response.create takes it)
+                bias = (st.wait_bias[:B] + st.wait_offset[:B]) * idle  # (B,)
+                lg = lg.index_add(1, self.pad_id, bias[:, None])
                 tok = sample(lg, st.text_temp[:B], st.text_top_k[:B], st.seed[:B], counter + o)  # (B,)
                 tok = torch.where(forced[:, o] >= 0, forced[:, o], tok)
                 idle = torch.where(tok == sp.PAD, idle, tok == sp.EPAD)

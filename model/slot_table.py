@@ -6,9 +6,11 @@ Contract
 - Joined slots always occupy rows [0, n) in join order, so a step computes exactly n rows;
   `leave` moves the last row into the hole and returns that move as (src, dst) rows, which
   whoever holds per-row state must mirror.
-- `pack` turns the sessions' `SlotInput`s into one `StepBatch` for the n rows: a missing input is
-  silence, and a bad one (wrong shape, non-finite samples, bad token ids, bad image) is replaced
-  by silence and reported as that slot's error; other rows are untouched.
+- `pack` turns the sessions' `SlotInput`s into one `StepBatch` and the rows' per-tick
+  `RowControls` (wait bias offset, audio on/off) for the n rows: a missing input is silence, and
+  a bad one (wrong shape, non-finite samples, bad token ids, bad image, an offset beyond
+  MAX_WAIT_BIAS_OFFSET) is replaced by silence with default controls and reported as that slot's
+  error; other rows are untouched.
 - `unpack` turns the runner's `StepResult` back into a `SlotOutput` per slot, decoding each slot's
   text-out with its own streaming decoder.
 
@@ -18,13 +20,14 @@ cache or devices, and sees camera frames only through the `patchify` function it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import ModelConfig
-from .slots import TURN_SAMPLES, SlotInput, SlotOutput
+from .slots import MAX_WAIT_BIAS_OFFSET, TURN_SAMPLES, RowControls, SlotInput, SlotOutput
 from .step_io import StepBatch, StepResult
 from .tokenizer import ByteTokenizer, TextOutDecoder
 
@@ -94,8 +97,9 @@ class SlotTable:
         return [self.tokenizer.special.INSTR, *self.tokenizer.encode(instructions)][: self.cfg.prefix_len]
 
     # --- the tick ---
-    def pack(self, inputs: dict[int, SlotInput]) -> tuple[StepBatch, list[str | None]]:
-        """The joined slots' inputs as one batch in row order, and each row's refusal reason."""
+    def pack(self, inputs: dict[int, SlotInput]) -> tuple[StepBatch, RowControls, list[str | None]]:
+        """The joined slots' inputs as one batch and its rows' controls in row order, and each row's
+        refusal reason."""
         cfg, sp = self.cfg, self.tokenizer.special
         checked = [self._validate(inputs.get(m.slot)) for m in self._rows]
         B = len(checked)
@@ -121,7 +125,11 @@ class SlotTable:
         grid = (cfg.image_size // cfg.patch_size) ** 2
         stacked = np.stack(images) if images else np.zeros((0, grid, cfg.patch_dim), np.float32)
         batch = StepBatch(audio, text_in, source, forced, image_rows, stacked)
-        return batch, errors
+        controls = RowControls(
+            np.array([inp.wait_bias_offset for inp, _ in checked], np.float32).reshape(B),  # (B,)
+            np.array([inp.audio_out for inp, _ in checked], np.bool_).reshape(B),  # (B,)
+        )
+        return batch, controls, errors
 
     def unpack(self, result: StepResult, errors: list[str | None]) -> dict[int, SlotOutput]:
         outputs = {}
@@ -159,4 +167,13 @@ class SlotTable:
             img = inp.image
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
                 return silence, "image must be an (H, W, 3) uint8 RGB array"
+        limit = f"a finite number of nats within +-{MAX_WAIT_BIAS_OFFSET:g}"
+        try:
+            offset = float(inp.wait_bias_offset)
+        except (TypeError, ValueError):
+            return silence, f"wait_bias_offset must be {limit}, got {type(inp.wait_bias_offset).__name__}"
+        if not math.isfinite(offset) or abs(offset) > MAX_WAIT_BIAS_OFFSET:
+            return silence, f"wait_bias_offset must be {limit}, got {offset}"
+        if not isinstance(inp.audio_out, bool | np.bool_):  # "no" or 0.0 would read as a setting
+            return silence, f"audio_out must be a bool, got {type(inp.audio_out).__name__}"
         return inp, None

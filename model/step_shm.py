@@ -1,11 +1,12 @@
 """A step's host arrays in one shared-memory block, so a batch crosses to the engine process unpickled.
 
-`StepBuffers` lays out, for up to S rows, every array of a `StepBatch` and a `StepResult`
-(model/step_io.py) at fixed offsets of one `multiprocessing.shared_memory` block. The server side
-creates the block (and unlinks it); the engine process attaches by name. Per tick the server writes
-rows [0, B) of the batch, sends a few integers on the control pipe, the engine reads views of those
-rows, steps, and writes the result rows back; the server copies them out before the next step. Only
-one step is in flight at a time, so the two sides never touch the block at once.
+`StepBuffers` lays out, for up to S rows, every array of a `StepBatch`, its `RowControls`
+(model/slots.py) and a `StepResult` (model/step_io.py) at fixed offsets of one
+`multiprocessing.shared_memory` block. The server side creates the block (and unlinks it); the
+engine process attaches by name. Per tick the server writes rows [0, B) of the batch and controls,
+sends a few integers on the control pipe, the engine reads views of those rows, steps, and writes
+the result rows back; the server copies them out before the next step. Only one step is in flight
+at a time, so the two sides never touch the block at once.
 
 This module knows nothing about pipes, processes, sessions or torch.
 
@@ -20,7 +21,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from .config import ModelConfig
-from .slots import TURN_SAMPLES
+from .slots import TURN_SAMPLES, RowControls
 from .step_io import StepBatch, StepResult
 
 ALIGN = 64  # each array starts on a cache line
@@ -34,6 +35,8 @@ def _fields(cfg: ModelConfig, rows: int) -> list[tuple[str, tuple[int, ...], typ
         ("source", (rows, cfg.text_in_slots), np.int64),  # (S, Ti)
         ("forced", (rows, cfg.text_out_slots), np.int64),  # (S, To)
         ("images", (rows, grid, cfg.patch_dim), np.float32),  # (S, G, P): only the I changed frames
+        ("wait_offset", (rows,), np.float32),  # (S,) RowControls.wait_bias_offset
+        ("voiced", (rows,), np.bool_),  # (S,) RowControls.audio_out
         ("audio_out", (rows, TURN_SAMPLES), np.float32),  # (S, N)
         ("text_out", (rows, cfg.text_out_slots), np.int64),  # (S, To)
         ("heard", (rows, cfg.audio_tokens), np.int64),  # (S, A)
@@ -71,7 +74,7 @@ class StepBuffers:
             self._shm.unlink()
 
     # --- the server side ---
-    def write_batch(self, batch: StepBatch) -> tuple[int, list[int]]:
+    def write_batch(self, batch: StepBatch, controls: RowControls) -> tuple[int, list[int]]:
         """-> (B, image_rows): what the engine needs besides the block to read the batch back."""
         a, B, n_img = self._arrays, len(batch.audio), len(batch.image_rows)
         a["audio_in"][:B] = batch.audio
@@ -79,6 +82,8 @@ class StepBuffers:
         a["source"][:B] = batch.source
         a["forced"][:B] = batch.forced
         a["images"][:n_img] = batch.images
+        a["wait_offset"][:B] = controls.wait_bias_offset
+        a["voiced"][:B] = controls.audio_out
         return B, list(batch.image_rows)
 
     def read_result(self, B: int, stage_ms: dict[str, float]) -> StepResult:
@@ -93,10 +98,10 @@ class StepBuffers:
         )
 
     # --- the engine side ---
-    def read_batch(self, B: int, image_rows: list[int]) -> StepBatch:
+    def read_batch(self, B: int, image_rows: list[int]) -> tuple[StepBatch, RowControls]:
         """Views into the block, valid until the result is written."""
         a = self._arrays
-        return StepBatch(
+        batch = StepBatch(
             a["audio_in"][:B],
             a["text_in"][:B],
             a["source"][:B],
@@ -104,6 +109,7 @@ class StepBuffers:
             list(image_rows),
             a["images"][: len(image_rows)],
         )
+        return batch, RowControls(a["wait_offset"][:B], a["voiced"][:B])
 
     def write_result(self, result: StepResult) -> None:
         a, B = self._arrays, len(result.audio)

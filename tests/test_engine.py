@@ -404,11 +404,14 @@ def test_slot_table_packs_rows_in_row_order() -> None:
     table.leave(a)  # c moves to row 0
     image = np.zeros((8, 8, 3), np.uint8)
     audio = np.full(TURN_SAMPLES, 0.25, np.float32)
-    batch, errors = table.pack({
-        c: SlotInput(audio=audio, image=image, text_in=[1, 2], text_in_background=True, force_text_out=[7]),
-        b: SlotInput(audio=np.zeros(5, np.float32)),
+    batch, controls, errors = table.pack({
+        c: SlotInput(audio=audio, image=image, text_in=[1, 2], text_in_background=True, force_text_out=[7],
+                     wait_bias_offset=-3.0, audio_out=False),
+        b: SlotInput(audio=np.zeros(5, np.float32), wait_bias_offset=9.0, audio_out=False),
     })
     assert errors[0] is None and "audio" in errors[1]
+    # a refused row runs with the default controls, as with silence
+    assert controls.wait_bias_offset.tolist() == [-3.0, 0.0] and controls.audio_out.tolist() == [False, True]
     assert (batch.audio[0] == 0.25).all() and not batch.audio[1].any()
     assert batch.text_in[0].tolist() == [1, 2] + [table.tokenizer.special.PAD] * (cfg.text_in_slots - 2)
     assert batch.source[:, 0].tolist() == [1, 0] and batch.forced[0, 0] == 7 and (batch.forced[1] == -1).all()

@@ -15,7 +15,7 @@ from helpers.realserver import process_engine, warm_engine
 
 from microturn.model.engine_core import EngineSpec
 from microturn.model.engine_process import EngineCallError, EngineDied, EngineStartError, ProcessEngine
-from microturn.model.slots import SamplingParams, SlotInput
+from microturn.model.slots import MAX_WAIT_BIAS_OFFSET, SamplingParams, SlotInput
 
 TURNS = 6
 
@@ -27,8 +27,15 @@ def remote() -> Iterator[ProcessEngine]:
     engine.close()
 
 
-def _script(engine, turns: int) -> list[dict]:
-    """Joins, a leave that moves a row, a camera frame, text-in and forced text: every kind of input."""
+# per-tick row controls by turn: held and taken turns, muted rows (one of two, then both), a refused offset
+CONTROLS_B = {0: {"wait_bias_offset": MAX_WAIT_BIAS_OFFSET}, 1: {"audio_out": False},
+              2: {"audio_out": False, "wait_bias_offset": -MAX_WAIT_BIAS_OFFSET}, 5: {"audio_out": False}}
+CONTROLS_C = {1: {"wait_bias_offset": -20.0}, 3: {"wait_bias_offset": float("nan")}, 5: {"audio_out": False}}
+
+
+def _script(engine, turns: int) -> tuple[list[dict], tuple[int, int, int]]:
+    """Joins, a leave that moves a row, a camera frame, text-in, forced text and row controls: every
+    kind of input. -> each turn's outputs, and the slots (a, b, c)."""
     rng = np.random.default_rng(7)
     sp = engine.tokenizer.special
     a = engine.join("first", SamplingParams(seed=1))
@@ -42,20 +49,27 @@ def _script(engine, turns: int) -> list[dict]:
         speech = (rng.standard_normal(3200) * 0.1).astype(np.float32)
         inputs = {
             b: SlotInput(audio=speech, image=image if t == 1 else None,
-                         text_in=[sp.SRC_USER, *b"hi"] if t == 3 else []),
-            c: SlotInput(audio=np.zeros(3200, np.float32), force_text_out=[sp.EPAD] if t == 4 else []),
+                         text_in=[sp.SRC_USER, *b"hi"] if t == 3 else [], **CONTROLS_B.get(t, {})),
+            c: SlotInput(audio=np.zeros(3200, np.float32), force_text_out=[sp.EPAD] if t == 4 else [],
+                         **CONTROLS_C.get(t, {})),
         }
         if t < 2:
             inputs[a] = SlotInput(audio=np.full(3200, np.nan, np.float32))  # refused as that slot's error
         seen.append(engine.step(inputs))
     for slot in (b, c):
         engine.leave(slot)
-    return seen
+    return seen, (a, b, c)
 
 
 def test_outputs_are_bit_identical_to_the_in_process_engine(remote):
     local = warm_engine(4)
-    there, here = _script(remote, TURNS), _script(local, TURNS)
+    (there, slots), (here, _) = _script(remote, TURNS), _script(local, TURNS)
+    _, b, c = slots
+    pad = remote.tokenizer.special.PAD
+    assert here[0][b].text_tokens == [pad] * len(here[0][b].text_tokens)  # held by its offset
+    assert not here[1][b].audio.any() and here[1][c].audio.any()  # one row muted, the other voiced
+    assert not here[5][b].audio.any() and not here[5][c].audio.any()
+    assert "wait_bias_offset" in here[3][c].error
     for turn_there, turn_here in zip(there, here, strict=True):
         assert turn_there.keys() == turn_here.keys()
         for slot, out in turn_here.items():
