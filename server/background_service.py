@@ -108,7 +108,7 @@ class SessionBackground:
         self._metrics = metrics
         # sends a client tool call the OpenAI way (Responses.function_call) and returns its call_id; None: the
         # bare `response.function_call_arguments.done` event (sessions without a response lifecycle)
-        self.on_function_call: Callable[[str, dict[str, Any]], str] | None = None
+        self.on_function_call: Callable[[str, dict[str, Any], str], str] | None = None
         self._tasks: dict[str, _Task] = {}
         self._client_calls: dict[str, asyncio.Future[str]] = {}  # call_id -> the client's output
 
@@ -227,7 +227,7 @@ class SessionBackground:
     async def _call_client(self, task_id: str, name: str, **arguments: Any) -> str:
         answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         if self.on_function_call is not None:
-            call_id = self.on_function_call(name, arguments)
+            call_id = self.on_function_call(name, arguments, task_id)
         else:
             call_id = f"call_{uuid.uuid4().hex[:24]}"
             self.send({"type": "response.function_call_arguments.done", "task_id": task_id,

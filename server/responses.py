@@ -200,16 +200,17 @@ class Responses:
         self._stop()
         return response_id
 
-    def function_call(self, name: str, arguments: dict[str, Any]) -> str:
-        """A client tool call the background model made, sent at once; its call_id."""
+    def function_call(self, name: str, arguments: dict[str, Any], task_id: str | None = None) -> str:
+        """A client tool call the background model made (in task `task_id`), sent at once; its call_id."""
         call_id = new_id("call")
         r = self.active
         if r is not None:
-            r.calls.append(self._call_item(r.id, 1 + len(r.calls), call_id, name, json.dumps(arguments)))
+            index = 1 + len(r.calls)
+            r.calls.append(self._call_item(r.id, index, call_id, name, json.dumps(arguments), task_id))
             return call_id
         r = _Response(new_id("resp"), new_id("item"), self.modality, None, None)
         self._send(ev.ResponseCreated(response=self._response_dict(r, "in_progress")))
-        done = self._call_item(r.id, 0, call_id, name, json.dumps(arguments))
+        done = self._call_item(r.id, 0, call_id, name, json.dumps(arguments), task_id)
         self._send(ev.ResponseDone(response=self._response_dict(r, "completed", [done])))
         return call_id
 
@@ -310,7 +311,8 @@ class Responses:
         self._send(ev.ResponseDone(response=self._response_dict(r, "failed", [], {"type": "failed",
                                                                                "error": error})))
 
-    def _call_item(self, response_id: str, index: int, call_id: str, name: str, arguments: str) -> dict:
+    def _call_item(self, response_id: str, index: int, call_id: str, name: str, arguments: str,
+                   task_id: str | None) -> dict:
         """Send one function_call output item of `response_id`, whole; the item as done."""
         item_id = new_id("item")
         item = ev.function_call_item(item_id, call_id, name, "", "in_progress")
@@ -319,7 +321,7 @@ class Responses:
         self._send(ev.ConversationItemAdded(item=item, previous_item_id=before))
         ids = {"response_id": response_id, "item_id": item_id, "output_index": index, "call_id": call_id}
         self._send(ev.FunctionCallArgumentsDelta(delta=arguments, **ids))
-        self._send(ev.FunctionCallArgumentsDone(name=name, arguments=arguments, **ids))
+        self._send(ev.FunctionCallArgumentsDone(name=name, arguments=arguments, task_id=task_id, **ids))
         done = ev.function_call_item(item_id, call_id, name, arguments, "completed")
         self._send(ev.ResponseOutputItemDone(response_id=response_id, output_index=index, item=done))
         live = self._conversation.live(item_id)

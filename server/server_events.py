@@ -130,6 +130,7 @@ class FunctionCallArgumentsDone(ServerEvent):
     call_id: str
     name: str
     arguments: str
+    task_id: str | None = None  # microturn: the background task that made the call
 
 
 class OutputAudioBufferCleared(ServerEvent):
