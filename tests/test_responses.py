@@ -27,8 +27,9 @@ class Wire:
 
 LIFECYCLE = ["response.created", "response.output_item.added", "conversation.item.added",
              "response.content_part.added"]
-DONE_AUDIO = ["response.output_audio.done", "response.output_audio_transcript.done", "response.content_part.done",
-              "response.output_item.done", "conversation.item.done", "response.done"]
+DONE_AUDIO = ["response.output_audio.done", "response.output_audio_transcript.done",
+              "response.content_part.done", "response.output_item.done", "conversation.item.done",
+              "response.done"]
 
 
 def test_one_utterance_is_one_response_in_the_ga_order():
@@ -59,7 +60,8 @@ def test_the_next_utterance_is_a_new_response_and_text_only_sessions_send_text()
     w.turn("b.", end=True)
     created = [e["response"]["id"] for e in w.events if e["type"] == "response.created"]
     assert len(created) == 2 and len(set(created)) == 2
-    assert "response.output_audio.delta" not in w.types() and w.types().count("response.output_text.delta") == 2
+    assert "response.output_audio.delta" not in w.types()
+    assert w.types().count("response.output_text.delta") == 2
     assert w.events[-1]["response"]["output"][0]["content"] == [{"type": "output_text", "text": "b."}]
 
 
