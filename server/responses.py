@@ -39,13 +39,13 @@ sockets, tensors or the engine's internals.
 from __future__ import annotations
 
 import json
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import server_events as ev
-from .conversation import Conversation
+from .conversation import MAX_ITEMS, Conversation
 from .errors import ErrorCode, ProtocolError
 from .protocol import new_id
 
@@ -120,7 +120,7 @@ class Responses:
         self.muted = False  # an utterance was cut off: what the model still says of it is not sent
         self.stop_requested = False  # the session forces EPAD into text-out next tick, then clears this
         self._pending: deque[_Pending] = deque()
-        self._spoken: dict[str, _Spoken] = {}
+        self._spoken: OrderedDict[str, _Spoken] = OrderedDict()  # as many as the conversation keeps items
         self._speech_chars = 0
         self._speech_ms = 0
         self.on_item_text: Callable[[str, str], None] | None = None  # (item_id, final text): the record
@@ -281,6 +281,8 @@ class Responses:
             live.update(item)
         self._send(ev.ConversationItemDone(item=item))
         self._spoken[r.item_id] = _Spoken(r.turns * TURN_MS, r.modality)
+        while len(self._spoken) > MAX_ITEMS:
+            self._spoken.popitem(last=False)
         if status == "completed" and r.text_done and r.speech_turns * TURN_MS >= MIN_RATE_SPEECH_MS:
             self._speech_chars += len(text)
             self._speech_ms += r.speech_turns * TURN_MS
