@@ -429,10 +429,7 @@ async def pipecat_app(srv: FrameworkServer, monkeypatch: pytest.MonkeyPatch,
     await runner.add_workers(worker)
     run = asyncio.create_task(runner.run())
     try:
-        # a socket the server drops makes livekit reconnect at once, forever: stop at the second error
-        await until(lambda: app.server_of("session.updated") or len(app.errors) >= 2, 15, "session.updated",
-                    app.diagnose)
-        assert app.server_of("session.updated"), "no session.updated: the session failed\n" + app.diagnose()
+        await until(lambda: app.server_of("session.updated"), 15, "session.updated", app.diagnose)
         yield app, worker
     finally:
         await worker.cancel()
