@@ -169,8 +169,10 @@ class Connection:
                 return await _refuse(self.ws, state, ErrorCode.SERVER_BUSY, "no free engine slot")
             if self.ws.query_params.get("debug") == "1":
                 session.debug = True
+            if self.ws.query_params.get("task_events") == "1":
+                session.task_events = True
             if state.background is not None:
-                session.attach_background(state.background.for_session(session.id, session.send))
+                session.attach_background(state.background.for_session(session.id, session.send_task_event))
             session.send(ev.SessionCreated(session=session.session_dict()))
             tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._send_loop())]
             if self.settings.max_session_s or self.settings.idle_timeout_s:
@@ -322,6 +324,7 @@ class Connection:
         elif isinstance(event, p.OutputAudioBufferClear):
             session.barge_in("client_cancelled")
         elif isinstance(event, p.TaskCreate):
+            session.task_events = True  # it asked for a task: it takes task events
             task = event.task
             if len(task.input) > self.settings.max_task_input_chars:
                 message = f"task input over {self.settings.max_task_input_chars} characters"
@@ -333,6 +336,7 @@ class Connection:
             except ValueError as exc:
                 raise ProtocolError(ErrorCode.INVALID_EVENT, str(exc), eid, "task.scheduling") from exc
         elif isinstance(event, p.TaskCancel):
+            session.task_events = True
             if not self._background(eid).cancel(event.task_id):
                 message = f"no running task {event.task_id!r} in this session"
                 raise ProtocolError(ErrorCode.UNKNOWN_TASK, message, eid, "task_id")
@@ -438,7 +442,10 @@ class Connection:
 
     async def _configure(self, cfg: p.SessionConfig, eid: str | None) -> None:
         """Apply a session config all-or-nothing; a new prefix or sampling re-joins the slot."""
-        if apply_session_config(self.session, cfg, eid) and self.session.slot is not None:
+        restart = apply_session_config(self.session, cfg, eid)
+        if cfg.task_events is not None:
+            self.session.task_events = cfg.task_events
+        if restart and self.session.slot is not None:
             try:
                 await self.state.tick.rejoin(self.session)
             except EngineDied:  # the session holds no row now: it cannot go on

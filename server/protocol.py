@@ -85,6 +85,8 @@ def new_id(prefix: str) -> str:
 
 
 # --- client events ---
+OutputTokens = Annotated[int, Field(ge=1, le=MAX_OUTPUT_TOKENS)]  # the bound on the int arm only (not "inf")
+
 class _Loose(BaseModel):
     """Client objects: unknown fields ignored (OpenAI clients send many we do not use)."""
 
@@ -131,8 +133,11 @@ class SessionConfig(_Loose):
     output_modalities: list[Literal["audio", "text"]] | None = None
     voice: str | None = None  # beta spelling of audio.output.voice
     tool_choice: str | dict | None = None  # "auto", "none", or {"type": "function", "name": ...}
-    max_output_tokens: int | Literal["inf"] | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
-    max_response_output_tokens: int | Literal["inf"] | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)  # beta
+    max_output_tokens: OutputTokens | Literal["inf"] | None = None
+    max_response_output_tokens: OutputTokens | Literal["inf"] | None = None  # beta spelling
+    # microturn extension: send microturn's task.* events to this session (also on with ?task_events=1, or
+    # once the client sends task.create / task.cancel); OpenAI clients that validate events stay clean
+    task_events: bool | None = None
     input_audio_format: str | None = None  # beta: "pcm16" = 24 kHz PCM16
     output_audio_format: str | None = None  # beta
     turn_detection: TurnDetection | bool | None = None  # beta spelling of audio.input.turn_detection
@@ -233,7 +238,7 @@ class ResponseParams(_Loose):
     input: list | None = None  # out-of-band input: refused
     tools: list | None = None  # per-response tools: refused (set them with session.update)
     tool_choice: str | dict | None = None  # per-response tool choice: refused
-    max_output_tokens: int | Literal["inf"] | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
+    max_output_tokens: OutputTokens | Literal["inf"] | None = None
 
 
 class ResponseCreate(_ClientEvent):

@@ -85,6 +85,7 @@ class Session:
         self.hears = hears
         self.transcribe = hears
         self.debug = settings.debug_events  # send debug.text_in events
+        self.task_events = settings.task_events  # send task.* events (microturn's own, not OpenAI's)
         # input
         self._audio_in = InputAudioBuffer(settings.jitter_ms, settings.max_input_ahead_ms)
         self.input_rate = p.DEFAULT_PCM_RATE
@@ -264,6 +265,11 @@ class Session:
     # --- event loop: output ---
     def send(self, event: ev.ServerEvent) -> None:
         self._push(ev.dump_event(event, self.beta), turn=False)
+
+    def send_task_event(self, event: ev.ServerEvent) -> None:
+        """A task.* event, for a client that takes them (`task_events`)."""
+        if self.task_events:
+            self.send(event)
 
     def deliver(self, out: SlotOutput, inp: SlotInput) -> None:
         """One micro-turn of output (called once per tick on the event loop) and the input it answered."""

@@ -154,6 +154,10 @@ class ServerSettings(BaseSettings):
     debug_events: bool = Field(
         False, description="send debug.text_in events (what entered the model's text-in slots); or ?debug=1"
     )
+    task_events: bool = Field(
+        False, description="send microturn's task.* events to every session; else only to one that asks "
+        "(?task_events=1, session.update task_events, or its own task.create): OpenAI clients validate events"
+    )
 
     @field_validator("api_keys", "allowed_origins", "public_origins", "engine_cpus", mode="before")
     @classmethod

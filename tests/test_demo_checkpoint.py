@@ -40,7 +40,7 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def server(engine: Engine) -> Iterator[ServerThread]:
-    with ServerThread(demo_settings(2), engine) as srv:
+    with ServerThread(demo_settings(2).model_copy(update={"task_events": True}), engine) as srv:
         yield srv
 
 

@@ -35,7 +35,7 @@ def engine() -> Engine:
 
 @pytest.fixture
 def server(engine) -> Iterator[ServerThread]:
-    with ServerThread(ServerSettings(max_sessions=2), engine) as srv:
+    with ServerThread(ServerSettings(max_sessions=2, task_events=True), engine) as srv:
         yield srv
 
 

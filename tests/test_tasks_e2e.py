@@ -46,7 +46,8 @@ class _Server(ServerThread):
 
 @pytest.fixture
 def server(engine) -> Iterator[_Server]:
-    settings = ServerSettings(max_sessions=MAX_SLOTS, background_max_per_session=2, debug_events=True)
+    settings = ServerSettings(max_sessions=MAX_SLOTS, background_max_per_session=2, debug_events=True,
+                              task_events=True)
     with _Server(settings, engine) as srv:
         yield srv
 
@@ -57,6 +58,32 @@ async def _events(ws, seconds: float, until=None) -> list[dict]:
 
 def _background_text(events: list[dict]) -> str:
     return "".join(e["text"] for e in events if e["type"] == "debug.text_in" and e["source"] == "background")
+
+
+async def test_task_events_go_only_to_clients_that_take_them(engine: Engine) -> None:
+    """OpenAI clients validate every event: a model-started task runs (its result joins the record) without
+    microturn's task.* events, unless the client asks for them (?task_events=1 or session.update)."""
+    settings = ServerSettings(max_sessions=MAX_SLOTS, debug_events=True)
+    with ServerThread(settings, engine) as srv:
+        async with websockets.connect(srv.ws_url) as plain, \
+                websockets.connect(srv.ws_url + "?task_events=1") as asking:
+            await collect(plain, 0.5)
+            sp = engine.tokenizer.special
+            sessions = [c.session for c in srv.app.state.server.connections]
+            for session in sessions:
+                session.script_text_out([sp.TASK_START, *b"what is 17 * 23?", sp.TASK_END])
+            seen = await _events(asking, 20, until=lambda e: e["type"] == "task.done")
+            assert "391" in seen[-1]["result"]["text"]
+            quiet = await _events(plain, 2.0)
+            plain_session = next(x for x in sessions if not x.task_events)
+            results = [i.text for i in plain_session.background.record.items if i.role == "task"]
+            assert results and "391" in results[0]  # the task ran for the plain client too
+            assert not [e for e in quiet if e["type"].startswith("task.")]
+            await plain.send(json.dumps({"type": "session.update", "session": {"task_events": True}}))
+            for session in sessions:
+                session.script_text_out([sp.TASK_START, *b"what is 2 * 3?", sp.TASK_END])
+            after = await _events(plain, 20, until=lambda e: e["type"] == "task.done")
+            assert after[-1]["type"] == "task.done"
 
 
 async def test_task_create_streams_and_reaches_text_in(server: _Server) -> None:

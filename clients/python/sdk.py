@@ -215,7 +215,8 @@ async def connect(
     """Open a session; returns once `session.created` arrived. `binary_audio`: output as 0x81 frames."""
     credential = api_key or client_secret
     headers = {"Authorization": f"Bearer {credential}"} if credential else None
-    target = _with_query(url, audio="binary") if binary_audio else url
+    # microturn's own task.* events on: this SDK knows them (OpenAI clients get them only when they ask)
+    target = _with_query(url, task_events="1", **({"audio": "binary"} if binary_audio else {}))
     try:
         ws = await websockets.connect(
             target,

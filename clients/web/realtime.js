@@ -48,6 +48,7 @@ export class RealtimeConnection {
     this.opened = false;
     const target = new URL(url);
     target.searchParams.set("audio", "binary");
+    target.searchParams.set("task_events", "1");  // the task panel shows every background task
     const protocols = credential ? ["realtime", `openai-insecure-api-key.${credential}`] : ["realtime"];
     this.ws = new WebSocket(target, protocols);
     this.ws.binaryType = "arraybuffer";
