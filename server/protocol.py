@@ -1,14 +1,14 @@
-"""The wire protocol: pydantic models of every client and server event, and the binary frame codec.
+"""The wire protocol, client side: pydantic models of every client event, and the binary frame codec.
 
 JSON events follow the OpenAI Realtime GA names (`session.update`,
-`input_audio_buffer.append`, `response.output_audio.delta`, ...); a connection that
-asks for the beta protocol (`OpenAI-Beta: realtime=v1`) gets the beta spellings of
-server events (`BETA_NAMES`), and beta `session.update` fields are accepted.
+`input_audio_buffer.append`, `conversation.item.truncate`, `response.create`, ...) plus
+microturn's `task.create` / `task.cancel`; beta `session.update` fields are accepted too.
+Unknown fields are ignored (clients send many this server has no use for); every field
+this server reads is typed and bounded here, before it reaches a tensor or a timer.
 Binary media frames are `[kind u8][flags u8][seq u32 BE][pts_ms u32 BE][payload]`;
-kind 0x82 is reserved (Opus-coded output) and not sent. `session_dict` / `response_dict`
-build the OpenAI session and response objects that server events carry. Parsing raises
-`ProtocolError` with the offending `event_id`. This module knows nothing about
-sessions, clocks or the engine.
+kind 0x82 is reserved (Opus-coded output) and not sent. Parsing raises `ProtocolError`
+with the offending `event_id`. Server events live in server/server_events.py. This
+module knows nothing about sessions, clocks or the engine.
 """
 
 from __future__ import annotations
