@@ -126,3 +126,19 @@ def event_types(events: list[dict]) -> str:
 
 def errors_of(events: list[dict]) -> list[dict]:
     return [e.get("error") for e in events if e.get("type") == "error"]
+
+
+WAIT_S = 30.0  # generous: 2 shared cores run the server, the engine and the framework
+BARGE_IN_TEXT = "hello there"
+
+
+def truncated(app: Any, item_id: str) -> list[dict]:
+    """The server's conversation.item.truncated events for `item_id`."""
+    return [e for e in app.server_of("conversation.item.truncated") if e["item_id"] == item_id]
+
+
+def not_doubled(text: str) -> bool:
+    """False for "tigetiger."-style doubling (the same deltas counted twice) or a repeated answer."""
+    t = text.strip()
+    half = len(t) // 2
+    return bool(t) and not (len(t) % 2 == 0 and t[:half] == t[half:]) and t.count(ANSWER_WORD) <= 1
