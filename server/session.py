@@ -3,8 +3,10 @@
 Two threads touch a `Session`: the event loop (client input, `deliver`) and the tick
 thread (`take_input` and `skip_input`, once per tick). The input audio buffer
 (server/media_input.py) is the shared state and guards itself with a lock; the text-in
-deques are appended to by the loop and popped by the tick thread only; everything else
-is event-loop only.
+deques are appended to by the loop and popped by the tick thread only; the tick thread
+also reads (and clears `stop_requested` of) a few plain fields of `responses` (the wait
+bias a pending `response.create` or push to talk asks for, the modality), single reads
+and writes under the GIL; everything else is event-loop only.
 
 Input goes in through `append_audio` / `commit_audio` / `clear_audio`, `set_image` and
 `queue_text`; `take_input` turns it into this tick's `SlotInput`. `deliver` takes the
