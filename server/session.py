@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..model.resample import StreamResampler
-from ..model.slots import SAMPLE_RATE, SamplingParams, SlotInput, SlotOutput
+from ..model.slots import MAX_WAIT_BIAS_OFFSET, SAMPLE_RATE, SamplingParams, SlotInput, SlotOutput
 from ..model.tokenizer import ByteTokenizer
 from . import protocol as p
 from . import server_events as ev
@@ -238,6 +238,7 @@ class Session:
         else:
             forced = [self._scripted.popleft() for _ in range(min(self._text_out_slots, len(self._scripted)))]
         bias = EAGERNESS_WAIT_BIAS[self.eagerness] + self.responses.wait_bias_offset(bool(self._text))
+        bias = min(max(bias, -MAX_WAIT_BIAS_OFFSET), MAX_WAIT_BIAS_OFFSET)  # the engine refuses more
         inp = SlotInput(
             audio=audio, image=image, text_in=text, text_in_background=background, force_text_out=forced,
             wait_bias_offset=bias, audio_out=self.responses.modality == "audio",

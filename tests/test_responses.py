@@ -161,3 +161,20 @@ def test_a_function_call_joins_the_active_response_or_makes_its_own():
         w.turn()
     outputs = w.events[-1]["response"]["output"]
     assert [o["type"] for o in outputs] == ["message", "function_call"]
+
+
+def test_push_to_talk_with_low_eagerness_stays_within_what_the_engine_takes():
+    from microturn.model.slots import MAX_WAIT_BIAS_OFFSET
+    from microturn.model.tokenizer import ByteTokenizer
+    from microturn.server import protocol as p
+    from microturn.server.session import Session
+    from microturn.server.session_config import apply_session_config
+    from microturn.server.settings import ServerSettings
+
+    session = Session(ServerSettings(), ByteTokenizer(), 4, 4, on_overflow=lambda: None)
+    for cfg in ({"audio": {"input": {"turn_detection": {"eagerness": "low"}}}},
+                {"audio": {"input": {"turn_detection": None}}}):
+        apply_session_config(session, p.SessionConfig.model_validate(cfg), None)
+    assert session.turn_detection is None and session.eagerness == "low"
+    inp, _ = session.take_input(0.0)
+    assert 0 < inp.wait_bias_offset <= MAX_WAIT_BIAS_OFFSET
