@@ -124,6 +124,8 @@ class Responses:
         self._speech_chars = 0
         self._speech_ms = 0
         self.on_item_text: Callable[[str, str], None] | None = None  # (item_id, final text): the record
+        # (seq): a response is about to open: the user's turn, as far as the model is concerned, is over
+        self.on_open: Callable[[int], None] | None = None
 
     # --- per tick ---
     def wait_bias_offset(self, reading: bool) -> float:
@@ -156,6 +158,8 @@ class Responses:
             self._age_pending()
             if not text and not speaking:
                 return None
+            if self.on_open is not None:
+                self.on_open(seq)
             r = self._open()
         r.turns += 1
         r.speech_turns += speaking

@@ -114,6 +114,7 @@ class Session:
         self._queued_turns = 0
         self._on_overflow = on_overflow
         self._turns = TurnEvents(settings, self.send, self.conversation, self._on_transcript)
+        self.responses.on_open = self._turns.end_turn
         self.background: SessionBackground | None = None
 
     # --- event loop: lifetime and config ---

@@ -4,8 +4,9 @@ Once per tick, on the event loop, the session calls `voice_activity` with the mi
 input and output audio. With turn detection on (`vad`), an onset of user speech sends
 `input_audio_buffer.speech_started` (a new user item) and returns True when it is a
 barge-in (barge-in is on and the model was speaking); the end of that speech
-(`SPEECH_HANGOVER_TURNS` quiet turns) sends `speech_stopped`, `input_audio_buffer.committed`
-and the user item (`conversation.item.added` / `.done`). With turn detection off (push to
+(`SPEECH_HANGOVER_TURNS` quiet turns, or the model taking the turn first: `end_turn`) sends
+`speech_stopped`, `input_audio_buffer.committed` and the user item
+(`conversation.item.added` / `.done`). With turn detection off (push to
 talk) there are no VAD events: the client's `input_audio_buffer.commit` makes the item
 (`commit`). With transcripts on, `transcribe` takes the model's heard tokens: their text
 becomes `conversation.item.input_audio_transcription.delta` events of the current item
@@ -113,6 +114,16 @@ class TurnEvents:
         self._speech_ms = max(seq * TURN_MS - self._speech_start_ms, 0)
         self._commit_item()
         return self._item
+
+    def end_turn(self, seq: int) -> None:
+        """The model takes the turn in micro-turn `seq`: a user item still being spoken is committed now
+        (`speech_stopped` at `seq`), so it comes before the model's reply, as OpenAI clients order history;
+        what the user still says of it goes on streaming as its transcript."""
+        if self.vad and self._item is not None and not self._committed:
+            end_ms = seq * TURN_MS
+            self._speech_ms = max(end_ms - self._speech_start_ms, 0)
+            self._send(ev.InputAudioBufferSpeechStopped(audio_end_ms=end_ms, item_id=self._item))
+            self._commit_item()
 
     def transcribe(self, seq: int, heard_tokens: list[int]) -> None:
         """What the model heard in micro-turn `seq`, as transcript deltas of the current user item."""

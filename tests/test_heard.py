@@ -136,3 +136,18 @@ def test_session_without_a_hearing_model_sends_no_transcripts() -> None:
     for heard in ("hi", "", "", "", ""):
         _turn(session, heard, loud=heard != "")
     assert not [e for e in _events(session) if "transcription" in e["type"]]
+
+
+def test_a_reply_that_starts_while_the_user_speaks_comes_after_the_users_item():
+    """The model may take the turn before voice activity calls the speech over: the user's item is
+    committed first, so clients' history has the question before its answer."""
+    session = _session(hears=True)
+    _turn(session, "hi", loud=True)
+    pad = TOK.special.PAD
+    reply = SlotOutput(audio=np.full(TURN_SAMPLES, 0.3, np.float32), text_tokens=[*TOK.encode("yes"), pad],
+                       text="yes", task_texts=[], turn_index=1, heard_tokens=[pad] * 4)
+    session.deliver(reply, SlotInput(audio=np.full(TURN_SAMPLES, 0.3, np.float32)))
+    types = [e["type"] for e in _events(session)]
+    assert types.index("input_audio_buffer.committed") < types.index("response.created")
+    assert types.index("conversation.item.input_audio_transcription.delta") < types.index("response.created")
+    assert types.count("input_audio_buffer.speech_stopped") == 1

@@ -41,7 +41,9 @@ let rttSentAt = null;
 let lastTickSample = null;
 let busy = false;
 let stopping = false;
-let modelLine = null;
+// One transcript line per response (its assistant item), so a reply stays whole when a "you (heard)" line
+// or a typed line lands in the middle of it.
+const modelLines = new Map();
 let deviceNotice = ""; // a device problem that should stay on screen once connected
 
 function show(text, kind = "error") {
@@ -67,9 +69,13 @@ function transcriptLine(cls, text) {
   return span;
 }
 
-function appendModelText(delta) {
-  if (!modelLine) modelLine = transcriptLine("model", "");
-  modelLine.textContent += delta;
+function appendModelText(itemId, delta) {
+  let line = modelLines.get(itemId);
+  if (!line) {
+    line = transcriptLine("model", "");
+    modelLines.set(itemId, line);
+  }
+  line.textContent += delta;
   stats.textChars += delta.length;
   $("transcript").scrollTop = $("transcript").scrollHeight;
 }
@@ -81,7 +87,6 @@ function appendHeardText(itemId, delta, final) {
   if (!line) {
     line = transcriptLine("heard", "you (heard): ");
     heardLines.set(itemId, line);
-    modelLine = null;
   }
   line.textContent = final === undefined ? line.textContent + delta : `you (heard): ${final}`;
   $("transcript").scrollTop = $("transcript").scrollHeight;
@@ -140,7 +145,7 @@ function onEvent(ev) {
       break;
     case "response.output_text.delta":
     case "response.output_audio_transcript.delta":
-      appendModelText(ev.delta);
+      appendModelText(ev.item_id, ev.delta);
       break;
     case "conversation.item.input_audio_transcription.delta":
       appendHeardText(ev.item_id, ev.delta);
@@ -150,7 +155,6 @@ function onEvent(ev) {
       break;
     case "output_audio_buffer.cleared":
       audio.flush();
-      modelLine = null;
       break;
     case "session.go_away":
       show(`The server is shutting down; this session ends within ${Math.ceil(ev.time_left_ms / 1000)} s.`, "info");
@@ -258,7 +262,7 @@ async function start() {
   stats.turns = stats.micPackets = stats.imagesSent = stats.missedSeq = 0;
   stats.lastSeq = -1;
   lastTickSample = null;
-  modelLine = null;
+  modelLines.clear();
   setState("connecting");
   audio = new AudioEngine(Number($("cushion").value), onMicPacket, onPlayerStats);
   try {
@@ -321,7 +325,6 @@ function submitText(asTask) {
   else {
     conn.sendText(text);
     transcriptLine("you", `you: ${text}`);
-    modelLine = null;
   }
   $("text").value = "";
 }
