@@ -17,12 +17,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
-import pytest
 from agents import realtime as agents_realtime
 from helpers.frameworks import (
     ANSWER_WORD,
     API_KEY,
-    BARGE_IN_TEXT,
+    MARKS,
     RATE,
     TOOL_CITY,
     TOOL_NAME,
@@ -32,28 +31,15 @@ from helpers.frameworks import (
     FrameworkServer,
     event_types,
     not_doubled,
-    speech_pcm,
     stream_realtime,
     truncated,
     until,
 )
-from helpers.realserver import demo_engine
 
-from microturn.model.engine import Engine
 from microturn.server.server_events import MODEL_VOICE
 
-pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return demo_engine(2)
-
-
-@pytest.fixture(scope="module")
-def hello_pcm() -> bytes:
-    return speech_pcm(BARGE_IN_TEXT)
-
+pytestmark = MARKS
+pytest_plugins = ["helpers.framework_fixtures"]  # engine, hello_pcm
 
 
 class AgentsApp:

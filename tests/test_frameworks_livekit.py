@@ -14,11 +14,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
-import pytest
 from helpers.frameworks import (
     ANSWER_WORD,
     API_KEY,
-    BARGE_IN_TEXT,
+    MARKS,
     RATE,
     TOOL_CITY,
     TOOL_NAME,
@@ -29,29 +28,16 @@ from helpers.frameworks import (
     errors_of,
     event_types,
     not_doubled,
-    speech_pcm,
     stream_realtime,
     truncated,
     until,
 )
-from helpers.realserver import demo_engine
 from livekit.plugins.openai import realtime as lk_realtime
 
-from microturn.model.engine import Engine
 from microturn.server.server_events import MODEL_VOICE
 
-pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return demo_engine(2)
-
-
-@pytest.fixture(scope="module")
-def hello_pcm() -> bytes:
-    return speech_pcm(BARGE_IN_TEXT)
-
+pytestmark = MARKS
+pytest_plugins = ["helpers.framework_fixtures"]  # engine, hello_pcm
 
 
 class LivekitApp:

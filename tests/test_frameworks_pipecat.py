@@ -19,6 +19,7 @@ from helpers.frameworks import (
     ANSWER_WORD,
     API_KEY,
     BARGE_IN_TEXT,
+    MARKS,
     RATE,
     TOOL_CITY,
     TOOL_NAME,
@@ -34,23 +35,10 @@ from helpers.frameworks import (
     truncated,
     until,
 )
-from helpers.realserver import demo_engine
 from pipecat.services.openai.realtime import llm as pipecat_llm
 
-from microturn.model.engine import Engine
-
-pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return demo_engine(2)
-
-
-@pytest.fixture(scope="module")
-def hello_pcm() -> bytes:
-    return speech_pcm(BARGE_IN_TEXT)
-
+pytestmark = MARKS
+pytest_plugins = ["helpers.framework_fixtures"]  # engine, hello_pcm
 
 
 class PipecatApp:

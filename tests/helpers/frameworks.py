@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
+import pytest
 
 from microturn.model.engine import Engine
 from microturn.training.espeak import speak
@@ -142,3 +143,5 @@ def not_doubled(text: str) -> bool:
     t = text.strip()
     half = len(t) // 2
     return bool(t) and not (len(t) % 2 == 0 and t[:half] == t[half:]) and t.count(ANSWER_WORD) <= 1
+
+MARKS = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
