@@ -13,7 +13,7 @@ import soundfile as sf
 from helpers.realserver import ServerThread, warm_engine
 
 from microturn.cli import main as cli_main
-from microturn.clients.python import AudioChunk, ServerBusy, connect, connect_with_retry
+from microturn.clients.python import AudioChunk, ConnectError, ServerBusy, connect, connect_with_retry
 from microturn.clients.python.cli import stream_audio
 from microturn.model.engine import Engine
 from microturn.model.resample import resample
@@ -37,7 +37,7 @@ def server(engine):
 
 async def test_sdk_streams_audio_image_text_and_gets_typed_events(server, speech_16k):
     client = await connect(server.ws_url)
-    assert client.session["audio"]["output"]["transport"] == "binary"
+    assert client.session_info["audio"]["output"]["transport"] == "binary"
     ok, jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), 90, np.uint8))
     assert ok
     await client.send_image(jpeg.tobytes())
@@ -60,6 +60,40 @@ async def test_sdk_streams_audio_image_text_and_gets_typed_events(server, speech
     assert client.close_code == 1000
 
 
+async def test_sdk_reads_like_the_openai_realtime_connection(server):
+    """`async with connect(url) as conn` without an extra await; namespaced client events with OpenAI's names
+    and fields, answered by typed events; microturn's tasks beside them."""
+    async with connect(server.ws_url, binary_audio=False) as conn:
+        await conn.session.update(session={"instructions": "Be brief.", "output_modalities": ["text"]})
+        item = await conn.conversation.item.create(
+            item={"id": "item_mine", "type": "message", "role": "user",
+                  "content": [{"type": "input_text", "text": "hello"}]})
+        await conn.response.create(response={"metadata": {"tag": "t1"}})
+        await conn.conversation.item.retrieve(item_id="item_mine")
+        await conn.task.create("what is 6 * 7?", scheduling="silent")
+        seen: dict[str, ev.ServerEvent] = {}
+        async for event in conn:
+            assert not isinstance(event, ev.ErrorEvent), (item, event)
+            seen.setdefault(event.type, event)
+            if {"session.updated", "conversation.item.retrieved", "task.done"} <= seen.keys():
+                break
+    assert isinstance(seen["session.updated"], ev.SessionUpdated)
+    assert seen["session.updated"].session["output_modalities"] == ["text"]
+    assert isinstance(seen["conversation.item.retrieved"], ev.ConversationItemRetrieved)
+    assert seen["conversation.item.retrieved"].item["id"] == "item_mine"
+    assert "42" in seen["task.done"].result["text"]
+    assert conn.close_code == 1000
+
+
+async def test_sdk_connection_errors_are_its_own():
+    with pytest.raises(ConnectError) as refused:
+        await connect("ws://127.0.0.1:9/v1/realtime", open_timeout=2)
+    assert refused.value.code == "unreachable"
+    with pytest.raises(ConnectError) as wrong:
+        await connect("http://127.0.0.1:9/v1/realtime")
+    assert wrong.value.code == "invalid_url"
+
+
 async def test_busy_server_raises_and_retry_gets_in_once_a_slot_frees(engine):
     with ServerThread(ServerSettings(max_sessions=1), engine) as srv:
         first = await connect(srv.ws_url)
@@ -68,7 +102,7 @@ async def test_busy_server_raises_and_retry_gets_in_once_a_slot_frees(engine):
         assert busy.value.code == "server_busy"
         asyncio.get_running_loop().call_later(0.3, lambda: asyncio.ensure_future(first.close()))
         second = await connect_with_retry(srv.ws_url, attempts=8, backoff_s=0.1)
-        assert second.session["id"].startswith("sess_")
+        assert second.session_info["id"].startswith("sess_")
         await second.close()
 
 

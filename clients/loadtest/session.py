@@ -155,7 +155,7 @@ async def _send_extras(client: Client, plan: SessionPlan, task_sent: dict[str, f
         await client.send_text(plan.text)
     if plan.task:
         await asyncio.sleep(plan.duration_s * TASK_AT)
-        event_id = await client.create_task(plan.task)
+        event_id = await client.task.create(plan.task)
         task_sent[event_id] = time.monotonic()
 
 

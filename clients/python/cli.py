@@ -116,7 +116,7 @@ async def talk(args: argparse.Namespace) -> dict:
         if args.text:
             await client.send_text(args.text)
         if args.task:
-            await client.create_task(args.task)
+            await client.task.create(args.task)
             tasks_asked = 1
         sender = asyncio.create_task(stream_audio(client, audio))
         deadline = time.monotonic() + input_s + args.tail + TASK_WAIT_S

@@ -1,13 +1,19 @@
 """Async SDK for a microturn realtime server (one WebSocket per session, `websockets` underneath).
 
-`await connect(url, api_key=...)` opens a session and waits for `session.created`
-(a refusal raises `ServerBusy` or `ConnectError`); the `Client` then sends audio
-(binary 0x01 frames at 16 or 24 kHz), camera JPEGs (0x02), typed text, session
-updates and background tasks, and yields typed events: the server's pydantic models
-(`microturn.server.protocol`) for JSON events and `AudioChunk` for binary 0x81
-output frames. `connect_with_retry` retries refusals and network errors with
-backoff. Pacing is the caller's job: `send_audio` sends at once. This module knows
-nothing about files, playback or the engine.
+It reads like the `openai` package's realtime connection: `async with connect(url) as conn`
+(or `conn = await connect(url)`) opens a session and waits for `session.created`; a
+refusal or a network failure raises `ConnectError` (`ServerBusy` when every slot is
+taken). Client events are namespaced calls with OpenAI's names and fields:
+`conn.session.update(session={...})`, `conn.conversation.item.create(item={...})`,
+`.truncate` / `.delete` / `.retrieve`, `conn.input_audio_buffer.append(audio=...)` /
+`.commit()` / `.clear()`, `conn.response.create()` / `.cancel()`,
+`conn.output_audio_buffer.clear()`. What only microturn has stays: `send_audio` /
+`send_image` as binary frames (0x01 PCM at 16 or 24 kHz, 0x02 JPEG), binary 0x81 output
+as `AudioChunk`, and background work as `conn.task.create(...)` / `.cancel(task_id)`.
+Iterating the connection yields typed events: the server's pydantic models
+(`microturn.server.server_events`). `connect_with_retry` retries a busy server and network
+errors with backoff. Pacing is the caller's job: `send_audio` sends at once. This module
+knows nothing about files, playback or the engine.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ RETRY_MAX_BACKOFF_S = 8.0  # longest wait between attempts
 
 
 class ConnectError(Exception):
-    """The server refused the session (handshake status or an `error` before session.created)."""
+    """No session: the server refused it (handshake status or an `error` before session.created), or it
+    could not be reached (`code` "unreachable": refused connection, bad address, timeout)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -109,12 +116,100 @@ def _with_query(url: str, **params: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+class _Resource:
+    """A namespace of client events (`conn.session`, `conn.response`, ...), as the openai package has."""
+
+    def __init__(self, client: Client, prefix: str) -> None:
+        self._client, self._prefix = client, prefix
+
+    async def _send(self, name: str, fields: dict[str, Any]) -> str:
+        event = {"type": f"{self._prefix}.{name}", **{k: v for k, v in fields.items() if v is not None}}
+        return await self._client.send_event(event)
+
+
+class SessionResource(_Resource):
+    async def update(self, *, session: dict[str, Any], event_id: str | None = None) -> str:
+        return await self._send("update", {"session": session, "event_id": event_id})
+
+
+class ResponseResource(_Resource):
+    async def create(self, *, response: dict[str, Any] | None = None, event_id: str | None = None) -> str:
+        """Ask the model to speak now (`response` may carry `metadata`, `instructions`)."""
+        return await self._send("create", {"response": response, "event_id": event_id})
+
+    async def cancel(self, *, response_id: str | None = None, event_id: str | None = None) -> str:
+        return await self._send("cancel", {"response_id": response_id, "event_id": event_id})
+
+
+class ItemResource(_Resource):
+    async def create(self, *, item: dict[str, Any], previous_item_id: str | None = None,
+                     event_id: str | None = None) -> str:
+        return await self._send("create", {"item": item, "previous_item_id": previous_item_id,
+                                           "event_id": event_id})
+
+    async def truncate(self, *, item_id: str, audio_end_ms: int, content_index: int = 0,
+                       event_id: str | None = None) -> str:
+        return await self._send("truncate", {"item_id": item_id, "audio_end_ms": audio_end_ms,
+                                             "content_index": content_index, "event_id": event_id})
+
+    async def delete(self, *, item_id: str, event_id: str | None = None) -> str:
+        return await self._send("delete", {"item_id": item_id, "event_id": event_id})
+
+    async def retrieve(self, *, item_id: str, event_id: str | None = None) -> str:
+        return await self._send("retrieve", {"item_id": item_id, "event_id": event_id})
+
+
+class ConversationResource:
+    def __init__(self, client: Client) -> None:
+        self.item = ItemResource(client, "conversation.item")
+
+
+class InputAudioBufferResource(_Resource):
+    async def append(self, *, audio: str, event_id: str | None = None) -> str:
+        """Base64 PCM16 at the session's input rate (JSON; `send_audio` sends a binary frame instead)."""
+        return await self._send("append", {"audio": audio, "event_id": event_id})
+
+    async def commit(self, *, event_id: str | None = None) -> str:
+        return await self._send("commit", {"event_id": event_id})
+
+    async def clear(self, *, event_id: str | None = None) -> str:
+        return await self._send("clear", {"event_id": event_id})
+
+
+class OutputAudioBufferResource(_Resource):
+    async def clear(self, *, event_id: str | None = None) -> str:
+        """Barge in: the server drops queued output and answers `output_audio_buffer.cleared`."""
+        return await self._send("clear", {"event_id": event_id})
+
+
+class TaskResource(_Resource):
+    """microturn's background tasks: answers come as `task.created` / `.delta` / `.done` events."""
+
+    async def create(self, input: str, *, scheduling: str = "when_idle", tool: str | None = None,
+                     timeout_s: float | None = None, event_id: str | None = None) -> str:
+        task: dict[str, Any] = {"input": input, "scheduling": scheduling}
+        if tool is not None:
+            task["tool"] = tool
+        if timeout_s is not None:
+            task["timeout_s"] = timeout_s
+        return await self._send("create", {"task": task, "event_id": event_id})
+
+    async def cancel(self, task_id: str, *, event_id: str | None = None) -> str:
+        return await self._send("cancel", {"task_id": task_id, "event_id": event_id})
+
+
 class Client:
-    """One live session. Iterate it (`async for event in client`) to receive events until it closes."""
+    """One live session. Iterate it (`async for event in conn`) to receive events until it closes."""
 
     def __init__(self, ws: Any, session: dict) -> None:
         self.ws = ws
-        self.session = session  # the session.created payload
+        self.session_info = session  # the session.created payload
+        self.session = SessionResource(self, "session")
+        self.response = ResponseResource(self, "response")
+        self.conversation = ConversationResource(self)
+        self.input_audio_buffer = InputAudioBufferResource(self, "input_audio_buffer")
+        self.output_audio_buffer = OutputAudioBufferResource(self, "output_audio_buffer")
+        self.task = TaskResource(self, "task")
         self._seq = itertools.count()
         self._event_ids = itertools.count(1)
         self._pts_samples = 0  # input audio sent so far, at 16 kHz, for frame pts
@@ -147,40 +242,14 @@ class Client:
         await self.ws.send(p.encode_frame(p.KIND_INPUT_JPEG, next(self._seq), pts_ms, jpeg))
 
     async def send_text(self, text: str) -> str:
-        """Typed user text for the model's text-in slots."""
-        content = [{"type": "input_text", "text": text}]
-        item = {"type": "message", "role": "user", "content": content}
-        return await self.send_event({"type": "conversation.item.create", "item": item})
-
-    async def update_session(self, **session: Any) -> str:
-        return await self.send_event({"type": "session.update", "session": session})
-
-    async def create_task(
-        self,
-        text: str,
-        scheduling: str = "when_idle",
-        tool: str | None = None,
-        timeout_s: float | None = None,
-    ) -> str:
-        """Start a background task; the answer is a `task.created` (or `task.error`) event."""
-        task: dict[str, Any] = {"input": text, "scheduling": scheduling}
-        if tool is not None:
-            task["tool"] = tool
-        if timeout_s is not None:
-            task["timeout_s"] = timeout_s
-        return await self.send_event({"type": "task.create", "task": task})
-
-    async def cancel_task(self, task_id: str) -> str:
-        return await self.send_event({"type": "task.cancel", "task_id": task_id})
+        """Typed user text for the model's text-in slots (a user message item)."""
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+        return await self.conversation.item.create(item=item)
 
     async def function_call_output(self, call_id: str, output: str) -> str:
         """Answer a `response.function_call_arguments.done` (a tool this client declared and runs)."""
         item = {"type": "function_call_output", "call_id": call_id, "output": output}
-        return await self.send_event({"type": "conversation.item.create", "item": item})
-
-    async def clear_output(self) -> str:
-        """Barge in: the server drops queued output and answers `output_audio_buffer.cleared`."""
-        return await self.send_event({"type": "output_audio_buffer.clear"})
+        return await self.conversation.item.create(item=item)
 
     async def recv(self, timeout: float | None = None) -> Event:
         """The next event; raises `websockets.ConnectionClosed` when the session is over."""
@@ -203,7 +272,27 @@ class Client:
         await self.close()
 
 
-async def connect(
+class connect:  # noqa: N801 - used as a function, like websockets.connect and the openai SDK's connect
+    """Open a session: `conn = await connect(url)` or `async with connect(url) as conn` (closed on exit).
+    Returns once `session.created` arrived. `binary_audio`: output as 0x81 frames."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self._url, self._options = url, options
+        self._client: Client | None = None
+
+    def __await__(self):  # noqa: ANN204 - the awaitable protocol
+        return _connect(self._url, **self._options).__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await _connect(self._url, **self._options)
+        return self._client
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+async def _connect(
     url: str,
     *,
     api_key: str | None = None,
@@ -212,7 +301,6 @@ async def connect(
     open_timeout: float = OPEN_TIMEOUT_S,
     **ws_options: Any,
 ) -> Client:
-    """Open a session; returns once `session.created` arrived. `binary_audio`: output as 0x81 frames."""
     credential = api_key or client_secret
     headers = {"Authorization": f"Bearer {credential}"} if credential else None
     # microturn's own task.* events on: this SDK knows them (OpenAI clients get them only when they ask)
@@ -231,6 +319,10 @@ async def connect(
         body = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
         error_type = ServerBusy if status == 503 else ConnectError
         raise error_type(f"http_{status}", body or "handshake refused") from None
+    except websockets.InvalidURI as exc:
+        raise ConnectError("invalid_url", f"{url!r} is not a ws:// or wss:// URL ({exc})") from None
+    except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
+        raise ConnectError("unreachable", f"cannot reach {url}: {exc or type(exc).__name__}") from None
     try:
         first = parse_event(await asyncio.wait_for(ws.recv(), open_timeout))
     except (TimeoutError, websockets.ConnectionClosed) as exc:
@@ -256,8 +348,9 @@ async def connect_with_retry(
     for attempt in range(attempts):
         try:
             return await connect(url, **options)
-        except (ServerBusy, OSError, TimeoutError):
-            if attempt == attempts - 1:
+        except ConnectError as exc:
+            retryable = isinstance(exc, ServerBusy) or exc.code == "unreachable"
+            if not retryable or attempt == attempts - 1:
                 raise
         await asyncio.sleep(min(backoff_s * 2**attempt, RETRY_MAX_BACKOFF_S))
     raise ValueError("attempts must be at least 1")
