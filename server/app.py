@@ -166,6 +166,8 @@ def create_app(
             await state.background.warm()
         state.tick = TickLoop(eng, state.metrics, asyncio.get_running_loop())
         state.capacity = min(settings.max_sessions, eng.max_slots)
+        state.metrics.capacity.set(state.capacity)
+        state.metrics.set_build_info(str(eng.device), root)  # root: the model card's name, set below
         state.tick.start()
         state.ready = True
         try:

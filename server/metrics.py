@@ -1,11 +1,17 @@
 """Prometheus metrics of one server instance (its own registry, so several apps can coexist in tests).
 
 Written from the tick thread (tick time, batch size, missed ticks, underruns, input
-queue) and the event loop (sessions, output queue, errors); prometheus-client
-metrics are thread-safe. This module knows nothing about sessions or the engine.
+queue) and the event loop (sessions, output queue, errors, build info, capacity);
+prometheus-client metrics are thread-safe. Names follow the Prometheus conventions:
+base units (seconds), counters end in `_total`; the client's `*_created` series are
+left out of the scrape. README.md "Metrics" lists every name (tests/test_metrics.py
+holds the two to each other). This module knows nothing about sessions or the engine.
 """
 
 from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -15,6 +21,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+
+from .. import __version__
 
 TICK_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.3, 0.5, 1.0)
 
@@ -34,6 +43,13 @@ class Metrics:
         self.active_sessions = Gauge(
             "microturn_active_sessions", "sessions holding an engine slot", registry=r
         )
+        self.capacity = Gauge(
+            "microturn_capacity_sessions", "concurrent sessions the server admits", registry=r
+        )
+        self.build_info = Gauge(
+            "microturn_build_info", "always 1; the labels say what is serving",
+            ["version", "torch", "device", "model"], registry=r,
+        )
         self.sessions = Counter("microturn_sessions_total", "sessions admitted", registry=r)
         self.batch_size = Gauge("microturn_batch_size", "sessions in the last engine step", registry=r)
         self.engine_rows = Gauge(
@@ -46,8 +62,8 @@ class Metrics:
         self.engine_restarts = Counter(
             "microturn_engine_restarts_total", "engine processes replaced after dying or hanging", registry=r
         )
-        self.input_queue_ms = Gauge(
-            "microturn_input_queue_ms", "input audio buffered, summed over sessions", registry=r
+        self.input_queue_seconds = Gauge(
+            "microturn_input_queue_seconds", "input audio buffered, summed over sessions", registry=r
         )
         self.output_queue_turns = Gauge(
             "microturn_output_queue_turns", "unsent output micro-turns, summed over sessions", registry=r
@@ -67,5 +83,30 @@ class Metrics:
             "microturn_background_tasks", "background tasks waiting or running", registry=r
         )
 
+    def set_build_info(self, device: str, model: str) -> None:
+        """Once the engine is up: its device and model (preset or checkpoint name)."""
+        self.build_info.clear()
+        self.build_info.labels(__version__, torch_version(), device, model).set(1)
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_NoCreated(self.registry))
+
+
+def torch_version() -> str:
+    """Read from the installed distribution: the server process itself never imports torch."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+class _NoCreated:
+    """The registry's families without the `*_created` timestamp samples (noise on every scrape)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family

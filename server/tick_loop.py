@@ -208,7 +208,7 @@ class TickLoop:
         self.step_ms.append(elapsed * 1e3)
         self._metrics.ticks.inc()
         self._metrics.underruns.inc(underruns)
-        self._metrics.input_queue_ms.set(queued_ms)
+        self._metrics.input_queue_seconds.set(queued_ms / 1e3)
         self.ticks += 1
         batch = [
             (session, outputs[slot], inputs[slot]) for slot, session in sessions
