@@ -21,8 +21,23 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_PRESET = "tiny"
 DEFAULT_URL = f"ws://{DEFAULT_HOST}:{DEFAULT_PORT}/v1/realtime"
-EXIT_BAD_CHECKPOINT = 1  # --checkpoint names a missing or damaged checkpoint
+# Exit codes (the README's "Command line" table): 1 = the arguments are fine but the world is not
+# (a missing file, a refused connection, a model that cannot load); 2 = the command line itself is
+# wrong (argparse's usage errors, an unknown value) or the command is not installed.
+EXIT_FAILURE = 1
+EXIT_BAD_CHECKPOINT = EXIT_FAILURE  # --checkpoint names a missing or damaged checkpoint
 EXIT_UNAVAILABLE = 2  # a subcommand whose module is not installed (argparse also uses 2 for usage errors)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default (unless its help already says it, or it has none) and keeps the
+    epilog's example lines as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _device(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +56,8 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, help=f"model preset (default {DEFAULT_PRESET})")
     parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: random weights)")
     parser.add_argument("--device", default=None, help="auto (default: CUDA if present), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default=None, help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    parser.add_argument("--dtype", default=None,
+                        help="auto (default: bf16 on CUDA, fp32 on CPU), float32, bfloat16")
 
 
 def _bench_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -205,27 +221,38 @@ class Command:
     flags: Callable[[argparse.ArgumentParser], None]  # declares its flags
     help: str
     extra: str | None = None  # the optional dependency group (pyproject.toml) it needs beyond the core
+    example: str = ""  # one invocation shown at the end of its --help
 
 
 COMMANDS: list[Command] = [
-    Command(("params",), params_main, _params_flags, "parameter, KV-memory and FLOP arithmetic of a preset"),
-    Command(("serve",), "microturn.server.cli:serve_main", _serve_flags, "run the realtime server"),
+    Command(("params",), params_main, _params_flags, "parameter, KV-memory and FLOP arithmetic of a preset",
+            example="microturn params interaction-small"),
+    Command(("serve",), "microturn.server.cli:serve_main", _serve_flags, "run the realtime server",
+            example="microturn serve --checkpoint checkpoints/tiny-demo --port 8000"),
     Command(("bench", "engine"), "microturn.benchmarks.engine_capacity:main", _bench_engine_flags,
-            "sessions held in real time"),
+            "sessions held in real time",
+            example="microturn bench engine --preset tiny --seconds 5 --device cpu"),
     Command(("bench", "server"), "microturn.benchmarks.server_capacity:main", _bench_server_flags,
-            "sessions the server holds end to end vs its engine"),
+            "sessions the server holds end to end vs its engine",
+            example="microturn bench server --checkpoint checkpoints/tiny-demo --duration 20"),
     Command(("bench", "background"), "microturn.benchmarks.background_overhead:main", _bench_background_flags,
-            "tick time with background tasks streaming"),
+            "tick time with background tasks streaming",
+            example="microturn bench background --sessions 4 --tasks 16"),
     Command(("loadtest",), "microturn.clients.loadtest.cli:main", _loadtest_flags,
-            "real-time sessions vs a server"),
+            "real-time sessions vs a server",
+            example="microturn loadtest --url ws://127.0.0.1:8000/v1/realtime --sessions 8"),
     Command(("talk",), "microturn.clients.python.cli:talk_main", _talk_flags,
-            "stream a WAV file, record the reply"),
+            "stream a WAV file, record the reply",
+            example="microturn talk --wav question.wav --out reply.wav"),
     Command(("train",), "microturn.training.train:main", _train_flags,
-            "train a model and write a checkpoint"),
+            "train a model and write a checkpoint",
+            example="microturn train --preset tiny --out runs/demo --steps 1000"),
     Command(("export",), "microturn.training.export:main", _export_flags,
-            "store a checkpoint for shipping (bf16)"),
+            "store a checkpoint for shipping (bf16)",
+            example="microturn export --checkpoint runs/demo --out checkpoints/my-demo"),
     Command(("eval", "duplex"), "microturn.training.evaluate:main", _eval_flags,
-            "duplex behaviour of a checkpoint", extra="training"),
+            "duplex behaviour of a checkpoint", extra="training",
+            example="microturn eval duplex --checkpoint checkpoints/tiny-demo"),
 ]
 
 
@@ -240,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
             if prefix not in groups:
                 group_parser = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} tools")
                 groups[prefix] = group_parser.add_subparsers(dest="_".join(prefix) + "_tool", required=True)
-        sub = groups[path[:-1]].add_parser(path[-1], help=command.help, description=command.help)
+        epilog = f"example:\n  {command.example}" if command.example else None
+        sub = groups[path[:-1]].add_parser(path[-1], help=command.help, description=command.help,
+                                           epilog=epilog, formatter_class=HelpFormatter)
         command.flags(sub)
         sub.set_defaults(_command=command)
     return parser

@@ -38,6 +38,7 @@ from .errors import HTTP_STATUS, ErrorCode, error_payload
 from .metrics import Metrics
 from .settings import ServerSettings
 from .tick_loop import TickLoop
+from .webrtc import CALLS_PATH, serve_call
 
 log = logging.getLogger(__name__)
 # Python 3.11 says application/javascript when the OS has no /etc/mime.types (slim images)
@@ -251,6 +252,11 @@ def create_app(
     @app.websocket("/v1/realtime")
     async def realtime(ws: WebSocket) -> None:
         await serve_websocket(ws, state)
+
+    @app.post(CALLS_PATH, status_code=201)
+    async def realtime_call(request: Request) -> Response:
+        """WebRTC: an SDP offer in, the answer out; the same session on an RTCPeerConnection."""
+        return await serve_call(request, state)
 
     web = web_dir()
     if web is not None:
