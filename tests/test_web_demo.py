@@ -151,7 +151,7 @@ def test_page_talks_sees_plays_transcribes_and_runs_a_background_task(engine, br
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web_demo.png"), full_page=True)
         task = page.locator(".task.done").first
-        assert "391" in task.locator(".partial").inner_text()
+        assert "391" in task.locator(".partial").text_content()  # the steps, folded away
         assert "391" in task.locator(".result").inner_text()
         assert stats["missedSeq"] == 0
         # how often the ring runs dry is a timing figure (the end of each spoken burst counts, and so
@@ -160,11 +160,14 @@ def test_page_talks_sees_plays_transcribes_and_runs_a_background_task(engine, br
         player = stats["player"]
         assert player["chunks"] > 0 and 0 <= player["underruns"] <= player["chunks"], player
         assert page.inner_text("#transcript").strip()
-        assert page.inner_text("#hud-state") == "live"
-        assert page.inner_text("#hud-rtt").endswith(" ms") and page.inner_text("#hud-tick").endswith(" ms")
+        assert page.inner_text("#hud-state") == "live: talk or type"
+        assert task.locator(".input").inner_text() == "what is 17 times 23?"  # titled by its question
+        assert task.locator(".status").inner_text() == "answered"
+        assert page.inner_text("#hud-rtt").endswith(" ms") and page.text_content("#hud-tick").endswith(" ms")
         assert received["images"] >= 2 and received["audio_samples"] >= 16_000
         page.click("#stop")
-        assert page.inner_text("#hud-state") == "closed"
+        assert page.inner_text("#hud-state") == "ended"
+        assert page.inner_text("#hud-mic") == "off" and page.inner_text("#hud-model") == "–"  # true after Stop
         assert stats["errors"] == [] and console.problems == []
         page.close()
 

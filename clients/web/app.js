@@ -1,9 +1,12 @@
 // The demo page: wires the connection, the audio worklets, the camera and the UI.
 // Start opens the audio graph, the mic and the session; model audio goes to the
-// playback worklet, model text to the transcript, task.* events to the task panel,
-// and the HUD shows connection state, round trip, server tick time (from /metrics),
-// playback buffer depth and underruns. Live figures are mirrored in `window.microturnDemo`
-// for tests and curious users. Query parameters prefill the settings: url, key, cushion.
+// playback worklet; the transcript has one line per response (marked when cut off) and
+// one per user utterance (typed, or what the model heard); task.* events fill the task
+// panel, each card titled by its question. The status row speaks to a visitor (state,
+// microphone, whether the model is speaking, delay); developer figures (server tick from
+// /metrics, playback buffer, underruns, turns) sit behind a toggle. Live figures are
+// mirrored in `window.microturnDemo` for tests and curious users. Query parameters
+// prefill the settings: url, key, cushion.
 import { defaultUrl, RealtimeConnection } from "./realtime.js";
 import { AudioEngine, Camera, deviceMessage, WIRE_RATE } from "./media.js";
 
@@ -45,6 +48,8 @@ let stopping = false;
 // or a typed line lands in the middle of it.
 const modelLines = new Map();
 let deviceNotice = ""; // a device problem that should stay on screen once connected
+let muted = false;
+const STATE_WORDS = { idle: "not connected", connecting: "connecting…", live: "live: talk or type", closed: "ended" };
 
 function show(text, kind = "error") {
   const el = $("message");
@@ -55,9 +60,18 @@ function show(text, kind = "error") {
 
 function setState(state) {
   stats.state = state;
-  $("hud-state").textContent = state;
+  $("hud-state").textContent = STATE_WORDS[state] || state;
   $("start").disabled = state === "connecting" || state === "live";
   $("stop").disabled = !($("start").disabled);
+  $("mute").disabled = state !== "live";
+  if (state !== "live") {
+    $("hud-model").textContent = "–";
+    $("hud-buffer").textContent = "–";
+  }
+}
+
+function setMic(text) {
+  $("hud-mic").textContent = text;
 }
 
 function transcriptLine(cls, text) {
@@ -69,29 +83,56 @@ function transcriptLine(cls, text) {
   return span;
 }
 
-function appendModelText(itemId, delta) {
+function modelLine(itemId) {
   let line = modelLines.get(itemId);
   if (!line) {
     line = transcriptLine("model", "");
+    line.append(Object.assign(document.createElement("span"), { className: "who", textContent: "model: " }));
+    line.append(Object.assign(document.createElement("span"), { className: "said" }));
     modelLines.set(itemId, line);
   }
-  line.textContent += delta;
+  return line;
+}
+
+function appendModelText(itemId, delta) {
+  modelLine(itemId).querySelector(".said").textContent += delta;
   stats.textChars += delta.length;
   $("transcript").scrollTop = $("transcript").scrollHeight;
 }
 
-// What the model heard you say (its own reading of its audio-in), one line per speech item.
+// A response that ended cancelled (you talked over it, or it was stopped) or incomplete is marked.
+function endResponse(response) {
+  $("hud-model").textContent = "listening";
+  if (response.status === "completed") return;
+  for (const item of response.output || []) {
+    const line = modelLines.get(item.id);
+    if (line && !line.classList.contains("cut")) {
+      line.classList.add("cut");
+      line.append(Object.assign(document.createElement("span"), { className: "note", textContent: " (cut off)" }));
+    }
+  }
+}
+
+// What the model heard you say (its own reading of its audio-in), one line per speech item; a stretch of
+// noise the model read nothing from leaves no line.
 const heardLines = new Map();
 function appendHeardText(itemId, delta, final) {
   let line = heardLines.get(itemId);
   if (!line) {
+    if (!(final || delta).trim()) return;
     line = transcriptLine("heard", "you (heard): ");
     heardLines.set(itemId, line);
+  }
+  if (final !== undefined && !final.trim()) {
+    line.remove();
+    heardLines.delete(itemId);
+    return;
   }
   line.textContent = final === undefined ? line.textContent + delta : `you (heard): ${final}`;
   $("transcript").scrollTop = $("transcript").scrollHeight;
 }
 
+// A task card: its question as the title, its status, the streamed steps folded away, the answer once.
 function taskCard(taskId, input) {
   let card = document.querySelector(`.task[data-task-id="${CSS.escape(taskId)}"]`);
   if (card) return card;
@@ -99,19 +140,21 @@ function taskCard(taskId, input) {
   card.className = "task running";
   card.dataset.taskId = taskId;
   card.innerHTML =
-    '<div class="head"><span class="id"></span><span class="status">running</span>' +
-    '<button type="button">cancel</button></div><div class="input"></div>' +
-    '<div class="partial"></div><div class="result"></div>';
-  card.querySelector(".id").textContent = taskId;
-  card.querySelector(".input").textContent = input || "";
+    '<div class="head"><span class="input"></span><span class="status">working…</span>' +
+    '<button type="button">cancel</button></div><div class="result"></div>' +
+    '<details><summary>steps</summary><div class="partial"></div></details>';
+  card.querySelector(".input").textContent = input || "background task";
+  card.title = taskId;
   card.querySelector("button").onclick = () => conn && conn.cancelTask(taskId);
+  $("tasks-empty").hidden = true;
   $("tasks").prepend(card);
   return card;
 }
 
+const TASK_STATUS_WORDS = { done: "answered", error: "failed", cancelled: "cancelled" };
 function finishTask(card, status, text) {
   card.className = `task ${status}`;
-  card.querySelector(".status").textContent = status;
+  card.querySelector(".status").textContent = TASK_STATUS_WORDS[status] || status;
   card.querySelector(".result").textContent = text;
   card.querySelector("button").remove();
 }
@@ -133,6 +176,7 @@ function onEvent(ev) {
   switch (ev.type) {
     case "session.created":
       setState("live");
+      $("hud-model").textContent = "listening";
       show(deviceNotice, "info");
       startProbes();
       break;
@@ -142,6 +186,12 @@ function onEvent(ev) {
         $("hud-rtt").textContent = `${stats.rttMs.toFixed(0)} ms`;
         rttSentAt = null;
       }
+      break;
+    case "response.created":
+      $("hud-model").textContent = "speaking";
+      break;
+    case "response.done":
+      endResponse(ev.response);
       break;
     case "response.output_text.delta":
     case "response.output_audio_transcript.delta":
@@ -230,10 +280,18 @@ async function pollMetrics() {
   }
 }
 
+function showCamera(on) {
+  $("preview").hidden = !on;
+  $("camera-note").innerHTML = on
+    ? "The model sees this view (a frame or two a second)."
+    : "Camera off. Tick <strong>Camera</strong> to let the model see.";
+}
+
 async function toggleCamera() {
   if (!$("camera").checked) {
     clearInterval(cameraTimer);
     if (camera) camera.stop();
+    showCamera(false);
     return;
   }
   camera = camera || new Camera($("preview"));
@@ -241,9 +299,11 @@ async function toggleCamera() {
     await camera.start();
   } catch (err) {
     $("camera").checked = false;
+    showCamera(false);
     show(deviceMessage("Camera", err));
     return;
   }
+  showCamera(true);
   clearInterval(cameraTimer);
   cameraTimer = setInterval(async () => {
     const jpeg = await camera.grab();
@@ -274,11 +334,11 @@ async function start() {
   }
   try {
     await audio.startMic();
-    $("hud-mic").textContent = `on (${audio.sampleRate} Hz → ${WIRE_RATE} Hz)`;
+    setMic(muted ? "muted" : "on");
   } catch (err) {
     deviceNotice = `${deviceMessage("Microphone", err)} You can still type.`;
     show(deviceNotice, "info");
-    $("hud-mic").textContent = "off";
+    setMic("not available");
   }
   conn = new RealtimeConnection($("url").value, $("key").value.trim(), {
     onOpen: () => {},
@@ -289,12 +349,20 @@ async function start() {
   if ($("camera").checked) toggleCamera();
 }
 
+// Muted, the mic sends silence: the session's clock keeps running and the model hears a quiet room.
 function onMicPacket(pcm, level) {
   stats.micLevel = level;
   if (!conn || stats.state !== "live") return;
-  conn.sendAudio(pcm, WIRE_RATE);
+  conn.sendAudio(muted ? new ArrayBuffer(pcm.byteLength) : pcm, WIRE_RATE);
   stats.micPackets += 1;
-  if (stats.micPackets % 5 === 0) $("hud-mic").textContent = `on, level ${(20 * Math.log10(level + 1e-9)).toFixed(0)} dBFS`;
+  if (stats.micPackets % 5 === 0) $("hud-level").textContent = `${(20 * Math.log10(level + 1e-9)).toFixed(0)} dBFS`;
+}
+
+function toggleMute() {
+  muted = !muted;
+  $("mute").textContent = muted ? "Unmute mic" : "Mute mic";
+  $("mute").setAttribute("aria-pressed", String(muted));
+  if (audio && stats.state === "live") setMic(muted ? "muted" : "on");
 }
 
 function teardown() {
@@ -303,8 +371,12 @@ function teardown() {
   clearInterval(cameraTimer);
   if (camera) camera.stop();
   $("camera").checked = false;
+  showCamera(false);
   if (audio) audio.stop();
   rttSentAt = null;
+  setMic("off");
+  $("hud-level").textContent = "–";
+  $("hud-rtt").textContent = "–";
 }
 
 function stop() {
@@ -321,12 +393,35 @@ function submitText(asTask) {
     show("Start a session first.", "info");
     return;
   }
-  if (asTask) conn.createTask(text);
-  else {
+  if (asTask) {
+    conn.createTask(text);
+    transcriptLine("you", `you (task): ${text}`);
+  } else {
     conn.sendText(text);
     transcriptLine("you", `you: ${text}`);
   }
   $("text").value = "";
+}
+
+// An example prompt: typed and sent (started first when needed); a camera one ticks the camera.
+async function tryExample(button) {
+  if (button.dataset.camera && !$("camera").checked) {
+    $("camera").checked = true;
+    if (stats.state === "live") toggleCamera();
+  }
+  if (stats.state !== "live") {
+    if (stats.state !== "connecting") await start();
+    await new Promise((resolve) => {
+      const wait = setInterval(() => {
+        if (stats.state !== "connecting") {
+          clearInterval(wait);
+          resolve();
+        }
+      }, 100);
+    });
+  }
+  $("text").value = button.textContent;
+  submitText(Boolean(button.dataset.task));
 }
 
 $("start").onclick = start;
@@ -338,4 +433,6 @@ $("compose").onsubmit = (e) => {
   submitText(false);
 };
 $("ask").onclick = () => submitText(true);
+$("mute").onclick = toggleMute;
+for (const button of document.querySelectorAll("#examples .example")) button.onclick = () => tryExample(button);
 setState("idle");
