@@ -167,7 +167,8 @@ def test_page_talks_sees_plays_transcribes_and_runs_a_background_task(engine, br
         assert received["images"] >= 2 and received["audio_samples"] >= 16_000
         page.click("#stop")
         assert page.inner_text("#hud-state") == "ended"
-        assert page.inner_text("#hud-mic") == "off" and page.inner_text("#hud-model") == "–"  # true after Stop
+        # what the status row says is true after Stop
+        assert page.inner_text("#hud-mic") == "off" and page.inner_text("#hud-model") == "–"
         assert stats["errors"] == [] and console.problems == []
         page.close()
 
