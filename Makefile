@@ -8,8 +8,8 @@ PRESET ?= tiny
 .PHONY: install system-deps serve test fuzz lint bench bench-engine train-demo eval-demo clean
 
 # Debian packages the tests need, as COMMAND:PACKAGE (espeak-ng speaks the test and training speech;
-# chromium runs the demo page's browser tests)
-SYSTEM_DEPS := espeak-ng:espeak-ng chromium:chromium
+# chromium and firefox-esr run the demo page's browser tests)
+SYSTEM_DEPS := espeak-ng:espeak-ng chromium:chromium firefox-esr:firefox-esr
 
 install: $(VENV)/.installed
 

@@ -8,6 +8,18 @@ const PACKET_MS = 40; // mic packet size
 const JPEG_QUALITY = 0.7;
 const CAMERA_WIDTH = 320;
 const CAMERA_HEIGHT = 240;
+// How long AudioContext.resume() may take. Firefox never settles it when no output device can be
+// opened (no sound card or sound server), and a browser that blocks autoplay may hold it too.
+const RESUME_TIMEOUT_MS = 5000;
+
+// `promise`, or a TimeoutError DOMException carrying `message` after `ms`.
+function withTimeout(promise, ms, message) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new DOMException(message, "TimeoutError")), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
 
 export function deviceMessage(what, error) {
   const name = error && error.name;
@@ -31,8 +43,27 @@ export class AudioEngine {
     this.stream = null;
   }
 
+  // Rejects (and closes the context) when the audio graph cannot start; a TimeoutError when the browser
+  // does not start audio output in time, its message saying so in plain language.
   async start() {
     this.ctx = new AudioContext({ latencyHint: "interactive" });
+    try {
+      await this.buildGraph();
+      await withTimeout(
+        this.ctx.resume(),
+        RESUME_TIMEOUT_MS,
+        `The browser did not start audio output within ${RESUME_TIMEOUT_MS / 1000} s ` +
+          "(no sound output device, or autoplay is blocked for this site).",
+      );
+    } catch (err) {
+      const ctx = this.ctx;
+      this.ctx = this.player = null;
+      ctx.close().catch(() => {});
+      throw err;
+    }
+  }
+
+  async buildGraph() {
     const base = new URL(".", import.meta.url);
     await this.ctx.audioWorklet.addModule(new URL("player-worklet.js", base));
     await this.ctx.audioWorklet.addModule(new URL("mic-worklet.js", base));
@@ -43,7 +74,6 @@ export class AudioEngine {
     });
     this.player.port.onmessage = (e) => this.onPlayerStats(e.data);
     this.player.connect(this.ctx.destination);
-    await this.ctx.resume();
   }
 
   async startMic() {
@@ -60,6 +90,7 @@ export class AudioEngine {
   }
 
   play(pcm16Buffer) {
+    if (!this.player) return; // stopped: a frame still in flight is dropped
     const pcm = new Int16Array(pcm16Buffer);
     const samples = new Float32Array(pcm.length);
     for (let i = 0; i < pcm.length; i++) samples[i] = pcm[i] / 32768;
@@ -74,11 +105,14 @@ export class AudioEngine {
     return this.ctx ? this.ctx.sampleRate : null;
   }
 
+  // Safe to call again while a stop is under way (Stop, then the socket's close, both tear down): the
+  // fields are cleared first, so the context is closed once (Firefox rejects a second close()).
   async stop() {
-    if (this.stream) this.stream.getTracks().forEach((t) => t.stop());
-    if (this.mic) this.mic.port.onmessage = null;
-    if (this.ctx) await this.ctx.close();
+    const { ctx, mic, stream } = this;
     this.ctx = this.player = this.mic = this.stream = null;
+    if (stream) stream.getTracks().forEach((t) => t.stop());
+    if (mic) mic.port.onmessage = null;
+    if (ctx && ctx.state !== "closed") await ctx.close();
   }
 }
 
