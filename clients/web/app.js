@@ -328,7 +328,7 @@ async function start() {
   try {
     await audio.start();
   } catch (err) {
-    show(`Audio output could not start (${err.name || err}).`);
+    show(`Audio output could not start: ${err.message || err.name || err}`);
     setState("idle");
     return;
   }
