@@ -38,7 +38,7 @@ from .errors import HTTP_STATUS, ErrorCode, error_payload
 from .metrics import Metrics
 from .settings import ServerSettings
 from .tick_loop import TickLoop
-from .webrtc import CALLS_PATH, serve_call
+from .webrtc import CALLS_PATH, hangup_call, serve_call
 
 log = logging.getLogger(__name__)
 # Python 3.11 says application/javascript when the OS has no /etc/mime.types (slim images)
@@ -257,6 +257,10 @@ def create_app(
     async def realtime_call(request: Request) -> Response:
         """WebRTC: an SDP offer in, the answer out; the same session on an RTCPeerConnection."""
         return await serve_call(request, state)
+
+    @app.post(CALLS_PATH + "/{call_id}/hangup")
+    async def realtime_call_hangup(call_id: str, request: Request) -> Response:
+        return await hangup_call(request, state, call_id)
 
     web = web_dir()
     if web is not None:

@@ -202,6 +202,11 @@ class PeerSocket:
         def on_open() -> None:
             self._flush_pending()
 
+        @channel.on("close")
+        def on_close() -> None:  # no more events either way: the call is over
+            self.application_state = WebSocketState.DISCONNECTED
+            self._inbox.put_nowait({"type": "websocket.disconnect"})
+
         if channel.readyState == "open":
             self._flush_pending()
 
@@ -285,7 +290,7 @@ async def _read_sdp(request: Request) -> str | None:
         return None
 
 
-_calls: set[asyncio.Task] = set()  # live calls' tasks, held so they are not collected
+_calls: dict[str, tuple[asyncio.Task, PeerSocket]] = {}  # live calls by call id (holds their tasks)
 
 
 async def serve_call(request: Request, state: ServerState) -> Response:
@@ -333,10 +338,10 @@ async def serve_call(request: Request, state: ServerState) -> Response:
         state.connections.discard(conn)
         await pc.close()
         return _error(state, ErrorCode.INVALID_REQUEST, f"no answer to this SDP offer: {exc}", 400)
-    task = asyncio.create_task(_run_call(conn, peer, grant))
-    _calls.add(task)
-    task.add_done_callback(_calls.discard)
     call_id = "rtc_" + conn.session.id.removeprefix("sess_")
+    task = asyncio.create_task(_run_call(conn, peer, grant))
+    _calls[call_id] = (task, peer)
+    task.add_done_callback(lambda _: _calls.pop(call_id, None))
     return Response(pc.localDescription.sdp, 201, media_type=SDP_TYPE,
                     headers={"Location": f"{CALLS_PATH}/{call_id}"})
 
@@ -357,3 +362,15 @@ async def _ice_deadline(conn: WebRTCConnection, peer: PeerSocket) -> None:
         await asyncio.wait_for(peer.connected.wait(), ICE_CONNECT_TIMEOUT_S)
     except TimeoutError:
         conn.request_close(ErrorCode.IDLE_TIMEOUT, f"ICE did not connect within {ICE_CONNECT_TIMEOUT_S:g} s")
+
+
+async def hangup_call(request: Request, state: ServerState, call_id: str) -> Response:
+    """POST /v1/realtime/calls/{call_id}/hangup (OpenAI's spelling): end a call from the server side, as
+    a peer leaving ends it. Needs an API key when auth is on (a call's client secret is spent)."""
+    if not state.auth.http_allowed(request.headers.get("authorization")):
+        return _error(state, ErrorCode.UNAUTHORIZED, "API key required")
+    call = _calls.get(call_id)
+    if call is None:
+        return _error(state, ErrorCode.INVALID_REQUEST, f"no live call {call_id!r}", 404)
+    await call[1].shutdown()
+    return Response(status_code=200)

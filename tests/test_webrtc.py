@@ -202,6 +202,26 @@ async def test_call_needs_the_credential(engine):
             await call.close()
 
 
+async def test_hangup_ends_the_call_and_frees_its_session(server):
+    call = Call(None)
+    try:
+        reply = await call.connect(calls_url(server))
+        assert reply.status_code == 201
+        await call.wait_for("session.created", 10)
+        hangup = f"{server.http_url}{reply.headers['location']}/hangup"
+        async with httpx.AsyncClient() as client:
+            assert (await client.post(hangup)).status_code == 200
+            state = server.app.state.server
+            deadline = time.monotonic() + 5
+            while state.connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not state.connections
+            again = await client.post(hangup)
+            assert again.status_code == 404 and again.json()["error"]["code"] == "invalid_request"
+    finally:
+        await call.close()
+
+
 async def test_ice_that_never_connects_releases_the_session(server, monkeypatch):
     monkeypatch.setattr(webrtc, "ICE_CONNECT_TIMEOUT_S", 1.5)
     call = Call(None)
