@@ -49,12 +49,16 @@ def _assert_contiguous(frames: list[p.Frame]) -> None:
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
 
 
-async def _settled_rows(server: ServerThread, engine: Engine) -> tuple[int, int]:
-    """(engine rows, live sessions) once they agree, or as they are after ROWS_SETTLE_S."""
+async def _settled_rows(server: ServerThread, engine: Engine, expected: int) -> tuple[int, int]:
+    """(engine rows, live sessions) once both are `expected`, or as they are after ROWS_SETTLE_S.
+
+    Waiting for the expected count, not for any agreement: a client's close handshake completes
+    before the server's handler sees the disconnect, so rows == live == 1 can still hold then."""
     deadline = time.monotonic() + ROWS_SETTLE_S
     while True:
         rows, live = len(engine.table), len(server.app.state.server.connections)
-        if (rows == live and len(engine.active_slots) == rows) or time.monotonic() > deadline:
+        settled = rows == live == expected and len(engine.active_slots) == rows
+        if settled or time.monotonic() > deadline:
             return rows, live
         await asyncio.sleep(0.05)
 
@@ -120,7 +124,7 @@ async def test_lone_surrogate_text_gets_invalid_event_and_the_session_lives(serv
         _assert_contiguous(frames)  # the sender still streams
         frames, _ = await watch
         _assert_contiguous(frames)
-        assert await _settled_rows(server, engine) == (2, 2)
+        assert await _settled_rows(server, engine, 2) == (2, 2)
 
 
 @pytest.mark.parametrize("stage", ["take_input", "deliver"])
@@ -151,7 +155,7 @@ async def test_a_failing_tick_stage_closes_only_its_session(server, engine, monk
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
         frames, _ = await watch
         _assert_contiguous(frames)
-        assert await _settled_rows(server, engine) == (1, 1)
+        assert await _settled_rows(server, engine, 1) == (1, 1)
         assert len(calls) == 1, calls  # failed once, then was out of the batch
 
 
@@ -177,15 +181,15 @@ async def test_out_of_range_numbers_are_refused_and_hold_no_engine_row(server, e
         _assert_contiguous(frames)
         frames, _ = await watch
         _assert_contiguous(frames)
-        assert await _settled_rows(server, engine) == (2, 2)
+        assert await _settled_rows(server, engine, 2) == (2, 2)
         await sender.send('{"type":"session.update","event_id":"ok","session":{"seed":9223372036854775807}}')
         _, events = await collect(sender, 5, until=lambda e: e["type"] in ("session.updated", "error"))
         assert events[-1]["type"] == "session.updated" and events[-1]["session"]["seed"] == 2**63 - 1
-    assert await _settled_rows(server, engine) == (0, 0)
+    assert await _settled_rows(server, engine, 0) == (0, 0)
     async with websockets.connect(server.ws_url) as a, websockets.connect(server.ws_url) as b:
         await _ready(a)
         await _ready(b)
-        assert await _settled_rows(server, engine) == (2, 2)
+        assert await _settled_rows(server, engine, 2) == (2, 2)
 
 
 async def test_a_failed_rejoin_gives_its_row_back(server, engine, monkeypatch):
@@ -212,10 +216,10 @@ async def test_a_failed_rejoin_gives_its_row_back(server, engine, monkeypatch):
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
         frames, _ = await watch
         _assert_contiguous(frames)
-        assert await _settled_rows(server, engine) == (1, 1)
+        assert await _settled_rows(server, engine, 1) == (1, 1)
         async with websockets.connect(server.ws_url) as late:
             await _ready(late)  # admitted: the failed session's slot was given back
-            assert await _settled_rows(server, engine) == (2, 2)
+            assert await _settled_rows(server, engine, 2) == (2, 2)
 
 
 async def test_huge_task_input_is_refused_and_the_bystander_keeps_streaming(server):
@@ -270,5 +274,5 @@ async def test_a_closed_sessions_slot_is_free_for_the_next_connection_at_once(en
         _, events = await collect(last, 5, until=lambda e: e["type"] in ("session.created", "error"))
         assert events[-1]["type"] == "session.created", events
         await last.close()
-        rows, live = await _settled_rows(server, engine)
+        rows, live = await _settled_rows(server, engine, 0)
         assert rows == live == 0
