@@ -7,9 +7,14 @@ PRESET ?= tiny
 
 .PHONY: install system-deps serve test fuzz lint bench bench-engine train-demo eval-demo clean
 
-# Debian packages the tests need, as COMMAND:PACKAGE (espeak-ng speaks the test and training speech;
-# chromium and firefox-esr run the demo page's browser tests)
-SYSTEM_DEPS := espeak-ng:espeak-ng chromium:chromium firefox-esr:firefox-esr
+# Debian packages the tests need, as CHECK:PACKAGE, CHECK a command or a path (espeak-ng and festival
+# with its English voices speak the test and training speech; chromium and firefox-esr run the demo
+# page's browser tests; haproxy balances the scale-out test's replicas)
+FESTIVAL_VOICES := /usr/share/festival/voices/english/kal_diphone:festvox-kallpc16k \
+	/usr/share/festival/voices/english/ked_diphone:festvox-kdlpc16k \
+	/usr/share/festival/voices/us/cmu_us_slt_arctic_hts:festvox-us-slt-hts
+SYSTEM_DEPS := espeak-ng:espeak-ng festival:festival $(FESTIVAL_VOICES) chromium:chromium \
+	firefox-esr:firefox-esr /usr/sbin/haproxy:haproxy
 
 install: $(VENV)/.installed
 
