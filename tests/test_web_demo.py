@@ -1,4 +1,5 @@
-"""The browser demo page in Debian's Chromium (headless, Playwright) against a real server.
+"""The browser demo page in Debian's Chromium (headless, Playwright) against a real server, over both
+transports: WebRTC (the page's default) and the WebSocket.
 
 Chromium's fake devices play an espeak-ng WAV as the microphone and a y4m file
 (drawn here with numpy) as the camera. The server side is observed through
@@ -9,6 +10,7 @@ camera frames" means the server received and decoded them.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,11 +130,15 @@ def test_page_and_worklets_are_served_with_their_content_types(engine):
             assert response.status_code == 200 and response.headers["content-type"].startswith(kind), path
 
 
-def test_page_talks_sees_plays_transcribes_and_runs_a_background_task(engine, browser, received):
+def test_page_over_the_websocket_talks_sees_plays_transcribes_and_runs_a_background_task(
+    engine, browser, received
+):
+    """The WebSocket transport (?transport=websocket, and the fallback when a call fails): binary frames
+    both ways, the playback worklet plays the model's voice."""
     with ServerThread(ServerSettings(max_sessions=SLOTS), engine) as srv:
         page = browser.new_page()
         console = ConsoleWatch(page)
-        page.goto(f"{srv.http_url}/?cushion=400")
+        page.goto(f"{srv.http_url}/?transport=websocket&cushion=400")
         page.check("#camera")
         page.click("#start")
         page.wait_for_function(
@@ -173,6 +179,83 @@ def test_page_talks_sees_plays_transcribes_and_runs_a_background_task(engine, br
         page.close()
 
 
+# the remote track's inbound audio energy so far (the model's voice as the browser received it)
+INBOUND_ENERGY = """async () => {
+    const stats = await window.microturnRealtime.pc.getStats();
+    for (const s of stats.values())
+        if (s.type === 'inbound-rtp' && s.kind === 'audio') return s.totalAudioEnergy || 0;
+    return 0;
+}"""
+
+
+def test_page_over_webrtc_by_default_hears_sees_plays_and_runs_a_task(engine, browser, received):
+    """The page's default transport where the browser has it: the fake mic's speech goes up the call's
+    track, camera frames and events over its data channel, the model's voice comes down the remote track
+    (with energy), the HUD reads the call's receive figures, and Stop hangs the call up."""
+    with ServerThread(ServerSettings(max_sessions=SLOTS), engine) as srv:
+        page = browser.new_page()
+        console = ConsoleWatch(page)
+        page.goto(srv.http_url + "/")
+        page.check("#camera")
+        page.click("#start")
+        page.wait_for_function("window.microturnDemo.stats.state === 'live'", timeout=WAIT_MS)
+        assert page.evaluate("window.microturnRealtime.transport") == "webrtc"
+        assert page.inner_text("#hud-transport") == "WebRTC (echo cancelled)"
+        page.evaluate("""() => {
+            const c = window.microturnRealtime, on = c.handlers.onEvent;
+            c.seen = [];
+            c.handlers.onEvent = (e) => { c.seen.push(e.type); on(e); };
+        }""")
+        page.wait_for_function(
+            "window.microturnRealtime.seen.includes('input_audio_buffer.speech_started')", timeout=WAIT_MS
+        )
+        page.wait_for_function(f"({INBOUND_ENERGY})().then((e) => e > 0)", timeout=WAIT_MS)
+        page.wait_for_function(
+            """() => { const s = window.microturnDemo.stats;
+                return s.rtc && s.rtc.packetsReceived > 50 && s.imagesSent >= 2 && s.textChars > 0; }""",
+            timeout=WAIT_MS,
+        )
+        page.fill("#text", "what is 17 times 23?")
+        page.click("#ask")
+        page.wait_for_selector(".task.done", timeout=WAIT_MS)
+        assert "391" in page.locator(".task.done").first.locator(".result").inner_text()
+        buffer_shown = "document.querySelector('#hud-buffer').textContent.endsWith('(jitter buffer)')"
+        page.wait_for_function(buffer_shown, timeout=WAIT_MS)
+        assert page.text_content("#hud-turns").endswith(" s")  # behind the closed "Developer figures"
+        assert received["images"] >= 2 and received["audio_samples"] >= 16_000
+        assert len(srv.app.state.server.connections) == 1
+        page.click("#stop")
+        assert page.inner_text("#hud-state") == "ended" and page.inner_text("#hud-transport") == "–"
+        deadline = time.monotonic() + 10
+        while srv.app.state.server.connections and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not srv.app.state.server.connections, "the page's call still holds its session after Stop"
+        assert page.evaluate("window.microturnDemo.stats.errors") == [] and console.problems == []
+        page.close()
+
+
+def test_page_falls_back_to_the_websocket_when_the_call_fails(engine, browser):
+    """An offer the server cannot take (400): the session runs over the WebSocket instead, and the page
+    says why the visitor should wear headphones."""
+    spoil_offer = """const realFetch = window.fetch;
+        window.fetch = (url, init) => String(url).includes('/realtime/calls')
+            ? realFetch(url, { ...init, body: 'v=0 not an offer' }) : realFetch(url, init);"""
+    with ServerThread(ServerSettings(max_sessions=SLOTS), engine) as srv:
+        page = browser.new_page()
+        console = ConsoleWatch(page)
+        page.add_init_script(spoil_offer)
+        page.goto(srv.http_url + "/")
+        page.click("#start")
+        page.wait_for_function("window.microturnDemo.stats.state === 'live'", timeout=WAIT_MS)
+        assert page.evaluate("window.microturnRealtime.transport") == "websocket"
+        assert "wear headphones" in page.inner_text("#message")
+        assert page.inner_text("#hud-transport") == "WebSocket (use headphones)"
+        page.wait_for_function("window.microturnDemo.stats.turns >= 5", timeout=WAIT_MS)
+        page.click("#stop")
+        assert [p for p in console.problems if "status of 400" not in p] == []
+        page.close()
+
+
 def test_page_says_when_the_server_is_busy_and_when_the_mic_is_denied(engine, browser):
     deny_mic = """navigator.mediaDevices.getUserMedia = async (c) => {
         if (c.audio) throw new DOMException('Permission denied', 'NotAllowedError');
@@ -186,6 +269,10 @@ def test_page_says_when_the_server_is_busy_and_when_the_mic_is_denied(engine, br
             page.click("#start")
             page.wait_for_function("window.microturnDemo.stats.state === 'closed'", timeout=WAIT_MS)
             assert "busy" in page.inner_text("#message")
+            # refused as the WebSocket would be, not retried there
+            assert page.evaluate("window.microturnRealtime.transport") == "webrtc"
+        # the browser logs the call's 503 itself; the page logged nothing else
+        assert [p for p in console.problems if "status of 503" not in p] == []
         page.close()
         page = browser.new_page()
         page.add_init_script(deny_mic)
@@ -199,10 +286,10 @@ def test_page_says_when_the_server_is_busy_and_when_the_mic_is_denied(engine, br
                 break
             page.wait_for_timeout(100)
         assert page.evaluate("window.microturnDemo.stats.state") == "live"
+        assert page.evaluate("window.microturnRealtime.transport") == "webrtc"  # a call with no mic track
         assert "Microphone access was denied" in page.inner_text("#message")
         page.click("#camera")  # the page un-ticks it again when the camera fails
         page.wait_for_function("document.querySelector('#message').textContent.includes('No camera')")
         assert not page.is_checked("#camera")
         page.click("#stop")
-        assert console.problems == []
         page.close()

@@ -1,6 +1,8 @@
 // The demo page: wires the connection, the audio worklets, the camera and the UI.
-// Start opens the audio graph, the mic and the session; model audio goes to the
-// playback worklet; the transcript has one line per response (marked when cut off) and
+// Start opens the audio graph, the mic and the session, over WebRTC where the browser has
+// it (the model's voice plays from the call's track, inside the echo canceller) and over
+// the WebSocket otherwise or when the call fails (model audio goes to the playback
+// worklet; the page says to wear headphones); the transcript has one line per response (marked when cut off) and
 // one per user utterance (typed, or what the model heard); task.* events fill the task
 // panel, each card titled by its question. The status row speaks to a visitor (state,
 // microphone, whether the model is speaking, delay); developer figures (server tick from
@@ -12,6 +14,10 @@ import { AudioEngine, Camera, deviceMessage, WIRE_RATE } from "./media.js";
 
 const RTT_PROBE_MS = 2000; // how often an empty session.update measures the round trip
 const METRICS_POLL_MS = 2000; // how often /metrics is read for the server's tick time
+const RTC_STATS_MS = 500; // how often a WebRTC call's receive figures are read
+const TRANSPORT_WORDS = { webrtc: "WebRTC (echo cancelled)", websocket: "WebSocket (use headphones)" };
+const FELL_BACK = "WebRTC could not connect, so this session runs over the WebSocket: wear headphones, or the " +
+  "model may hear its own voice.";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -30,6 +36,8 @@ const stats = {
   textChars: 0,
   rttMs: null,
   tickMs: null,
+  transport: null,
+  rtc: null,
   player: null,
   errors: [],
 };
@@ -67,6 +75,7 @@ function setState(state) {
   if (state !== "live") {
     $("hud-model").textContent = "–";
     $("hud-buffer").textContent = "–";
+    $("hud-transport").textContent = "–";
   }
 }
 
@@ -176,7 +185,10 @@ function onEvent(ev) {
   switch (ev.type) {
     case "session.created":
       setState("live");
+      stats.transport = conn.transport;
+      $("hud-transport").textContent = TRANSPORT_WORDS[conn.transport];
       $("hud-model").textContent = "listening";
+      if (conn.fallbackReason) deviceNotice = [deviceNotice, FELL_BACK].filter(Boolean).join(" ");
       show(deviceNotice, "info");
       startProbes();
       break;
@@ -228,12 +240,14 @@ function onAudio(frame) {
   if (stats.lastSeq >= 0 && frame.seq > stats.lastSeq + 1) stats.missedSeq += frame.seq - stats.lastSeq - 1;
   stats.lastSeq = frame.seq;
   stats.turns += 1;
-  $("hud-turns").textContent = stats.turns;
+  $("hud-turns").textContent = `${stats.turns} micro-turns`;
   audio.play(frame.payload);
 }
 
+// The playback worklet plays only what the WebSocket brings; over WebRTC the call's figures fill the HUD.
 function onPlayerStats(s) {
   stats.player = s;
+  if (stats.transport === "webrtc") return;
   $("hud-buffer").textContent = `${s.bufferedMs.toFixed(0)} ms (${s.state})`;
   $("hud-underruns").textContent = s.underruns;
 }
@@ -243,6 +257,7 @@ function onClose({ code, reason, opened }) {
   teardown();
   setState("closed");
   if (stopping || busy) return;
+  if (!opened && stats.errors.length) return; // refused with a reason, already on screen
   if (!opened) show(`Cannot reach the server at ${$("url").value}.`);
   else if (code === 1013) show("The server is busy: every session slot is taken. Try again in a moment.");
   else if (wasLive || code !== 1000) show(`The connection to the server was lost (code ${code}${reason ? `: ${reason}` : ""}).`);
@@ -259,6 +274,16 @@ function startProbes() {
   );
   pollMetrics();
   timers.push(setInterval(pollMetrics, METRICS_POLL_MS));
+  if (conn.transport === "webrtc") timers.push(setInterval(pollCall, RTC_STATS_MS));
+}
+
+async function pollCall() {
+  const s = conn && (await conn.mediaStats().catch(() => null));
+  if (!s || stats.state !== "live") return;
+  stats.rtc = s;
+  $("hud-buffer").textContent = `${s.jitterBufferMs.toFixed(0)} ms (jitter buffer)`;
+  $("hud-underruns").textContent = s.concealmentEvents;
+  $("hud-turns").textContent = `${s.receivedS.toFixed(1)} s`;
 }
 
 async function pollMetrics() {
@@ -321,6 +346,8 @@ async function start() {
   busy = stopping = false;
   stats.turns = stats.micPackets = stats.imagesSent = stats.missedSeq = 0;
   stats.lastSeq = -1;
+  stats.transport = stats.rtc = null;
+  stats.errors = [];
   lastTickSample = null;
   modelLines.clear();
   setState("connecting");

@@ -53,11 +53,12 @@ const MIC_CONSTRAINTS = {
   channelCount: 1,
 };
 
-// "webrtc" or "websocket": the page's ?transport= when it names one, else the WebSocket (the demo page's
-// HUD counts the binary output frames only the WebSocket carries).
+// "webrtc" or "websocket": the page's ?transport= when it names one, else WebRTC where the browser has
+// it (its echo canceller covers the model's voice only on a peer connection's track).
 export function transportPreference(location) {
   const asked = location ? new URLSearchParams(location.search).get("transport") : null;
-  return asked === "webrtc" || asked === "websocket" ? asked : "websocket";
+  if (asked === "webrtc" || asked === "websocket") return asked;
+  return typeof RTCPeerConnection === "function" ? "webrtc" : "websocket";
 }
 
 // ws(s)://host/v1/realtime -> http(s)://host/v1/realtime/calls
@@ -68,6 +69,28 @@ export function callsUrl(wsUrl) {
   url.search = "";
   url.searchParams.set("task_events", "1");
   return url;
+}
+
+// The server's own "no" to a call (busy, bad credential, draining): the WebSocket would be refused the
+// same way, so it is reported, not retried there. A 400 is about the offer, a WebRTC problem: that falls
+// back. closeCode is what the WebSocket would have closed with.
+const REFUSAL_CLOSE_CODES = { 401: 1008, 403: 1008, 503: 1013 };
+class CallRefused extends Error {
+  constructor(status, error) {
+    super(error.message || `the server answered the offer with ${status}`);
+    this.error = error;
+    this.closeCode = REFUSAL_CLOSE_CODES[status] || 1011;
+  }
+}
+
+async function refusal(reply) {
+  if (reply.status === 400) return null;
+  try {
+    const body = await reply.json();
+    return body && body.error && body.error.code ? new CallRefused(reply.status, body.error) : null;
+  } catch {
+    return null;
+  }
 }
 
 function allZero(buffer) {
@@ -106,6 +129,12 @@ export class RealtimeConnection {
     if (this.transport === "webrtc") {
       this.startWebRTC().catch((err) => {
         if (this.stopped || this.opened) return;
+        if (err instanceof CallRefused) {
+          this.teardownWebRTC();
+          this.handlers.onEvent({ type: "error", error: err.error });
+          this.handlers.onClose({ code: err.closeCode, reason: err.error.code, opened: false });
+          return;
+        }
         console.warn(`WebRTC call failed (${err.message || err}); using the WebSocket`);
         this.fallbackReason = String(err.message || err);
         this.teardownWebRTC();
@@ -164,7 +193,9 @@ export class RealtimeConnection {
     const headers = { "Content-Type": "application/sdp" };
     if (this.credential) headers.Authorization = `Bearer ${this.credential}`;
     const reply = await fetch(callsUrl(this.url), { method: "POST", body: pc.localDescription.sdp, headers });
-    if (reply.status !== 201) throw new Error(`the server answered the offer with ${reply.status}`);
+    if (reply.status !== 201) {
+      throw (await refusal(reply)) || new Error(`the server answered the offer with ${reply.status}`);
+    }
     await pc.setRemoteDescription({ type: "answer", sdp: await reply.text() });
     this.callUrl = reply.headers.get("Location");
     channel.onmessage = (e) => {
@@ -196,6 +227,26 @@ export class RealtimeConnection {
       this.pc.close();
     }
     this.pc = this.channel = this.micStream = this.player = null;
+  }
+
+  // The model's voice as the browser receives it over WebRTC (the remote track's inbound-rtp stats), or
+  // null on the WebSocket, whose frames the page counts itself. jitterBufferMs is the mean delay the
+  // browser's jitter buffer adds; concealmentEvents counts the times it ran dry and filled in sound.
+  async mediaStats() {
+    if (this.transport !== "webrtc" || !this.pc) return null;
+    for (const s of (await this.pc.getStats()).values()) {
+      if (s.type !== "inbound-rtp" || s.kind !== "audio") continue;
+      const emitted = s.jitterBufferEmittedCount || 0;
+      return {
+        packetsReceived: s.packetsReceived || 0,
+        packetsLost: s.packetsLost || 0,
+        jitterBufferMs: emitted ? (1000 * (s.jitterBufferDelay || 0)) / emitted : 0,
+        concealmentEvents: s.concealmentEvents || 0,
+        receivedS: s.totalSamplesDuration || 0,
+        energy: s.totalAudioEnergy || 0,
+      };
+    }
+    return null;
   }
 
   get isOpen() {

@@ -254,6 +254,8 @@ class Firefox:
         node = found["result"]
         if node.get("type") != "node":
             raise BidiError(f"no element matches {selector!r}")
+        # as a person scrolls to what they click: the pointer moves only inside the viewport
+        self.evaluate(f"document.querySelector({json.dumps(selector)}).scrollIntoView({{block: 'center'}})")
         origin = {"type": "element", "element": {"sharedId": node["sharedId"]}}
         self.command("input.performActions", {"context": self.context, "actions": [{
             "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
