@@ -4,8 +4,11 @@
 builds one from the settings (preset with seeded weights, or a checkpoint) off the
 event loop and warms it up. Routes: `GET /` (the web demo from clients/web when it is
 there, else a placeholder), `WS /v1/realtime`, `POST /v1/realtime/client_secrets`,
-`/healthz`, `/readyz`, `/metrics`. `drain(app, timeout)` is the SIGTERM path: not ready,
-refuse new sessions, `session.go_away` to live ones, wait, close the rest. This module
+`/healthz`, `/readyz` (503 while starting, draining, restarting the engine, or full, so a
+balancer's health check sends new sessions elsewhere), `/metrics`; every HTTP response and
+handshake names the replica (`x-microturn-replica`). `drain(app, timeout)` is the SIGTERM path:
+not ready, refuse new sessions, end parked ones, a last resumption handle then
+`session.go_away` to live ones, wait, close the rest. This module
 knows nothing about the protocol's events beyond go_away, or about tensors.
 """
 
@@ -18,6 +21,7 @@ import logging
 import math
 import mimetypes
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,10 +36,12 @@ from . import protocol as p
 from . import server_events as ev
 from .auth import Authenticator
 from .background_service import BackgroundService
-from .connection import ServerState, serve_websocket
+from .connection import REPLICA_HEADER, ServerState, serve_websocket
 from .engine_api import EngineAPI
 from .errors import HTTP_STATUS, ErrorCode, error_payload
 from .metrics import Metrics
+from .resumption import Resumption
+from .session import Session
 from .settings import ServerSettings
 from .tick_loop import TickLoop
 from .webrtc import CALLS_PATH, hangup_call, serve_call
@@ -154,6 +160,13 @@ def create_app(
     settings = settings or ServerSettings()
     state = ServerState(settings, Authenticator(settings), Metrics(), background=background)
 
+    def end_parked(session: Session) -> None:  # a parked session's grace ran out, or the drain began
+        session.close()
+        if state.tick is not None:
+            state.tick.leave_soon(session)
+
+    state.resume = Resumption(settings, end_parked)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         eng: EngineAPI = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
@@ -184,6 +197,12 @@ def create_app(
     app = FastAPI(title="microturn", lifespan=lifespan)
     app.state.server = state
 
+    @app.middleware("http")
+    async def name_replica(request: Request, call_next: Callable) -> Response:
+        response = await call_next(request)
+        response.headers[REPLICA_HEADER.decode()] = settings.replica
+        return response
+
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok"}
@@ -191,10 +210,16 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         engine_up = state.tick is not None and state.tick.engine_up
-        ready = state.ready and not state.draining and engine_up
+        held = len(state.connections) + len(state.resume.parked)
+        full = held >= state.capacity
+        # full counts as not ready: a balancer's health check then sends new sessions elsewhere
+        ready = state.ready and not state.draining and engine_up and not full
         body = {
             "ready": ready,
             "draining": state.draining,
+            "full": full,
+            "replica": settings.replica,
+            "parked": len(state.resume.parked),
             "engine": "up" if engine_up else ("restarting" if state.ready else "starting"),
             "sessions": len(state.connections),
             "engine_rows": state.tick.engine.rows if state.tick is not None else 0,
@@ -278,8 +303,11 @@ async def drain(app: FastAPI, timeout_s: float) -> None:
     """Stop admitting, tell live sessions to go away, wait up to `timeout_s`, then close the rest."""
     state: ServerState = app.state.server
     state.draining = True
-    for conn in list(state.connections):
-        conn.session.send(ev.SessionGoAway(time_left_ms=int(timeout_s * 1000)))
+    if state.resume is not None:
+        state.resume.parked.end_all()  # their clients hold handles: they resume on another replica
+    # resumable sessions get their last handle first (sealing waits on a thread, so all at once)
+    await asyncio.gather(*(conn.migrate(int(timeout_s * 1000)) for conn in list(state.connections)),
+                         return_exceptions=True)
     deadline = time.monotonic() + timeout_s
     while state.connections and time.monotonic() < deadline:
         await asyncio.sleep(DRAIN_POLL_S)

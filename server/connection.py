@@ -17,6 +17,7 @@ import base64
 import binascii
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +28,22 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from ..model.engine_process import EngineDied
 from . import protocol as p
 from . import server_events as ev
-from .auth import QUERY_SECRET_PARAM, Authenticator, Grant
+from .auth import QUERY_SECRET_PARAM, SECRET_PREFIX, Authenticator, Grant
 from .background_service import BackgroundService, SessionBackground
 from .errors import HTTP_STATUS, ErrorCode, ProtocolError, close_code, error_payload
 from .media_input import base64_decoded_min, check_input_ahead, decode_image
 from .metrics import Metrics
+from .resume_record import HandleRotation, Resumed, redeem, restore, restore_background
+from .resumption import (
+    RESUMABLE_QUERY_PARAM,
+    RESUME_QUERY_PARAM,
+    ResumeError,
+    ResumeRecord,
+    Resumption,
+    binding,
+    presented_credential,
+    principal,
+)
 from .session import Session
 from .session_config import apply_session_config, output_modality
 from .settings import ServerSettings
@@ -40,6 +52,9 @@ from .transport import abort as abort_transport
 
 log = logging.getLogger(__name__)
 
+REPLICA_HEADER = b"x-microturn-replica"  # names the replica on every response (HTTP and handshake)
+CLEAN_CLOSES = (1000, 1001)  # a client that closed like this ended its session; anything else may resume
+CLOSE_CODE_WAIT_S = 0.5  # after the sender saw the peer go: how long the receiver may take to read why
 CLOSE_SEND_TIMEOUT_S = 1.0  # how long a closing error event may take to go out; past it the socket is cut
 DATA_URL_MARK = ";base64,"
 ROOT_ITEM = "root"  # previous_item_id that places an item first (OpenAI's and LiveKit's spelling)
@@ -68,6 +83,7 @@ class ServerState:
     draining: bool = False
     connections: set[Connection] = field(default_factory=set)
     background: BackgroundService | None = None  # background tasks of live sessions, when enabled
+    resume: Resumption | None = None  # handles, replay cache and parked sessions (set by the app)
 
 
 async def serve_websocket(ws: WebSocket, state: ServerState) -> None:
@@ -77,25 +93,40 @@ async def serve_websocket(ws: WebSocket, state: ServerState) -> None:
     local_addr = (str(server[0]), int(server[1])) if server and server[1] is not None else None
     if not state.auth.origin_allowed(headers.get("origin"), local_addr):
         return await _deny(ws, state, ErrorCode.FORBIDDEN_ORIGIN, "Origin not allowed")
-    grant = state.auth.authorize(
-        headers.get("authorization"),
-        ws.query_params.get(QUERY_SECRET_PARAM),
-        list(ws.scope.get("subprotocols", [])),
-    )
+    subprotocols = list(ws.scope.get("subprotocols", []))
+    grant = state.auth.authorize(headers.get("authorization"), ws.query_params.get(QUERY_SECRET_PARAM),
+                                 subprotocols)
     if grant is None:
         return await _deny(ws, state, ErrorCode.UNAUTHORIZED, "missing, wrong, expired or used credential")
     if state.draining:
         return await _deny(ws, state, ErrorCode.SERVER_DRAINING, "server is shutting down")
-    await ws.accept(subprotocol=grant.subprotocol)
-    if not state.ready or state.tick is None or len(state.connections) >= state.capacity:
+    replica = [(REPLICA_HEADER, state.settings.replica.encode())]
+    await ws.accept(subprotocol=grant.subprotocol, headers=replica)
+    credential = presented_credential(headers.get("authorization"), ws.query_params.get(QUERY_SECRET_PARAM),
+                                      subprotocols)
+    bind = binding(principal(credential, state.auth.enabled, SECRET_PREFIX))
+    handle = ws.query_params.get(RESUME_QUERY_PARAM)
+    resumed = Resumed()
+    if handle is not None and state.resume is not None:
+        try:  # every check before any model work, and the handle is spent only once they all passed
+            resumed = await redeem(state.resume, handle, bind, state.connections)
+        except ResumeError as exc:
+            return await _refuse(ws, state, exc.code, exc.message)
+    held = len(state.connections) + (len(state.resume.parked) if state.resume is not None else 0)
+    if resumed.session is None and (not state.ready or state.tick is None or held >= state.capacity):
+        resumed.undo()
         return await _refuse(
             ws, state, ErrorCode.SERVER_BUSY, f"all {state.capacity} session slots are taken"
         )
     if not state.tick.engine_up:
+        resumed.undo()
         message = "the engine is restarting; reconnect in a moment"
         return await _refuse(ws, state, ErrorCode.ENGINE_RESTARTING, message)
     beta = "realtime=v1" in headers.get("openai-beta", "")
-    await Connection(ws, state, beta).run(grant)
+    asked = handle is not None or ws.query_params.get(RESUMABLE_QUERY_PARAM) == "1"
+    resumable = state.resume is not None and (state.settings.resume_events or asked)
+    conn = Connection(ws, state, beta, session=resumed.session, bind=bind, resumable=resumable)
+    await conn.run(grant, resumed.record if resumed.session is None else None, resumed.undo)
 
 
 async def _deny(ws: WebSocket, state: ServerState, code: ErrorCode, message: str) -> None:
@@ -118,19 +149,23 @@ def b64decode(data: str, code: ErrorCode, event_id: str | None) -> bytes:
 
 
 class Connection:
-    def __init__(self, ws: WebSocket, state: ServerState, beta: bool) -> None:
+    def __init__(self, ws: WebSocket, state: ServerState, beta: bool, session: Session | None = None,
+                 bind: str = "", resumable: bool = False) -> None:
+        """`session`: a parked session this connection takes over; `bind` the digest of the credentials
+        that opened it (for its handles); `resumable`: it gets handles and may be parked."""
         self.ws = ws
         self.state = state
         self.settings = state.settings
+        self.resumable = resumable
+        self._bind = bind
+        self._reattached = session is not None
         engine = state.tick.engine
-        self.session = Session(
+        self.session = session or Session(
             self.settings,
             engine.tokenizer,
             engine.config.text_in_slots,
             engine.config.text_out_slots,
-            on_overflow=lambda: self.request_close(
-                ErrorCode.SLOW_CONSUMER, "client is not reading its output"
-            ),
+            on_overflow=self._on_overflow,
             beta=beta,
             hears=engine.hears,
             on_fatal=self.request_close,
@@ -140,56 +175,147 @@ class Connection:
         self._last_message = time.monotonic()
         self._rate_error_sent = False
         self._left: asyncio.Future | None = None  # the queued leave, once the slot is given back
+        if session is not None:
+            session.rebind(self._on_overflow, self.request_close)
+        self._handover: asyncio.Future[Session | None] | None = None  # set when a reconnect takes the session
+        self._disconnect_code: int | None = None  # the peer's close code (1006: no close frame)
+        self._record_version = 0  # bumped by client changes the record key cannot see
+        self._handles = (HandleRotation(self.session, state.resume, bind, lambda: self._record_version)
+                         if resumable and state.resume is not None else None)
+
+    def _on_overflow(self) -> None:
+        self.request_close(ErrorCode.SLOW_CONSUMER, "client is not reading its output")
+
+    def hand_over(self) -> asyncio.Future[Session | None]:
+        """Give the session to a reconnect: this connection closes, the session and its slot live on."""
+        if self._handover is None:
+            self._handover = asyncio.get_running_loop().create_future()
+            message = "the session was resumed by a new connection"
+            self.request_close(ErrorCode.SESSION_RESUMED_ELSEWHERE, message)
+        return self._handover
 
     def request_close(self, code: ErrorCode, message: str) -> None:
         if not self._closing.done():
             self._closing.set_result((code, message))
 
-    async def run(self, grant: Grant) -> None:
+    async def run(self, grant: Grant, record: ResumeRecord | None = None,
+                  undo: Callable[[], None] = lambda: None) -> None:
+        """Serve the session: a new one, one rebuilt from `record`, or a parked one taken over; `undo` gives
+        the redeemed handle back when the session cannot be opened."""
         state, session = self.state, self.session
         state.connections.add(self)
         state.metrics.sessions.inc()
         state.metrics.active_sessions.set(len(state.connections))
         tasks: list[asyncio.Task] = []
         try:
-            if grant.session:
-                try:
-                    await self._configure(p.SessionConfig.model_validate(grant.session), None)
-                except ProtocolError as exc:  # e.g. transcription asked of a model that does not hear
-                    message = f"the client secret's session config is refused: {exc.message}"
-                    return await _refuse(self.ws, state, ErrorCode.INVALID_REQUEST, message)
-            if self.ws.query_params.get("audio") == "binary":
-                session.output_transport = "binary"
-            try:
-                await state.tick.join(session)
-            except EngineDied:
-                message = "the engine stopped; reconnect in a moment"
-                return await _refuse(self.ws, state, ErrorCode.ENGINE_RESTARTING, message)
-            except RuntimeError:  # EngineFull: slots held by sessions still leaving
-                return await _refuse(self.ws, state, ErrorCode.SERVER_BUSY, "no free engine slot")
-            if self.ws.query_params.get("debug") == "1":
-                session.debug = True
-            if self.ws.query_params.get("task_events") == "1":
-                session.task_events = True
-            if state.background is not None:
-                session.attach_background(state.background.for_session(session.id, session.send_task_event))
-            session.send(ev.SessionCreated(session=session.session_dict()))
+            if not self._reattached and not await self._open(grant, record):
+                undo()
+                return
+            created = ev.SessionCreated(session=session.session_dict())
+            if self._handles is not None:
+                created = ev.SessionCreated(session=created.session, resumption=await self._handles.seal())
+            session.send(created)
             tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._send_loop())]
             if self.settings.max_session_s or self.settings.idle_timeout_s:
                 tasks.append(asyncio.create_task(self._watch_limits()))
+            if self._handles is not None:
+                tasks.append(asyncio.create_task(self._handles.run()))
             await asyncio.wait([*tasks, self._closing], return_when=asyncio.FIRST_COMPLETED)
+            if not self._closing.done() and not tasks[0].done():
+                # the sender saw the peer go first: the receiver is about to read its close code
+                await asyncio.wait([tasks[0]], timeout=CLOSE_CODE_WAIT_S)
             for task in tasks:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     log.error("session %s failed", session.id, exc_info=task.exception())
                     self.request_close(ErrorCode.INTERNAL_ERROR, "internal error")
             if self._closing.done():
-                self._release()  # before the close frame: a client reconnecting on it finds the slot free
+                if self._handover is None:
+                    self._release()  # before the close frame: a client reconnecting on it finds the slot free
                 await self._close(*self._closing.result())
         finally:
-            session.close()
             for task in tasks:
                 task.cancel()
-            await self._release()
+            if not self._keep_session():
+                session.close()
+                await self._release()
+
+    async def _open(self, grant: Grant, record: ResumeRecord | None) -> bool:
+        """Configure (from the client secret, or the resumed record), join and attach; False: refused."""
+        state, session = self.state, self.session
+        engine = state.tick.engine
+        if record is not None:
+            try:
+                restore(session, record, engine.config.prefix_len, lambda t: len(engine.tokenizer.encode(t)))
+            except ResumeError as exc:
+                await _refuse(self.ws, state, exc.code, exc.message)
+                return False
+        elif grant.session:
+            try:
+                await self._configure(p.SessionConfig.model_validate(grant.session), None)
+            except ProtocolError as exc:  # e.g. transcription asked of a model that does not hear
+                message = f"the client secret's session config is refused: {exc.message}"
+                await _refuse(self.ws, state, ErrorCode.INVALID_REQUEST, message)
+                return False
+        if self.ws.query_params.get("audio") == "binary":
+            session.output_transport = "binary"
+        try:
+            await state.tick.join(session)
+        except EngineDied:
+            message = "the engine stopped; reconnect in a moment"
+            await _refuse(self.ws, state, ErrorCode.ENGINE_RESTARTING, message)
+            return False
+        except RuntimeError:  # EngineFull: slots held by sessions still leaving
+            await _refuse(self.ws, state, ErrorCode.SERVER_BUSY, "no free engine slot")
+            return False
+        if self.ws.query_params.get("debug") == "1":
+            session.debug = True
+        if self.ws.query_params.get("task_events") == "1":
+            session.task_events = True
+        if state.background is not None:
+            session.attach_background(state.background.for_session(session.id, session.send_task_event))
+            if record is not None:
+                restore_background(session.background, record)
+        return True
+
+    def _keep_session(self) -> bool:
+        """At the end of this connection: hand the session to a reconnect, or park it after an unclean close
+        (slot kept for resume_grace_s); False: it ends with the connection."""
+        state, session = self.state, self.session
+        if self._handover is not None:
+            keep = not session.failed
+            if keep:
+                self._detach()
+            if not self._handover.done():
+                self._handover.set_result(session if keep else None)
+            return keep
+        unclean = self._disconnect_code not in CLEAN_CLOSES
+        live = not (self._closing.done() or state.draining or session.failed or session.slot is None)
+        grace = state.resume.grace_s if state.resume is not None else 0.0
+        if self._handles is not None and state.resume is not None and unclean and live and grace > 0:
+            self._detach()
+            state.resume.parked.park(session, state.resume.grace_s)
+            log.info("session %s parked for %.0f s after an unclean close (%s)", session.id,
+                     state.resume.grace_s, self._disconnect_code)
+            return True
+        return False
+
+    def _detach(self) -> None:
+        self.session.detach()
+        self.state.connections.discard(self)
+        self.state.metrics.active_sessions.set(len(self.state.connections))
+
+    async def migrate(self, time_left_ms: int) -> None:
+        """The drain: running background tasks are cancelled (`migrated`: their finished results are in the
+        handle), the last handle goes out, then `session.go_away`."""
+        session = self.session
+        if self._handles is not None and not self._handles.stopped:
+            if session.background is not None:
+                session.background.close("migrated")
+            try:
+                session.send(await self._handles.last())
+            except Exception:  # the go_away still goes out: the client reconnects fresh
+                log.exception("session %s: sealing its last handle failed", session.id)
+        session.send(ev.SessionGoAway(time_left_ms=time_left_ms))
 
     def _release(self) -> asyncio.Future:
         """Give the engine row and the admission place back, once. The leave is queued on the tick thread
@@ -228,7 +354,8 @@ class Connection:
                     await self.ws.send_bytes(message)
                 else:
                     await self.ws.send_text(message)
-            except WebSocketDisconnect:
+            except WebSocketDisconnect as exc:
+                self._disconnect_code = exc.code
                 return  # the peer left; the receive loop sees it too
             except RuntimeError:
                 # the ASGI server refuses sends once it has closed the socket itself (1009 for an
@@ -250,6 +377,7 @@ class Connection:
         while True:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
+                self._disconnect_code = message.get("code")
                 return
             self._last_message = time.monotonic()
             try:
@@ -295,6 +423,8 @@ class Connection:
 
     async def _on_event(self, event: Any) -> None:
         session, eid = self.session, event.event_id
+        if isinstance(event, p.SessionUpdate | p.ConversationItemTruncate):
+            self._record_version += 1
         if isinstance(event, p.SessionUpdate):
             await self._configure(event.session, eid)
             session.send(ev.SessionUpdated(session=session.session_dict()))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import ErrorCode, ProtocolError
@@ -40,6 +41,10 @@ class Conversation:
     @property
     def last_id(self) -> str | None:
         return next(reversed(self._items), None)
+
+    def newest(self) -> Iterator[dict[str, Any]]:
+        """The stored items, newest first (for a resumption record, which keeps the newest that fit)."""
+        return reversed(self._items.values())
 
     def check_new_id(self, item_id: str, event_id: str | None) -> None:
         """Refuse a client item id that is malformed or already in use, before anything is changed."""

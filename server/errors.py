@@ -48,6 +48,13 @@ class ErrorCode(StrEnum):
     # new ones are refused until it is back
     ENGINE_RESTARTING = "engine_restarting"
     INTERNAL_ERROR = "internal_error"  # a bug; the session is closed
+    # resumption handles (server/resumption.py), refused before any model work and the socket closed:
+    RESUME_INVALID = "resume_handle_invalid"  # forged, garbled, over its size bound, or from another version
+    RESUME_EXPIRED = "resume_handle_expired"  # past resume_ttl_s
+    RESUME_REPLAYED = "resume_handle_replayed"  # this handle, or a newer one of its session, was used here
+    RESUME_FORBIDDEN = "resume_handle_forbidden"  # the session was opened with other credentials
+    # the session moved on: another connection resumed it (this one is closed)
+    SESSION_RESUMED_ELSEWHERE = "session_resumed_elsewhere"
 
 
 ERROR_TYPES: dict[ErrorCode, str] = {
@@ -60,6 +67,7 @@ ERROR_TYPES: dict[ErrorCode, str] = {
     ErrorCode.UNAUTHORIZED: "authentication_error",
     ErrorCode.FORBIDDEN_ORIGIN: "authentication_error",
     ErrorCode.INPUT_RATE_EXCEEDED: "rate_limit_error",
+    ErrorCode.RESUME_FORBIDDEN: "authentication_error",
 }
 DEFAULT_ERROR_TYPE = "invalid_request_error"
 
@@ -74,6 +82,11 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.IDLE_TIMEOUT: 1000,
     ErrorCode.SESSION_EXPIRED: 1000,
     ErrorCode.INTERNAL_ERROR: 1011,
+    ErrorCode.RESUME_INVALID: 1008,
+    ErrorCode.RESUME_EXPIRED: 1008,
+    ErrorCode.RESUME_REPLAYED: 1008,
+    ErrorCode.RESUME_FORBIDDEN: 1008,
+    ErrorCode.SESSION_RESUMED_ELSEWHERE: 1000,
 }
 
 HTTP_STATUS: dict[ErrorCode, int] = {

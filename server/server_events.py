@@ -2,11 +2,11 @@
 
 Names and fields follow the OpenAI Realtime GA server events, so the `openai` package's
 own models validate them (tests/test_openai_validation.py checks every type); microturn
-adds a few fields (`seq`, `pts_ms` on deltas) and its own events (`task.*`,
-`session.go_away`, `debug.text_in`). A connection that asked for the beta protocol gets
-the beta spelling of a type (`BETA_NAMES`). `session_dict`, `response_dict` and the item
-builders make the session, response and conversation-item objects. This module knows
-nothing about sessions, clocks or the engine.
+adds a few fields (`seq`, `pts_ms` on deltas, `replica` on the session) and its own events
+(`task.*`, `session.go_away`, `session.resumption_update`, `debug.text_in`). A connection that
+asked for the beta protocol gets the beta spelling of a type (`BETA_NAMES`). `session_dict`,
+`response_dict` and the item builders make the session, response and conversation-item
+objects. This module knows nothing about sessions, clocks or the engine.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ class ServerEvent(BaseModel):
 
 # --- session ---
 class SessionCreated(ServerEvent):
+    # extra: microturn's `resumption` {handle, expires_at, replica}, for a resumable session only
+    model_config = ConfigDict(extra="allow")
     type: str = "session.created"
     session: dict
 
@@ -216,6 +218,22 @@ class ErrorEvent(ServerEvent):
 class SessionGoAway(ServerEvent):
     type: str = "session.go_away"
     time_left_ms: int  # how long the session may go on before the server closes it
+
+
+class SessionResumptionUpdate(ServerEvent):
+    """microturn: a fresh resumption handle (server/resumption.py), to a resumable session only.
+
+    Its `type` has no default: like `TaskServerEvent`'s it is given at construction, which keeps it out
+    of the OpenAI event types tests/test_openai_validation.py requires a recording of."""
+
+    type: Literal["session.resumption_update"]
+    handle: str  # reconnect with ?resume_handle=<handle>; the newest one received is the one to use
+    expires_at: int  # Unix time
+    replica: str  # the replica that sealed it
+    reason: Literal["created", "turn", "refresh", "go_away"]
+
+
+RESUMPTION_UPDATE = "session.resumption_update"
 
 
 class DebugTextIn(ServerEvent):

@@ -64,8 +64,9 @@ class Session:
         hears: bool = False,
         on_fatal: Callable[[ErrorCode, str], None] | None = None,
         audio_tokens_per_turn: int = 4,
+        session_id: str | None = None,
     ) -> None:
-        self.id = p.new_id("sess")
+        self.id = session_id or p.new_id("sess")  # a resumed session keeps the id it had
         self.settings = settings
         self.beta = beta  # beta spellings of server events
         self.slot: int | None = None
@@ -74,7 +75,11 @@ class Session:
         self._on_fatal = on_fatal  # closes the connection with a code (the session cannot close itself)
         self.created_at = time.monotonic()
         # sampling and prefix: changing either re-joins the engine slot
-        self.instructions = ""
+        self.client_instructions = ""  # as the client set them (session.update)
+        # a resumed session's record tail (server/resumption.py), pinned after the instructions
+        self.restored_context = ""
+        self.detached = False  # parked after an unclean close: output is dropped until a reconnect
+        self.resume_gen = 0  # generation of the next resumption handle (the replay cache's order)
         self.sampling = SamplingParams()
         self.eagerness = "auto"  # turn_detection.eagerness, as a per-tick wait bias (EAGERNESS_WAIT_BIAS)
         # as session.updated reports it; None = push to talk
@@ -120,7 +125,7 @@ class Session:
     # --- event loop: lifetime and config ---
     def attach_background(self, background: SessionBackground) -> None:
         self.background = background
-        background.instructions, background.client_tools = self.instructions, self.offered_tools
+        background.instructions, background.client_tools = self.client_instructions, self.offered_tools
         background.on_function_call = self.responses.function_call
 
     def configure(
@@ -140,8 +145,8 @@ class Session:
         max_output_tokens: int | None,
     ) -> bool:
         """Take a checked config at once; True when the prefix or sampling changed (the slot re-joins)."""
-        restart = instructions != self.instructions or sampling != self.sampling
-        self.instructions, self.sampling = instructions, sampling
+        restart = instructions != self.client_instructions or sampling != self.sampling
+        self.client_instructions, self.sampling = instructions, sampling
         self.eagerness, self.transcribe = eagerness, transcribe
         self.turn_detection = turn_detection
         self._turns.vad = turn_detection is not None
@@ -159,6 +164,27 @@ class Session:
         if self.background is not None:
             self.background.instructions, self.background.client_tools = instructions, self.offered_tools
         return restart
+
+    @property
+    def instructions(self) -> str:
+        """What the engine's pinned prefix holds (the tick loop joins with it): the client's instructions,
+        then on a resumed session the tail of its restored record."""
+        if not self.restored_context:
+            return self.client_instructions
+        return f"{self.client_instructions}\n{self.restored_context}" if self.client_instructions \
+            else self.restored_context
+
+    def detach(self) -> None:
+        """Parked: the socket is gone, so nothing queued or produced from now on is kept."""
+        self.detached = True
+        self.outbox.clear()
+        self._queued_turns = 0
+        self.outbox_ready.clear()
+
+    def rebind(self, on_overflow: Callable[[], None], on_fatal: Callable[[ErrorCode, str], None]) -> None:
+        """A parked session taken over by a new connection: its closes go to that one now."""
+        self._on_overflow, self._on_fatal = on_overflow, on_fatal
+        self.detached = False
 
     @property
     def offered_tools(self) -> list[ToolSpec]:
@@ -309,6 +335,8 @@ class Session:
         return base64.b64encode(float_to_pcm16(self._out_resampler.process(audio))).decode("ascii")
 
     def _push(self, message: str | bytes, turn: bool) -> None:
+        if self.detached:
+            return  # no socket to read it: dropped, so a parked session holds no growing queue
         self.outbox.append((self.epoch, turn, message))
         self._queued_turns += turn
         self.outbox_ready.set()
@@ -374,14 +402,16 @@ class Session:
         """This session as the OpenAI session object: what is in force."""
         modality = self.responses.modality
         max_tokens = self.responses.max_output_tokens
-        return ev.session_dict(
-            self.id, self.instructions, self.input_rate, self.transcribe, self.turn_detection,
+        session = ev.session_dict(
+            self.id, self.client_instructions, self.input_rate, self.transcribe, self.turn_detection,
             self.output_rate,
             self.output_transport, self.sampling.seed, [modality],
             [{"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters}
              for t in self.tools],
             self.tool_choice, max_tokens if max_tokens is not None else "inf",
         )
+        session["replica"] = self.settings.replica  # microturn: which replica serves it
+        return session
 
 
 def output_frame(seq: int, pts_ms: int, audio: np.ndarray) -> bytes:

@@ -7,6 +7,7 @@ in step). This module knows nothing about sockets, engines or sessions.
 
 from __future__ import annotations
 
+import socket
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -159,7 +160,35 @@ class ServerSettings(BaseSettings):
         "(?task_events=1, session.update task_events, or its own task.create): OpenAI clients validate events"
     )
 
-    @field_validator("api_keys", "allowed_origins", "public_origins", "engine_cpus", mode="before")
+    # --- replicas and session resumption (server/resumption.py) ---
+    replica_name: str = Field(
+        "", description="this replica's name, in session.created and the x-microturn-replica response "
+        "header; empty = the host name (a pod's name under Kubernetes)",
+    )
+    resume_keys: CommaList = Field(
+        default_factory=list, description="comma-separated secrets sealing resumption handles, the same on "
+        "every replica (the first seals, all open: rotate by prepending); empty = a random key, so sessions "
+        "resume on this replica only",
+    )
+    resume_ttl_s: float = Field(
+        300.0, gt=0, description="lifetime of a resumption handle; a newer one is sent after every finished "
+        "turn and at least every third of this",
+    )
+    resume_grace_s: float = Field(
+        15.0, ge=0, description="after an unclean close, how long a resumable session keeps its slot (output "
+        "dropped) for a reconnect to continue it exactly; 0 = never parked",
+    )
+    resume_events: bool = Field(
+        False, description="make every session resumable (session.resumption_update events); else only one "
+        "that asks with ?resumable=1: OpenAI clients validate events",
+    )
+    max_resume_cache: int = Field(
+        100_000, ge=1, description="sessions whose redeemed handle generation is remembered (replay cache); "
+        "when full, resumptions are refused until entries expire",
+    )
+
+    @field_validator("api_keys", "allowed_origins", "public_origins", "engine_cpus", "resume_keys",
+                     mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -169,6 +198,10 @@ class ServerSettings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    @property
+    def replica(self) -> str:
+        return self.replica_name or socket.gethostname()
 
 
 def settings_table() -> str:
