@@ -40,6 +40,7 @@ from .session_config import apply_session_config
 ITEM_BUDGET_CHARS = 24_000  # JSON of conversation items (and of record entries) a handle starts from
 TAKE_OVER_TIMEOUT_S = 5.0  # how long a reconnect waits for the old connection to hand its session over
 HANDLE_CHECK_S = 1.0  # how often a resumable session looks for a finished turn to send a new handle for
+SPEAKING_HANDLE_S = 5.0  # while a response runs on, a changed record still gets a handle this often
 ROLE_LABELS = {"user": "user", "model": "assistant", "task": "result", "system": "system"}
 SESSION_KEYS_DROPPED = ("type", "object", "id", "model", "replica")  # session object fields no config has
 
@@ -123,12 +124,20 @@ def _record_lines(record: ResumeRecord) -> list[str]:
 
 
 def _tail(lines: list[str], budget: int, measure: Callable[[str], int]) -> str:
-    """The newest whole lines that fit `budget` units."""
+    """The newest text that fits `budget` units: whole lines, then the end of the one that fits in part."""
     kept: list[str] = []
     for line in reversed(lines):
-        if budget <= 0 or measure("\n".join([line, *kept])) > budget:
-            break
-        kept.insert(0, line)
+        if measure("\n".join([line, *kept])) <= budget:
+            kept.insert(0, line)
+            continue
+        room = budget - (measure("\n".join(kept)) + 1 if kept else 0)
+        low, high = 0, len(line)  # the most trailing characters that fit `room`
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if measure(line[-mid:]) <= room else (low, mid - 1)
+        if low:
+            kept.insert(0, line[-low:])
+        break
     return "\n".join(kept)
 
 
@@ -194,14 +203,14 @@ class HandleRotation:
         return len(conversation), conversation.last_id, len(entries), last, self._version()
 
     async def run(self) -> None:
-        """Send a new handle after each finished turn (nothing being said) and before the last expires."""
+        """Send a new handle after each finished turn (nothing being said; a model that speaks on gets one
+        every SPEAKING_HANDLE_S) and before the last expires."""
         sent_key, sent_at = self._key(), time.monotonic()
         while not self.stopped:
             await asyncio.sleep(HANDLE_CHECK_S)
-            if self.session.responses.active is not None or self.stopped:
-                continue
-            key = self._key()
-            if key != sent_key or time.monotonic() - sent_at >= self.resume.refresh_s:
+            key, age = self._key(), time.monotonic() - sent_at
+            finished = self.session.responses.active is None or age >= SPEAKING_HANDLE_S
+            if (key != sent_key and finished) or age >= self.resume.refresh_s:
                 update = await self.update("turn" if key != sent_key else "refresh")
                 if not self.stopped:
                     self.session.send(update)
