@@ -7,7 +7,10 @@ fourth (offset by two) a background task. Around each load level the server's
 `/metrics` (same host as the URL) is scraped for tick time, missed ticks and
 underruns. Output: a table per level, a PNG plot, and one JSON line last. `--sweep`
 doubles N from `--sessions` until goodput drops below `GOODPUT_TARGET` or N would
-pass `--max-sessions`; the capacity is the largest N that met it. Its load is bounded
+pass `--max-sessions`; the capacity is the largest N that met it. The URL may be a load
+balancer's in front of replicas: each session's `session.created` names the replica that
+served it, and the summary counts sessions per replica (`replicas`); the server figures are
+then one replica's, whichever answered the scrape. Its load is bounded
 (`MAX_SESSIONS`, `MAX_DURATION_S`, `MAX_SWEEP_LEVELS`) and it only contacts the URL's
 host. This module knows nothing about the server's internals.
 """

@@ -9,6 +9,7 @@ module knows nothing about sockets or how sessions are paced.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -130,6 +131,9 @@ def summarize(
         "server_input_underruns": delta(SERVER_UNDERRUNS),
         "server_sessions": delta(SESSIONS_TOTAL),
         "goodput": round(sum(meets_targets(r, targets) for r in results) / max(1, len(results)), 4),
+        # sessions per replica that served them (several behind a load balancer; then the server_*
+        # figures are of whichever replica answered the /metrics scrape)
+        "replicas": dict(sorted(Counter(r.replica or "?" for r in results if r.refused is None).items())),
     }
 
 
@@ -169,6 +173,8 @@ def table(summaries: Sequence[dict]) -> str:
             "client_send_lag_ms_p99",
         )
         lines.append("  " + "  ".join(f"{k}={_cell(s[k])}" for k in counts))
+        if s.get("replicas"):
+            lines.append("  served by: " + "  ".join(f"{name}={n}" for name, n in s["replicas"].items()))
     return "\n".join(lines)
 
 

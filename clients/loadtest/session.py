@@ -7,7 +7,7 @@ its plan's typed text and background task, and records every output micro-turn.
 From the arrivals it derives what a playback client would get: time to first
 audio, inter-arrival jitter, underruns (a chunk arriving after the client's
 playback cushion ran out; playback then re-buffers, as the demo page does),
-missed and duplicate seq, and task latency. This module knows nothing about
+missed and duplicate seq, task latency, and the replica that served it. This module knows nothing about
 reports, plots or the server's metrics.
 """
 
@@ -57,6 +57,7 @@ class SessionResult:
     errors: list[str] = field(default_factory=list)  # error codes received
     send_lag_ms: list[float] = field(default_factory=list)  # how late this client sent each frame
     closed_early: bool = False  # the server ended the session before the duration
+    replica: str | None = None  # the replica that served it (session.created names it; behind a balancer)
 
     @property
     def chunks(self) -> int:
@@ -108,6 +109,7 @@ async def run_session(
     except (ConnectError, OSError, TimeoutError) as exc:
         result.refused = getattr(exc, "code", type(exc).__name__)
         return result
+    result.replica = client.session_info.get("replica")
     playback = Playback(cushion_s)
     task_sent: dict[str, float] = {}  # event_id -> send time
     task_ids: dict[str, str] = {}  # task_id -> event_id
