@@ -4,16 +4,28 @@
 Contract: `CURRICULA[name]` is a frozen `Curriculum`; `Curriculum()` is the first stage of the
 demo recipe, and the generator (training/data.py) keeps its random draws call for call, so adding or
 changing another curriculum never changes that stage's data. Held-out conversations always use
-the default. This module knows nothing about audio, tensors or how conversations are laid out.
+the default. A curriculum also names the synthesisers that speak the user's side (and their shares),
+the festival voices trained on (never FESTIVAL_HELD_OUT, held out of every curriculum), and the
+augmentations with their rates (training/augment.py), so a run is reproducible from its seed and its
+curriculum's name.
+This module knows nothing about audio, tensors or how conversations are laid out.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-SCENARIOS = ("answer", "pause", "interrupt", "task", "vision", "typed")
-SCENARIO_WEIGHTS = (0.22, 0.16, 0.16, 0.14, 0.14, 0.18)
+from .augment import Augmentation
+
+# "fallback": an out-of-domain utterance (training/fallback.py), answered with FALLBACK_ANSWER
+SCENARIOS = ("answer", "pause", "interrupt", "task", "vision", "typed", "fallback")
+SCENARIO_WEIGHTS = (0.22, 0.16, 0.16, 0.14, 0.14, 0.18, 0.0)
+# ked is held out: kal (diphones) and slt (HTS, female) keep both of festival's synthesis methods and
+# both sexes in training; ked is a speaker of its own (other recordings, its own duration model), so
+# it measures a new voice of a known kind, and flite and piper stay the outside test of new engines
+FESTIVAL_HELD_OUT = "ked_diphone"
+FESTIVAL_TRAIN_VOICES = ("kal_diphone", "cmu_us_slt_arctic_hts")
 # (train phrasings, held-out phrasings) per intent; the last piece of a spoken question can be paused before
 PHRASINGS = {
     "greeting": (("hello", "hi there", "good morning", "hey, how are you", "hello there", "hi, good evening",
@@ -45,14 +57,25 @@ class Curriculum:
     number_repeat_share: float = 0.0  # repeat questions whose word is a digit string (copying numbers)
     number_phrasings: tuple[str, ...] = ()  # wordings of digit-string repeats; () = the intent's phrasings
     extra_phrasings: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (intent, train phrasings added)
+    synthesisers: tuple[tuple[str, float], ...] = (("espeak", 1.0),)  # (synthesiser, share of utterances)
+    festival_voices: tuple[str, ...] = FESTIVAL_TRAIN_VOICES  # festival voices it trains on
+    augment: Augmentation = field(default_factory=Augmentation)  # user-side augmentations and rates
+
+    def __post_init__(self) -> None:
+        if len(self.scenario_weights) != len(SCENARIOS):
+            raise ValueError(f"scenario_weights needs one share per scenario {SCENARIOS}")
+        if FESTIVAL_HELD_OUT in self.festival_voices:
+            raise ValueError(f"{FESTIVAL_HELD_OUT} is held out: no curriculum trains on it")
+        if abs(sum(share for _, share in self.synthesisers) - 1.0) > 1e-9:
+            raise ValueError("synthesiser shares must sum to 1")
 
 
 # The refinement stage: more sums (the weakest skill), more mid-sentence pauses, digit strings to
 # repeat (exact copying, which hard-sum results need), greetings holding "is"/"are" so that those
 # words stop meaning "a sum"; interruptions already stop reliably, so they give up share.
 REFINE = Curriculum(
-    scenario_weights=(0.22, 0.20, 0.12, 0.14, 0.14, 0.18), chat_weights=(0.25, 0.45, 0.30), hard_share=0.6,
-    number_repeat_share=0.3,
+    scenario_weights=(0.22, 0.20, 0.12, 0.14, 0.14, 0.18, 0.0), chat_weights=(0.25, 0.45, 0.30),
+    hard_share=0.6, number_repeat_share=0.3,
     extra_phrasings=(("greeting", ("hello, is it you", "hi, are you there", "hey, is this on",
                                    "good morning, are you listening", "hello, is everything okay",
                                    "hi there, are you awake")),),
@@ -74,4 +97,13 @@ SOUNDALIKE_GREETINGS = ("hello everyone", "hi, nice to meet you too", "hey, than
 GREETINGS = dataclasses.replace(SUMS, chat_weights=(0.3, 0.5, 0.2), extra_phrasings=tuple(
     (intent, phrasings + SOUNDALIKE_GREETINGS if intent == "greeting" else phrasings)
     for intent, phrasings in SUMS.extra_phrasings))
-CURRICULA = {"base": Curriculum(), "refine": REFINE, "numbers": NUMBERS, "sums": SUMS, "greetings": GREETINGS}
+# Greetings heard from people, not one synthesiser (issue 26): half the utterances from festival's
+# training voices, rooms, cheap microphones and phone lines, pitch / tempo / vocal-tract warps, and
+# out-of-domain utterances answered with the fallback sentence (8% of episodes).
+HEAR = dataclasses.replace(
+    GREETINGS, scenario_weights=(0.20, 0.19, 0.11, 0.13, 0.13, 0.16, 0.08),
+    synthesisers=(("espeak", 0.5), ("festival", 0.5)),
+    augment=Augmentation(pitch_rate=0.2, tempo_rate=0.2, vtlp_rate=0.3, room_rate=0.5, band_rate=0.5,
+                         gain_rate=0.3))
+CURRICULA = {"base": Curriculum(), "refine": REFINE, "numbers": NUMBERS, "sums": SUMS, "greetings": GREETINGS,
+             "hear": HEAR}

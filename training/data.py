@@ -2,8 +2,9 @@
 
 Contract: `DuplexGenerator(cfg, split, seed, turns).conversation(index)` returns the same
 `Conversation` for the same (split, seed, index, turns), built from scratch: a timeline of
-200 ms micro-turns where the user speaks (espeak-ng, many voices / speeds / pitches, noise,
-level changes), types (text-in: SRC_USER then bytes, at most `text_in_slots` per turn, the
+200 ms micro-turns where the user speaks (espeak-ng and festival voices at many speeds and
+pitches, training/voices.py; noise, level changes and the curriculum's augmentations, training/
+augment.py), types (text-in: SRC_USER then bytes, at most `text_in_slots` per turn, the
 rest flowing into later turns) and shows camera frames, and the model answers in one fixed
 voice with its text-out stream aligned ahead of its speech (the answer's bytes then EPAD,
 PAD when idle; the speech starts in the turn of its first text token). Background results
@@ -17,11 +18,14 @@ user's question ends (speech: the turn after the one holding its last sample; ty
 turn after its last text-in token); stay silent through a mid-sentence pause; stop speaking
 in the first turn whose input holds BARGE_IN_REACT_MS of the user's barge-in; for a hard sum
 or the time say HOLDING_PHRASE, write TASK_START task TASK_END, and speak the background
-result once it has fully arrived. Voices and question phrasings are split train/held-out.
+result once it has fully arrived; answer an out-of-domain utterance (training/fallback.py) with
+FALLBACK_ANSWER. Voices, question phrasings and out-of-domain utterances are split train/held-out.
 
 Output audio of micro-turn t plays during [(t+1)*200, (t+2)*200) ms of the user's clock
 (one tick to compute it); evaluators use that convention. This module does not know about
-training, optimisers, engines or servers. Espeak renders are cached in memory per generator.
+training, optimisers, engines or servers. Renders are cached in memory per generator.
+Augmentations draw from a random stream of their own per conversation (AUGMENT_STREAM), so a
+curriculum without them makes exactly the conversations it made before they existed.
 """
 
 from __future__ import annotations
@@ -39,28 +43,30 @@ from ..model.layout import Turns, patch_indices
 from ..model.patches import image_patches
 from ..model.slots import SAMPLE_RATE, TURN_SAMPLES, SlotInput
 from ..model.tokenizer import ByteTokenizer
+from .augment import Channel, room_bank, voice_draw
 from .curricula import CHAT_INTENTS, PHRASINGS, SCENARIOS, Curriculum
-from .espeak import speak
+from .fallback import FALLBACK_ANSWER, utterances
 from .heard import NUMBER_WORDS, Heard, heard_targets
+from .voices import FESTIVAL_SEMITONES as SEMITONES
+from .voices import FESTIVAL_STRETCHES as STRETCHES
+from .voices import (
+    MODEL_VOICE,
+    NO_SHIFT,
+    PITCHES,
+    SPEEDS,
+    SYNTHESISERS,
+    Renders,
+    Voice,
+    festival_voices,
+    user_voices,
+)
 
 TURN_MS = 1000 * TURN_SAMPLES // SAMPLE_RATE
-MODEL_VOICE = ("en-us", 165, 45)  # (voice, words per minute, pitch): the model's one voice
 HOLDING_PHRASE = "one moment."
 BARGE_IN_REACT_MS = 100  # the model stops in the first turn holding this much of a barge-in
 INSTRUCTIONS = ("", "You are a helpful voice assistant.", "Answer briefly and kindly.")
-# user voices = base x variant; held-out: one base and two variants never seen in training. British
-# English is "en" (its voice file): espeak-ng finds "en-gb" only as a language and then drops the variant
-VOICE_BASES = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan",
-               "en-gb-x-gbcwmd")
-VOICE_VARIANTS = ("", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3", "+f4", "+f5")
-HELD_OUT_BASES = ("en-gb-x-gbcwmd",)
-HELD_OUT_VARIANTS = ("+m6", "+f4")
-SPEEDS = (125, 140, 155, 170, 185, 200, 220)  # words per minute
-PITCHES = (15, 30, 45, 60, 75, 90)
-NOISE_DBFS = (-80.0, -40.0)  # RMS range of the background noise under the user's audio
-USER_PEAK_DBFS = (-22.0, -1.0)  # peak level range of one user utterance
 BROWN_DRIFT_SAMPLES = 800  # brown noise minus its 50 ms moving average: no DC wander
-LEVEL_RAMP_DB = 6.0  # within-utterance level drift, +/- dB
+AUGMENT_STREAM = 26  # the augmentations' own random stream per conversation (issue 26 added them)
 PAUSE_SAMPLES = (2 * TURN_SAMPLES, 5 * TURN_SAMPLES)  # mid-sentence pause length
 GAP_TURNS = (1, 4)  # silence between episodes, turns (inclusive)
 RESULT_DELAY_TURNS = (1, 8)  # background latency after the task marker, turns (inclusive)
@@ -133,19 +139,6 @@ class Conversation:
         audio = self.user_audio[turn * TURN_SAMPLES : (turn + 1) * TURN_SAMPLES]
         return SlotInput(audio=audio.copy(), image=self.images.get(turn), text_in=list(self.text_in[turn]),
                          text_in_background=self.background[turn])
-
-
-def user_voices(split: str) -> list[tuple[str, str]]:
-    """(base, variant) pairs of the split; the model's own voice is never a user voice."""
-    pairs = [(b, v) for b in VOICE_BASES for v in VOICE_VARIANTS if (b + v) != MODEL_VOICE[0]]
-    held = [(b, v) for b, v in pairs if b in HELD_OUT_BASES or v in HELD_OUT_VARIANTS]
-    return held if split == "heldout" else [p for p in pairs if p not in held]
-
-
-def _trim(wave: np.ndarray, rel: float = 0.01) -> np.ndarray:
-    """Cut the renderer's leading and trailing silence, so the speech boundaries are exact."""
-    loud = np.flatnonzero(np.abs(wave) > rel * np.abs(wave).max())
-    return wave[loud[0] : loud[-1] + 1] if loud.size else wave
 
 
 class _Timeline:
@@ -225,38 +218,61 @@ class DuplexGenerator:
     """Deterministic conversations of one split ("train" or "heldout") and seed."""
 
     def __init__(self, cfg: ModelConfig, split: str = "train", seed: int = 0, turns: int = 32,
-                 curriculum: Curriculum | None = None, voices: str | None = None) -> None:
+                 curriculum: Curriculum | None = None, voices: str | None = None,
+                 synth: str | None = None) -> None:
         """`voices` ("train" / "heldout", default: `split`) speaks one split's phrasings in the other
-        split's voices, which tells held-out phrasings and held-out voices apart in an evaluation."""
+        split's voices, which tells held-out phrasings and held-out voices apart in an evaluation;
+        `synth` (one of SYNTHESISERS) has that synthesiser alone speak, instead of the curriculum's."""
         voices = voices or split
         if split not in ("train", "heldout") or voices not in ("train", "heldout"):
             raise ValueError(f"unknown split {split!r} or voices {voices!r}")
+        if synth is not None and synth not in SYNTHESISERS:
+            raise ValueError(f"unknown synthesiser {synth!r}; one of {SYNTHESISERS}")
         if curriculum is not None and split == "heldout":
             raise ValueError("held-out conversations use the default curriculum")
         self.cfg, self.split, self.seed, self.turns = cfg, split, seed, turns
         self.curriculum = curriculum or Curriculum()
         self.tok = ByteTokenizer()
         self.dmel = DMel()
-        self.voices = user_voices(voices)
-        self._renders: dict[tuple, np.ndarray] = {}
+        self.voices = user_voices(voices)  # espeak-ng (base, variant) pairs
+        self.festival_voices = festival_voices(voices, self.curriculum)
+        self.synthesisers = ((synth, 1.0),) if synth else self.curriculum.synthesisers
+        self.renders = Renders()
+        self._rooms: list[np.ndarray] | None = None  # the room bank, drawn on first use
 
     # --- speech ---
-    def render(self, text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
-        key = (text, voice, speed, pitch)
-        if key not in self._renders:
-            self._renders[key] = _trim(speak(text, voice=voice, speed=speed, pitch=pitch, rate=SAMPLE_RATE))
-        return self._renders[key]
-
     def model_speech(self, text: str) -> np.ndarray:
-        return self.render(text, *MODEL_VOICE)
+        return self.renders.get(text, Voice("espeak", *MODEL_VOICE))
+
+    def rooms(self) -> list[np.ndarray]:
+        if self._rooms is None:
+            rng = np.random.default_rng([self.seed, AUGMENT_STREAM, self.split == "heldout"])
+            self._rooms = room_bank(self.curriculum.augment, rng, SAMPLE_RATE)
+        return self._rooms
+
+    def voice(self, rng: np.random.Generator) -> Voice:
+        """One user voice: a synthesiser by its share (no draw when there is one), then voice, pace, pitch."""
+        synth = self.synthesisers[0][0]
+        if len(self.synthesisers) > 1:
+            shares = [share for _, share in self.synthesisers]
+            synth = self.synthesisers[rng.choice(len(shares), p=shares)][0]
+        if synth == "espeak":
+            base, variant = self.voices[rng.integers(len(self.voices))]
+            return Voice(synth, base + variant, int(rng.choice(SPEEDS)), int(rng.choice(PITCHES)))
+        name = self.festival_voices[rng.integers(len(self.festival_voices))]
+        return Voice(synth, name, float(rng.choice(STRETCHES)), float(rng.choice(SEMITONES)))
 
     # --- content ---
     def question(self, intent: str, rng: np.random.Generator) -> Question:
         extra = dict(self.curriculum.extra_phrasings).get(intent, ())
-        phrasings = PHRASINGS[intent][self.split == "heldout"] + extra
-        tpl = phrasings[rng.integers(len(phrasings))]
+        phrasings = PHRASINGS.get(intent, ((), ()))[self.split == "heldout"] + extra
+        tpl = phrasings[rng.integers(len(phrasings))] if phrasings else ""
         if intent == "greeting":
             return Question(intent, tpl, GREETING_ANSWER, ["it is red.", "banana.", HOLDING_PHRASE, "7."])
+        if intent == "fallback":
+            said = utterances(self.split)
+            return Question(intent, said[rng.integers(len(said))], FALLBACK_ANSWER,
+                            [GREETING_ANSWER, HOLDING_PHRASE, "it is red.", "banana."])
         if intent == "arith":
             op = ("plus", "minus", "times")[rng.integers(3)]
             a, b = sorted(rng.integers(0, 10, 2).tolist(), reverse=op == "minus")
@@ -293,10 +309,12 @@ class DuplexGenerator:
                         result=f"{hh}:{mm:02d}")
 
     # --- the user's audio ---
-    def _utterance(self, text: str, voice: tuple[str, int, int], rng: np.random.Generator) -> np.ndarray:
-        wave = self.render(text, *voice)
-        peak = 10 ** (rng.uniform(*USER_PEAK_DBFS) / 20) / max(np.abs(wave).max(), 1e-6)
-        ramp = 10 ** (np.linspace(0, rng.uniform(-LEVEL_RAMP_DB, LEVEL_RAMP_DB), len(wave)) / 20)
+    def _utterance(self, text: str, voice: Voice, rng: np.random.Generator,
+                   aug_rng: np.random.Generator) -> np.ndarray:
+        aug = self.curriculum.augment
+        wave = self.renders.get(text, voice, voice_draw(aug, aug_rng) if aug.voice else NO_SHIFT)
+        peak = 10 ** (rng.uniform(*aug.peak_dbfs) / 20) / max(np.abs(wave).max(), 1e-6)
+        ramp = 10 ** (np.linspace(0, rng.uniform(-aug.level_ramp_db, aug.level_ramp_db), len(wave)) / 20)
         return (wave * peak * ramp).astype(np.float32)
 
     def _noise(self, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -312,7 +330,7 @@ class DuplexGenerator:
             t = np.arange(n) / SAMPLE_RATE
             f0 = (50.0, 60.0)[rng.integers(2)]
             noise = sum(np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 6.3)) / h for h in (1, 2, 3, 5))
-        rms = 10 ** (rng.uniform(*NOISE_DBFS) / 20)
+        rms = 10 ** (rng.uniform(*self.curriculum.augment.noise_dbfs) / 20)
         return (noise * rms / max(noise.std(), 1e-9)).astype(np.float32)
 
     def _frame(self, colour: str, rng: np.random.Generator) -> np.ndarray:
@@ -327,6 +345,9 @@ class DuplexGenerator:
         episodes `kinds` in order, with TAIL_TURNS of quiet after the last."""
         n = self.turns if kinds is None else EPISODE_ROOM_TURNS * len(kinds)
         rng = np.random.default_rng([self.seed, index, self.split == "heldout"])
+        aug_rng = np.random.default_rng([self.seed, index, self.split == "heldout", AUGMENT_STREAM])
+        aug = self.curriculum.augment
+        channel = Channel.draw(aug, aug_rng, self.rooms() if aug.room_rate else []) if aug.channel else None
         instructions = INSTRUCTIONS[rng.integers(len(INSTRUCTIONS))]
         tl = _Timeline(n + EPISODE_ROOM_TURNS, self.cfg, self.tok)
         if rng.random() < DISTRACTOR_FRAME_SHARE:
@@ -338,17 +359,21 @@ class DuplexGenerator:
                 break
             weights = self.curriculum.scenario_weights
             kind = SCENARIOS[rng.choice(len(SCENARIOS), p=weights)] if kinds is None else kinds[i]
-            episodes.append(self._episode(kind, tl, t, rng, utt=i))
+            episodes.append(self._episode(kind, tl, t, rng, aug_rng, utt=i))
             t = episodes[-1].end_turn + int(rng.integers(*GAP_TURNS, endpoint=True))
         if kinds is not None:
             n = episodes[-1].end_turn + 1 + TAIL_TURNS
-        tl.user[: n * TURN_SAMPLES] += self._noise(n * TURN_SAMPLES, rng)
+        noise = self._noise(n * TURN_SAMPLES, rng)
+        if channel is None:
+            tl.user[: n * TURN_SAMPLES] += noise
+        else:
+            tl.user[: n * TURN_SAMPLES] = channel.apply(tl.user[: n * TURN_SAMPLES], noise, SAMPLE_RATE)
         return tl.finish(n, instructions, episodes)
 
-    def _episode(self, kind: str, tl: _Timeline, t: int, rng: np.random.Generator, utt: int) -> Episode:
+    def _episode(self, kind: str, tl: _Timeline, t: int, rng: np.random.Generator,
+                 aug_rng: np.random.Generator, utt: int) -> Episode:
         sp = self.tok.special
-        voice = self.voices[rng.integers(len(self.voices))]
-        voice = (voice[0] + voice[1], int(rng.choice(SPEEDS)), int(rng.choice(PITCHES)))
+        voice = self.voice(rng)
         intent = self._intent(kind, rng)
         q = self.question(intent, rng)
         colour = ""
@@ -357,7 +382,7 @@ class DuplexGenerator:
             tl.images[max(0, t - int(rng.integers(0, 3)))] = self._frame(colour, rng)
             q.answer = f"it is {colour}."
             q.candidates = [f"it is {c}." for c in COLOURS if c != colour][:N_CANDIDATES]
-        typed = kind == "typed" or (kind in ("vision", "task") and rng.random() < TYPED_SHARE)
+        typed = kind == "typed" or (kind in ("vision", "task", "fallback") and rng.random() < TYPED_SHARE)
         start = t * TURN_SAMPLES + int(rng.integers(TURN_SAMPLES))
         pause = None
         if typed:
@@ -370,12 +395,12 @@ class DuplexGenerator:
                     words = [*words, "please"]
                 k = int(rng.integers(1, len(words)))
                 head, tail = " ".join(words[:k]) + ",", " ".join(words[k:]) + "?"
-                first_end = tl.user_say(start, self._utterance(head, voice, rng), head)
+                first_end = tl.user_say(start, self._utterance(head, voice, rng, aug_rng), head)
                 resume = first_end + int(rng.integers(*PAUSE_SAMPLES))
                 pause = (first_end * 1000 / SAMPLE_RATE, resume * 1000 / SAMPLE_RATE)
-                end = tl.user_say(resume, self._utterance(tail, voice, rng), tail)
+                end = tl.user_say(resume, self._utterance(tail, voice, rng, aug_rng), tail)
             else:
-                end = tl.user_say(start, self._utterance(q.text + "?", voice, rng), q.text)
+                end = tl.user_say(start, self._utterance(q.text + "?", voice, rng, aug_rng), q.text)
             end_ms, end_turn = end * 1000 / SAMPLE_RATE, (end - 1) // TURN_SAMPLES
         ep = Episode(kind, intent, typed, end_ms, end_turn, end_turn + 1, q.answer, q.candidates,
                      pause_ms=pause, colour=colour)
@@ -400,18 +425,20 @@ class DuplexGenerator:
             tl.cut_model(ep.stop_turn, utt)
             phrases = BARGE_INS[self.split == "heldout"]
             phrase = phrases[rng.integers(len(phrases))]
-            barge_end = tl.user_say(onset, self._utterance(phrase, voice, rng), phrase)
+            barge_end = tl.user_say(onset, self._utterance(phrase, voice, rng, aug_rng), phrase)
             ep.end_turn = max(ep.stop_turn, (barge_end - 1) // TURN_SAMPLES)
         return ep
 
     def _intent(self, kind: str, rng: np.random.Generator) -> str:
         c = self.curriculum
         if c.chat_weights is None or c.hard_share is None:  # the first stage's two draws, call for call
-            return {"task": ("hard", "time")[rng.integers(2)], "vision": "colour"}.get(
-                kind, CHAT_INTENTS[rng.integers(3)])
+            task, chat = ("hard", "time")[rng.integers(2)], CHAT_INTENTS[rng.integers(3)]
+            return {"task": task, "vision": "colour", "fallback": "fallback"}.get(kind, chat)
         if kind == "task":
             return "hard" if rng.random() < c.hard_share else "time"
-        return "colour" if kind == "vision" else CHAT_INTENTS[rng.choice(3, p=c.chat_weights)]
+        if kind in ("vision", "fallback"):
+            return {"vision": "colour", "fallback": "fallback"}[kind]
+        return CHAT_INTENTS[rng.choice(3, p=c.chat_weights)]
 
     # --- tensors ---
     def turns_of(self, convs: list[Conversation]) -> tuple[torch.Tensor, Turns]:
