@@ -3,9 +3,9 @@
 Once per tick, on the event loop, the session calls `voice_activity` with the micro-turn's
 input and output audio. With turn detection on (`vad`), an onset of user speech sends
 `input_audio_buffer.speech_started` (a new user item) and returns True when it is a
-barge-in (barge-in is on and the model was speaking); the end of that speech
-(`SPEECH_HANGOVER_TURNS` quiet turns, or the model taking the turn first: `end_turn`) sends
-`speech_stopped`, `input_audio_buffer.committed` and the user item
+barge-in (barge-in is on and the model spoke within the last `MODEL_HANGOVER_TURNS` turns);
+the end of that speech (`SPEECH_HANGOVER_TURNS` quiet turns, or the model taking the turn
+first: `end_turn`) sends `speech_stopped`, `input_audio_buffer.committed` and the user item
 (`conversation.item.added` / `.done`). With turn detection off (push to
 talk) there are no VAD events: the client's `input_audio_buffer.commit` makes the item
 (`commit`). With transcripts on, `transcribe` takes the model's heard tokens: their text
@@ -33,6 +33,9 @@ from .protocol import new_id
 from .settings import ServerSettings
 
 SPEECH_HANGOVER_TURNS = 2  # silent input turns before user speech counts as ended
+# quiet output turns a reply may pause for (between words, before its end) and still be talked over:
+# speech that starts in such a gap is a barge-in, or the reply would go on over the user
+MODEL_HANGOVER_TURNS = 2
 # turns without new transcript bytes, once speech has ended, before a transcript counts as complete:
 # the model may name a word up to 400 ms after hearing it (training/heard.py HEARD_LAG_TOKENS)
 TRANSCRIPT_SETTLE_TURNS = 3
@@ -60,6 +63,7 @@ class TurnEvents:
         self.vad = True  # turn detection on: speech onsets and ends make the user's items
         self.user_speaking = False
         self.model_speaking = False  # this micro-turn's output was above the speaking threshold
+        self._model_quiet_turns = MODEL_HANGOVER_TURNS  # output turns since the model last spoke
         self._silent_turns = 0
         self._heard = CtcStreamDecoder()
         self._item: str | None = None  # the user item being spoken or transcribed
@@ -91,13 +95,14 @@ class TurnEvents:
             self._speech_start_ms = seq * TURN_MS
             self._send(ev.InputAudioBufferSpeechStarted(audio_start_ms=self._speech_start_ms,
                                                         item_id=self._item))
-            barge_in = settings.barge_in and self.model_speaking
+            barge_in = settings.barge_in and self._model_quiet_turns < MODEL_HANGOVER_TURNS
         if self.vad and ended and self._item is not None and not self._committed:
             end_ms = (seq - SPEECH_HANGOVER_TURNS + 1) * TURN_MS
             self._speech_ms = max(end_ms - self._speech_start_ms, 0)
             self._send(ev.InputAudioBufferSpeechStopped(audio_end_ms=end_ms, item_id=self._item))
             self._commit_item()
         self.model_speaking = level_dbfs(output_audio) > settings.speaking_threshold_dbfs
+        self._model_quiet_turns = 0 if self.model_speaking else self._model_quiet_turns + 1
         return barge_in
 
     def commit(self, seq: int) -> str | None:

@@ -116,3 +116,59 @@ def test_spoken_question_shows_what_the_model_heard(engine, speaking_browser):
     answers = [i for i, (kind, text) in enumerate(lines) if kind == "model" and "tiger." in text]
     assert heard and answers and heard[0] < answers[-1], lines  # the answer follows what it heard
     assert not [text for kind, text in lines if kind == "you"], lines  # spoken, not typed
+
+
+# Over the page's WebRTC call: the call's microphone track is swapped for a WebAudio one that says
+# `window.interruption` (48 kHz samples) when `window.interrupt()` is called.
+SPEAK_ON_CUE = """(samples) => {
+    const ctx = new AudioContext({ sampleRate: 48000 });
+    const dest = ctx.createMediaStreamDestination();
+    const sender = window.microturnRealtime.pc.getSenders().find((s) => s.track && s.track.kind === 'audio')
+        || window.microturnRealtime.pc.getTransceivers()[0].sender;
+    window.interrupt = () => {
+        const buffer = ctx.createBuffer(1, samples.length, 48000);
+        buffer.copyToChannel(Float32Array.from(samples), 0);
+        const source = ctx.createBufferSource();
+        source.buffer = buffer;
+        source.connect(dest);
+        source.start();
+    };
+    const c = window.microturnRealtime, on = c.handlers.onEvent;
+    c.seen = [];
+    c.handlers.onEvent = (e) => { c.seen.push(e); on(e); };
+    return ctx.resume().then(() => sender.replaceTrack(dest.stream.getAudioTracks()[0]));
+}"""
+SEEN = "window.microturnRealtime.seen.some((e) => {cond})"
+ATTEMPTS = 3
+
+
+def test_talking_over_a_reply_on_the_webrtc_call_cuts_it_off(engine, browser):
+    """Barge-in over the page's default transport: speech sent up the call's track while the model's
+    reply plays ends that reply (cancelled, turn_detected), the server flushes the call's outgoing audio
+    (output_audio_buffer.cleared), and the page marks the reply cut off."""
+    interruption = resample(speak("stop, wait a moment please", voice="en-us+m3", speed=155), 16_000, 48_000)
+    with started_page(browser, engine) as page:
+        page.wait_for_function("window.microturnDemo.stats.state === 'live'", timeout=WAIT_MS)
+        assert page.evaluate("window.microturnRealtime.transport") == "webrtc"
+        page.evaluate(SPEAK_ON_CUE, (0.5 * interruption / np.abs(interruption).max()).tolist())
+        # the interruption starts at the reply's first words; on a loaded machine the short greeting can
+        # end before the speech is detected, and then the next try is made
+        for _ in range(ATTEMPTS):
+            page.evaluate("window.microturnRealtime.seen = []")
+            page.fill("#text", "hello there")
+            page.click("#say")
+            page.wait_for_function(SEEN.format(cond="e.type === 'response.output_audio_transcript.delta'"),
+                                   timeout=WAIT_MS)
+            page.evaluate("window.interrupt()")
+            page.wait_for_function(SEEN.format(cond="['output_audio_buffer.cleared', "
+                                                    "'input_audio_buffer.speech_stopped'].includes(e.type)"),
+                                   timeout=WAIT_MS)
+            if page.evaluate(SEEN.format(cond="e.type === 'output_audio_buffer.cleared'")):
+                break
+            page.wait_for_timeout(3_000)  # what the model says to the interruption
+        done = page.evaluate("window.microturnRealtime.seen.filter((e) => e.type === 'response.done')"
+                             ".map((e) => e.response)")
+        cut = [r for r in done if r["status"] == "cancelled"]
+        assert cut and cut[0]["status_details"]["reason"] == "turn_detected", done
+        page.wait_for_function("document.querySelector('#transcript .model.cut') !== null", timeout=WAIT_MS)
+        assert "(cut off)" in page.inner_text("#transcript")
