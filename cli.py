@@ -164,6 +164,10 @@ def _eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voices", choices=("heldout", "train"), default=None,
                         help="whose voices speak the questions (default: the --split's own); "
                              "--split heldout --voices train measures held-out phrasings alone")
+    parser.add_argument("--synth", nargs="+", choices=("espeak", "festival"), default=["espeak", "festival"],
+                        help="synthesisers speaking the user's side, each the same conversations, reported "
+                             "one by one and together; festival's held-out voice (ked) is one no "
+                             "curriculum trains on")
     parser.add_argument("--batch", type=int, default=16, help="conversations run side by side")
     parser.add_argument("--wait-bias", type=float, default=0.0,
                         help="turn-taking eagerness offset in nats over the checkpoint's own (SamplingParams."

@@ -7,8 +7,10 @@ and scores what the model did against the episode labels of training/data.py. `m
 loads `--checkpoint`, draws `--conversations` held-out conversations (held-out voices and
 phrasings, one episode each, scenarios in turn; `--split train` draws them from the training
 voices and phrasings instead, to measure the generalisation gap, and `--voices` speaks one split's
-phrasings in the other's voices, to tell the two halves of that gap apart), prints a table and a
-JSON last line.
+phrasings in the other's voices, to tell the two halves of that gap apart) for each `--synth`
+(espeak-ng, festival: the same conversations, spoken by that synthesiser's voices of the split; the
+held-out festival voice is one no curriculum trains on), prints a table per synthesiser and a JSON
+last line: every metric over all conversations, and the same per synthesiser under "by_synth".
 
 Definitions (Full-Duplex-Bench v1 style, on the user's clock: the output of micro-turn t
 plays during [(t+1)*200, (t+2)*200) ms, so one tick of compute is always counted):
@@ -31,6 +33,9 @@ plays during [(t+1)*200, (t+2)*200) ms, so one tick of compute is always counted
 - task_delegation_rate: hard sums and time questions whose text-out held TASK_START..TASK_END
   before the background result arrived; vision_accuracy: colour answers naming the frame's
   colour and no other;
+- fallback_rate: out-of-domain utterances (training/fallback.py, held-out wording) whose text-out
+  span is FALLBACK_ANSWER; fallback_takeover_rate: spoken ones the model answered with any speech
+  within RESPONSE_WINDOW_MS (they are not part of turn_takeover_rate, which stays comparable);
 - heard_cer / heard_wer (models that hear, Engine.hears): character / word error rate (jiwer,
   over all utterances) of the model's reading of its audio-in over each user utterance's span
   (training/heard.py `utterance_spans`) against the normalised words said; None for other models.
@@ -55,6 +60,7 @@ from ..model.slots import SamplingParams
 from ..model.tokenizer import ByteTokenizer, CtcStreamDecoder
 from .curricula import SCENARIOS
 from .data import COLOURS, TURN_MS, Conversation, DuplexGenerator, Episode
+from .fallback import FALLBACK_ANSWER
 from .heard import utterance_spans
 
 SPEECH_MEAN_CODE = 3.0  # frame mean code above this = speech (silence 1, model voice 5-9)
@@ -66,11 +72,12 @@ ANSWER_KINDS = ("answer", "pause", "typed", "task")  # episodes whose answer tex
 METRIC_KEYS = ("pause_takeover_rate", "turn_takeover_rate", "turn_latency_ms_p50", "interrupt_stop_ms_p50",
                "interrupt_stop_rate", "answer_accuracy_text", "answer_accuracy_text_typed",
                "answer_accuracy_text_spoken", "answer_accuracy_speech",
-               "task_delegation_rate", "task_text_accuracy", "vision_accuracy", "heard_cer", "heard_wer")
+               "task_delegation_rate", "task_text_accuracy", "vision_accuracy", "fallback_rate",
+               "fallback_takeover_rate", "heard_cer", "heard_wer")
 
 # what `score` appends to, per episode (plus "text INTENT typed|spoken" keys it adds)
 OBSERVATIONS = ("pause", "takeover", "latency", "stop", "stop_ms", "delegation", "task_text", "vision",
-                "text", "text_typed", "text_spoken", "speech")
+                "text", "text_typed", "text_spoken", "speech", "fallback", "fallback_takeover")
 
 
 def normalise_answer(text: str) -> str:
@@ -187,8 +194,8 @@ def score(ep: Episode, rec: Recording, judge: SpeechJudge, out: dict[str, list])
         out["pause"].append(rec.first_speech(*ep.pause_ms) is not None)
     if not ep.typed:
         first = rec.first_speech(ep.input_end_ms, ep.input_end_ms + RESPONSE_WINDOW_MS)
-        out["takeover"].append(first is not None)
-        if first is not None:
+        out["fallback_takeover" if ep.kind == "fallback" else "takeover"].append(first is not None)
+        if first is not None and ep.kind != "fallback":
             out["latency"].append(first - ep.input_end_ms)
     if ep.onset_ms is not None and rec.first_speech(ep.onset_ms - STOP_SILENCE_MS, ep.onset_ms) is not None:
         stop = rec.silent_from(ep.onset_ms, STOP_SILENCE_MS)
@@ -208,6 +215,9 @@ def score(ep: Episode, rec: Recording, judge: SpeechJudge, out: dict[str, list])
         named = tok.decode(rec.span(ep.input_end_turn, ep.input_end_turn + window))
         said = set(normalise_answer(named).split())
         out["vision"].append(ep.colour in said and not (said & set(COLOURS)) - {ep.colour})
+    if ep.kind == "fallback":
+        text = tok.decode(rec.span(answer_turn, answer_turn + window))
+        out["fallback"].append(normalise_answer(text) == normalise_answer(FALLBACK_ANSWER))
     if ep.kind in ANSWER_KINDS:
         text = tok.decode(rec.span(answer_turn, answer_turn + window))
         right = normalise_answer(text) == normalise_answer(ep.answer)
@@ -220,27 +230,55 @@ def score(ep: Episode, rec: Recording, judge: SpeechJudge, out: dict[str, list])
         out["speech"].append(judge.correct(spoken, ep.answer, ep.candidates))
 
 
-def heard_error_rates(convs: list[Conversation], recordings: list[Recording],
-                      cfg: ModelConfig) -> tuple[float, float] | None:
-    """(CER, WER) of what the model read at each user utterance's audio-in span against what was said."""
+def heard_pairs(convs: list[Conversation], recordings: list[Recording],
+                cfg: ModelConfig) -> tuple[list[str], list[str]]:
+    """(said, heard): the normalised words of each user utterance, and the model's reading of its span."""
     said, heard = [], []
     for conv, rec in zip(convs, recordings, strict=True):
         for first, length, text in utterance_spans(conv.user_said, cfg):
             said.append(text)
             heard.append(" ".join(CtcStreamDecoder().feed(rec.heard[first : first + length]).split()))
+    return said, heard
+
+
+def heard_error_rates(convs: list[Conversation], recordings: list[Recording],
+                      cfg: ModelConfig) -> tuple[float, float] | None:
+    """(CER, WER) of what the model read at each user utterance's audio-in span against what was said."""
+    return _error_rates(*heard_pairs(convs, recordings, cfg))
+
+
+def _error_rates(said: list[str], heard: list[str]) -> tuple[float, float] | None:
     if not said:
         return None
     return round(float(jiwer.cer(said, heard)), 4), round(float(jiwer.wer(said, heard)), 4)
 
 
-def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator, wait_bias: float = 0.0) -> dict:
+def observe(engine: Engine, convs: list[Conversation], gen: DuplexGenerator,
+            wait_bias: float = 0.0) -> dict[str, list]:
+    """Every episode's observations (OBSERVATIONS and "text INTENT typed|spoken"), plus "said" and
+    "heard" (models that hear): what `summarise` turns into metrics, and what pools across runs."""
     obs: dict[str, list] = {k: [] for k in OBSERVATIONS}
     judge = SpeechJudge(gen)
     recordings = run(engine, convs, wait_bias)
     for conv, rec in zip(convs, recordings, strict=True):
         for ep in conv.episodes:
             score(ep, rec, judge, obs)
-    heard = heard_error_rates(convs, recordings, engine.config) if engine.hears else None
+    if engine.hears:
+        obs["said"], obs["heard"] = heard_pairs(convs, recordings, engine.config)
+    obs["conversations"] = [len(convs)]
+    return obs
+
+
+def pool(runs: list[dict[str, list]]) -> dict[str, list]:
+    return {k: [x for r in runs for x in r.get(k, [])] for k in {k for r in runs for k in r}}
+
+
+def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator, wait_bias: float = 0.0) -> dict:
+    return summarise(observe(engine, convs, gen, wait_bias), engine.wait_bias_default + wait_bias)
+
+
+def summarise(obs: dict[str, list], wait_bias: float) -> dict:
+    heard = _error_rates(obs["said"], obs["heard"]) if "said" in obs else None
 
     def rate(key: str) -> float | None:
         return round(float(np.mean(obs[key])), 4) if obs[key] else None
@@ -255,17 +293,19 @@ def evaluate(engine: Engine, convs: list[Conversation], gen: DuplexGenerator, wa
         "answer_accuracy_text_typed": rate("text_typed"), "answer_accuracy_text_spoken": rate("text_spoken"),
         "answer_accuracy_speech": rate("speech"), "task_delegation_rate": rate("delegation"),
         "task_text_accuracy": rate("task_text"),
-        "vision_accuracy": rate("vision"),
+        "vision_accuracy": rate("vision"), "fallback_rate": rate("fallback"),
+        "fallback_takeover_rate": rate("fallback_takeover"),
         "heard_cer": heard and heard[0], "heard_wer": heard and heard[1],
     }
     by_intent = {k[len("text ") :]: f"{sum(v)}/{len(v)}" for k, v in sorted(obs.items())
                  if k.startswith("text ")}
     counts = {"pauses": len(obs["pause"]), "questions_spoken": len(obs["takeover"]),
               "interruptions_measured": len(obs["stop"]), "answers": len(obs["text"]),
-              "tasks": len(obs["delegation"]), "vision_questions": len(obs["vision"])}
-    return {**metrics, "answers_right_by_intent": by_intent, "counts": counts, "conversations": len(convs),
-            "speech_judge": "dtw-nearest-reference-rendering", "sampling": "greedy",
-            "wait_bias": round(engine.wait_bias_default + wait_bias, 3)}
+              "tasks": len(obs["delegation"]), "vision_questions": len(obs["vision"]),
+              "out_of_domain": len(obs["fallback"])}
+    return {**metrics, "answers_right_by_intent": by_intent, "counts": counts,
+            "conversations": sum(obs["conversations"]), "speech_judge": "dtw-nearest-reference-rendering",
+            "sampling": "greedy", "wait_bias": round(wait_bias, 3)}
 
 
 def eval_conversations(gen: DuplexGenerator, n: int) -> list[Conversation]:
@@ -276,15 +316,8 @@ def eval_conversations(gen: DuplexGenerator, n: int) -> list[Conversation]:
 _SPLIT_NAMES = {"heldout": "held-out", "train": "training"}
 
 
-def main(args: argparse.Namespace) -> int:
-    engine = Engine.from_checkpoint(args.checkpoint, max_slots=args.batch, device=args.device)
-    voices = args.voices or args.split
-    gen = DuplexGenerator(engine.config, args.split, seed=args.seed, voices=voices)
-    result = {**evaluate(engine, eval_conversations(gen, args.conversations), gen, args.wait_bias),
-              "split": args.split, "voices": voices}
-    print(f"duplex evaluation of {args.checkpoint}: {result['conversations']} conversations "
-          f"({_SPLIT_NAMES[voices]} voices, {_SPLIT_NAMES[args.split]} phrasings), greedy sampling, "
-          "speech judged by DTW to reference renderings")
+def _table(title: str, result: dict) -> None:
+    print(title)
     for key in METRIC_KEYS:
         value = result[key]
         print(f"  {key:<24} {'n/a' if value is None else value}")
@@ -292,5 +325,25 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {'n ' + key:<24} {value}")
     for key, value in result["answers_right_by_intent"].items():
         print(f"  {'right ' + key:<24} {value}")
+
+
+def main(args: argparse.Namespace) -> int:
+    engine = Engine.from_checkpoint(args.checkpoint, max_slots=args.batch, device=args.device)
+    voices = args.voices or args.split
+    bias = engine.wait_bias_default + args.wait_bias
+    runs = {}
+    for synth in args.synth:
+        gen = DuplexGenerator(engine.config, args.split, seed=args.seed, voices=voices, synth=synth)
+        runs[synth] = observe(engine, eval_conversations(gen, args.conversations), gen, args.wait_bias)
+    by_synth = {synth: summarise(obs, bias) for synth, obs in runs.items()}
+    result = {**summarise(pool(list(runs.values())), bias), "by_synth": by_synth, "synths": list(args.synth),
+              "split": args.split, "voices": voices}
+    print(f"duplex evaluation of {args.checkpoint}: {args.conversations} conversations per synthesiser "
+          f"({_SPLIT_NAMES[voices]} voices, {_SPLIT_NAMES[args.split]} phrasings), greedy sampling, "
+          "speech judged by DTW to reference renderings")
+    for synth, summary in by_synth.items():
+        _table(f"{synth}:", summary)
+    if len(by_synth) > 1:
+        _table("all synthesisers:", result)
     print(json.dumps(result))
     return 0

@@ -15,7 +15,7 @@ import itertools
 import re
 
 # what the model says to anything it cannot do: one short sentence naming what it can
-FALLBACK_ANSWER = "sorry, I can only do sums, repeat words, name colours and tell the time."
+FALLBACK_ANSWER = "sorry, I can do sums, words, colours and the time."
 # words that never count as wording: grammar, not content
 FUNCTION_WORDS = frozenset(
     "a an the i you me my your it is are was be do does did to of in on at for and or so what who how "
