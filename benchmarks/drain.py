@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -175,6 +176,7 @@ class Link:
         self.handle = created.get("resumption", {}).get("handle")
         self.events: list[dict] = []
         self.seqs: list[int] = []
+        self.arrivals: list[float] = []  # of each output frame
         self.first_frame_at: float | None = None
         self.go_away = asyncio.Event()
         self.go_away_at = 0.0
@@ -186,6 +188,7 @@ class Link:
             async for message in self.ws:
                 if isinstance(message, bytes):
                     self.seqs.append(int.from_bytes(message[2:6], "big"))
+                    self.arrivals.append(time.monotonic())
                     self.first_frame_at = self.first_frame_at or time.monotonic()
                     continue
                 event = json.loads(message)
@@ -228,7 +231,7 @@ class Link:
         """What a session that should notice nothing noticed: errors, go_away, closes, output seq gaps."""
         seen = [f"{e['type']}:{e.get('error', {}).get('code', '')}" for e in self.events
                 if e["type"] in ("error", "session.go_away")]
-        gaps = sum(b - a - 1 for a, b in zip(self.seqs, self.seqs[1:], strict=False) if b != a + 1)
+        gaps = sum(b - a - 1 for a, b in itertools.pairwise(self.seqs) if b != a + 1)
         return seen + ([f"seq_gaps:{gaps}"] if gaps else []) + (["closed"] if self._reader.done() else [])
 
     async def close(self) -> None:
@@ -260,6 +263,7 @@ class Moved:
     index: int
     ok: bool = False
     go_away_to_audio_ms: float | None = None
+    go_away_to_created_ms: float | None = None  # the handshake part of it
     resumed_on: str | None = None
     same_session: bool = False
     retrieved_before: bool = False
@@ -274,6 +278,7 @@ async def move(index: int, link: Link, url: str) -> tuple[Moved, Link | None]:
     try:
         await asyncio.wait_for(link.go_away.wait(), MOVE_TIMEOUT_S)
         new = await connect(url, f"audio=binary&resume_handle={link.handle}", MOVE_TIMEOUT_S)
+        result.go_away_to_created_ms = round((time.monotonic() - link.go_away_at) * 1000, 1)
         while new.first_frame_at is None:
             if time.monotonic() - link.go_away_at > MOVE_TIMEOUT_S:
                 raise TimeoutError("the resumed session sent no audio")
@@ -321,14 +326,18 @@ async def run(sessions: int, replicas: int, log_dir: Path) -> dict:
         outcomes = await asyncio.gather(*(move(i, links[i], balancer.url) for i in moving))
         moved_s = time.monotonic() - started
         victim_exit = await asyncio.to_thread(victim.proc.wait, DRAIN_TIMEOUT_S + 10)
+        before = [b - a for i in staying for a, b in itertools.pairwise(links[i].arrivals[:watched_from[i]])]
         for i in staying:  # from just before the SIGTERM: what the drain could have disturbed
             links[i].seqs = links[i].seqs[max(0, watched_from[i] - 1):]
+            links[i].arrivals = links[i].arrivals[max(0, watched_from[i] - 1):]
         bystanders = {i: links[i].noticed() for i in staying}
+        gaps = [b - a for i in staying for a, b in itertools.pairwise(links[i].arrivals)]
         resumed = [m for m, _ in outcomes]
         for _, new in outcomes:
             if new is not None:
                 links.append(new)
         latencies = [m.go_away_to_audio_ms for m in resumed if m.go_away_to_audio_ms is not None]
+        handshakes = [m.go_away_to_created_ms for m in resumed if m.go_away_to_created_ms is not None]
         return {
             "sessions": sessions,
             "replicas": replicas,
@@ -342,10 +351,15 @@ async def run(sessions: int, replicas: int, log_dir: Path) -> dict:
             "same_session_id": all(m.same_session for m in resumed),
             "go_away_to_audio_ms_p50": _percentile(latencies, 50),
             "go_away_to_audio_ms_p95": _percentile(latencies, 95),
+            "go_away_to_created_ms_p50": _percentile(handshakes, 50),
+            "go_away_to_created_ms_p95": _percentile(handshakes, 95),
             "retrieved_before_move": sum(m.retrieved_before for m in resumed),
             "answered_after_move": sum(m.answered_after for m in resumed),
             "bystanders": len(staying),
             "bystanders_noticed": {str(i): n for i, n in bystanders.items() if n},
+            # the longest wait between two output micro-turns of a bystander (200 ms when nothing stalls)
+            "bystander_max_gap_ms": round(max(gaps) * 1000, 1) if gaps else None,
+            "bystander_max_gap_before_ms": round(max(before) * 1000, 1) if before else None,  # the baseline
             "all_moved_s": round(moved_s, 2),
             "victim_exit": victim_exit,
             "errors": [m.error for m in resumed if m.error],
@@ -366,12 +380,16 @@ def table(summary: dict) -> str:
         ("to move / moved / lost", f"{summary['to_move']} / {summary['moved']} / {summary['lost']}"),
         ("go_away -> resumed audio p50 ms", summary["go_away_to_audio_ms_p50"]),
         ("go_away -> resumed audio p95 ms", summary["go_away_to_audio_ms_p95"]),
+        ("go_away -> session.created p50/p95", f"{summary['go_away_to_created_ms_p50']} / "
+                                               f"{summary['go_away_to_created_ms_p95']}"),
         ("retrieved / answered after move", f"{summary['retrieved_before_move']} / "
                                             f"{summary['answered_after_move']}"),
         ("bystanders that noticed", f"{len(summary['bystanders_noticed'])} of {summary['bystanders']}"),
+        ("bystanders' longest gap ms (before)", f"{summary['bystander_max_gap_ms']} "
+                                                  f"({summary['bystander_max_gap_before_ms']})"),
         ("victim exit code", summary["victim_exit"]),
     ]
-    return "\n".join(f"{label:<34}{value}" for label, value in rows)
+    return "\n".join(f"{label:<38}{value}" for label, value in rows)
 
 
 def main(argv: list[str] | None = None) -> int:
