@@ -200,7 +200,7 @@ def test_page_over_webrtc_by_default_hears_sees_plays_and_runs_a_task(engine, br
         page.click("#start")
         page.wait_for_function("window.microturnDemo.stats.state === 'live'", timeout=WAIT_MS)
         assert page.evaluate("window.microturnRealtime.transport") == "webrtc"
-        assert page.inner_text("#hud-transport") == "WebRTC (echo cancelled)"
+        assert page.inner_text("#hud-transport") == "on (WebRTC)"
         page.evaluate("""() => {
             const c = window.microturnRealtime, on = c.handlers.onEvent;
             c.seen = [];
@@ -249,7 +249,7 @@ def test_page_falls_back_to_the_websocket_when_the_call_fails(engine, browser):
         page.wait_for_function("window.microturnDemo.stats.state === 'live'", timeout=WAIT_MS)
         assert page.evaluate("window.microturnRealtime.transport") == "websocket"
         assert "wear headphones" in page.inner_text("#message")
-        assert page.inner_text("#hud-transport") == "WebSocket (use headphones)"
+        assert page.inner_text("#hud-transport") == "off: use headphones (WebSocket)"
         page.wait_for_function("window.microturnDemo.stats.turns >= 5", timeout=WAIT_MS)
         page.click("#stop")
         assert [p for p in console.problems if "status of 400" not in p] == []

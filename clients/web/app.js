@@ -15,7 +15,7 @@ import { AudioEngine, Camera, deviceMessage, WIRE_RATE } from "./media.js";
 const RTT_PROBE_MS = 2000; // how often an empty session.update measures the round trip
 const METRICS_POLL_MS = 2000; // how often /metrics is read for the server's tick time
 const RTC_STATS_MS = 500; // how often a WebRTC call's receive figures are read
-const TRANSPORT_WORDS = { webrtc: "WebRTC (echo cancelled)", websocket: "WebSocket (use headphones)" };
+const TRANSPORT_WORDS = { webrtc: "on (WebRTC)", websocket: "off: use headphones (WebSocket)" };
 const FELL_BACK = "WebRTC could not connect, so this session runs over the WebSocket: wear headphones, or the " +
   "model may hear its own voice.";
 
