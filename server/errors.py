@@ -48,6 +48,9 @@ class ErrorCode(StrEnum):
     # new ones are refused until it is back
     ENGINE_RESTARTING = "engine_restarting"
     INTERNAL_ERROR = "internal_error"  # a bug; the session is closed
+    # a WebRTC call whose ICE did not connect in time, or whose ICE or DTLS failed later: the session is
+    # closed and released (no event can reach a peer whose data channel never opened; this is counted)
+    WEBRTC_FAILED = "webrtc_failed"
     # resumption handles (server/resumption.py), refused before any model work and the socket closed:
     RESUME_INVALID = "resume_handle_invalid"  # forged, garbled, over its size bound, or from another version
     RESUME_EXPIRED = "resume_handle_expired"  # past resume_ttl_s
@@ -64,6 +67,7 @@ ERROR_TYPES: dict[ErrorCode, str] = {
     ErrorCode.ENGINE_RESTARTING: "server_error",
     ErrorCode.INTERNAL_ERROR: "server_error",
     ErrorCode.SLOW_CONSUMER: "server_error",
+    ErrorCode.WEBRTC_FAILED: "server_error",
     ErrorCode.UNAUTHORIZED: "authentication_error",
     ErrorCode.FORBIDDEN_ORIGIN: "authentication_error",
     ErrorCode.INPUT_RATE_EXCEEDED: "rate_limit_error",
@@ -82,6 +86,7 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.IDLE_TIMEOUT: 1000,
     ErrorCode.SESSION_EXPIRED: 1000,
     ErrorCode.INTERNAL_ERROR: 1011,
+    ErrorCode.WEBRTC_FAILED: 1011,
     ErrorCode.RESUME_INVALID: 1008,
     ErrorCode.RESUME_EXPIRED: 1008,
     ErrorCode.RESUME_REPLAYED: 1008,

@@ -17,9 +17,9 @@ track). Incoming Opus is decoded by aiortc, resampled to 24 kHz mono PCM16 and h
 the session as 0x01 input frames, so it meets the same input-ahead bound.
 
 A call that fails (bad SDP: 400 with a JSON error; ICE not connected within
-`ICE_CONNECT_TIMEOUT_S`: the session is closed and released; DTLS or ICE failure later:
-treated as the peer leaving) touches no other session. This module knows nothing about
-tensors or the engine.
+`ICE_CONNECT_TIMEOUT_S`, or ICE or DTLS failing later: the session is closed with
+`webrtc_failed`, counted in `microturn_errors_total`, and released) touches no other session.
+This module knows nothing about tensors or the engine.
 """
 
 from __future__ import annotations
@@ -249,10 +249,12 @@ class PeerSocket:
         state = self.pc.connectionState
         if state == "connected":
             self.connected.set()
+        elif state == "failed" and self.connection is not None:
+            log.info("webrtc call %s: connection failed (ICE or DTLS)", self.connection.session.id)
+            message = "the WebRTC connection failed (ICE or DTLS)"
+            self.connection.request_close(ErrorCode.WEBRTC_FAILED, message)
+            self.application_state = WebSocketState.DISCONNECTED
         elif state in ("failed", "closed"):
-            if state == "failed":
-                log.info("webrtc call %s: connection failed (ICE or DTLS)", self.connection and
-                         self.connection.session.id)
             self.application_state = WebSocketState.DISCONNECTED
             self._inbox.put_nowait({"type": "websocket.disconnect"})
 
@@ -361,7 +363,7 @@ async def _ice_deadline(conn: WebRTCConnection, peer: PeerSocket) -> None:
     try:
         await asyncio.wait_for(peer.connected.wait(), ICE_CONNECT_TIMEOUT_S)
     except TimeoutError:
-        conn.request_close(ErrorCode.IDLE_TIMEOUT, f"ICE did not connect within {ICE_CONNECT_TIMEOUT_S:g} s")
+        conn.request_close(ErrorCode.WEBRTC_FAILED, f"ICE did not connect within {ICE_CONNECT_TIMEOUT_S:g} s")
 
 
 async def hangup_call(request: Request, state: ServerState, call_id: str) -> Response:

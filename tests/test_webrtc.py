@@ -220,6 +220,48 @@ async def test_hangup_ends_the_call_and_frees_its_session(server):
         await call.close()
 
 
+WEBRTC_FAILED = 'microturn_errors_total{code="webrtc_failed"}'
+
+
+def _failed_calls(srv: ServerThread) -> float:
+    try:
+        return srv.metric(WEBRTC_FAILED)
+    except KeyError:  # no call has failed on this server yet
+        return 0.0
+
+
+async def test_a_dtls_failure_closes_only_its_call(server, speech):
+    """An offer whose certificate fingerprint does not match the certificate the client then shows: the
+    server's DTLS handshake fails, its session is closed (webrtc_failed) and released, and a WebSocket
+    session beside it streams on without a gap."""
+    async with websockets.connect(server.ws_url + "?audio=binary") as ws:
+        await collect(ws, 5, until=lambda e: e["type"] == "session.created")
+        call = Call(None)
+        try:
+            sdp = await call.offer()
+            wrong = "a=fingerprint:sha-256 " + ":".join(["00"] * 32)
+            lines = [wrong if line.startswith("a=fingerprint:") else line for line in sdp.splitlines()]
+            async with httpx.AsyncClient() as client:
+                reply = await client.post(calls_url(server), content="\r\n".join(lines) + "\r\n",
+                                          headers={"Content-Type": "application/sdp"})
+            assert reply.status_code == 201, reply.text
+            await call.pc.setRemoteDescription(RTCSessionDescription(reply.text, "answer"))
+            feed = asyncio.create_task(stream_binary(ws, speech, 16_000))
+            state = server.app.state.server
+            deadline = time.monotonic() + 20
+            while len(state.connections) > 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert len(state.connections) == 1, "the call whose DTLS failed still holds its session"
+            frames, events = await collect(ws, 2)
+            await feed
+        finally:
+            await call.close()
+        seqs = [f.seq for f in frames]
+        assert seqs and seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+        assert not any(e["type"] == "error" for e in events), events
+    assert _failed_calls(server) == 1
+
+
 async def test_ice_that_never_connects_releases_the_session(server, monkeypatch):
     monkeypatch.setattr(webrtc, "ICE_CONNECT_TIMEOUT_S", 1.5)
     call = Call(None)
@@ -234,3 +276,4 @@ async def test_ice_that_never_connects_releases_the_session(server, monkeypatch)
     while state.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert not state.connections, "a call whose ICE never connected still holds its session"
+    assert _failed_calls(server) == 1
