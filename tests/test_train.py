@@ -155,7 +155,7 @@ def test_eval_scores_the_reference_streams_perfectly() -> None:
     for key in ("takeover", "stop", "delegation", "task_text", "vision", "text", "speech"):
         assert obs[key] and all(obs[key]), key
     by_intent = {k for k in obs if k.startswith("text ")}
-    assert {"text arith spoken", "text hard typed"} <= by_intent, by_intent
+    assert {"text arith spoken", "text time typed"} <= by_intent, by_intent
     assert sum(len(obs[k]) for k in by_intent) == len(obs["text"])
     assert 200 < np.median(obs["latency"]) <= 400 and max(obs["stop_ms"]) <= 400
 
@@ -190,7 +190,7 @@ def test_eval_duplex_runs_end_to_end_on_a_random_model(tmp_path: Path, capsys: p
     cfg = micro_config
     save_checkpoint(tmp_path / "ckpt", build_model(cfg, seed=0), cfg)
     argv = ["eval", "duplex", "--checkpoint", str(tmp_path / "ckpt"), "--conversations", "2", "--batch", "2",
-            "--device", "cpu"]
+            "--synth", "espeak", "--device", "cpu"]
     assert cli_main(argv) == 0
     result = _json_tail(capsys)
     assert set(METRIC_KEYS) <= set(result) and result["conversations"] == 2
