@@ -1,5 +1,7 @@
 """The WebRTC transport: `POST /v1/realtime/calls` (SDP offer in, SDP answer out) over aiortc.
 
+The offer comes bare or in OpenAI's multipart form with a session config (server/webrtc_offer.py).
+
 Browsers cancel echo only for audio that arrives on an RTCPeerConnection, so this carries
 the same session as `WS /v1/realtime` for them: Opus audio both ways on tracks, and the
 JSON events on a data channel named "oai-events" (client events in, server events out,
@@ -46,13 +48,12 @@ from .auth import Grant
 from .connection import Connection, ServerState
 from .errors import HTTP_STATUS, ErrorCode, ProtocolError, error_payload
 from .media_input import float_to_pcm16, pcm16_to_float
+from .webrtc_offer import SDP_TYPE, OfferError, read_offer
 
 log = logging.getLogger(__name__)
 
 CALLS_PATH = "/v1/realtime/calls"
 EVENTS_CHANNEL = "oai-events"
-SDP_TYPE = "application/sdp"
-MAX_SDP_BYTES = 64 * 1024
 ICE_CONNECT_TIMEOUT_S = 15.0  # offer answered -> ICE and DTLS connected, or the session is released
 TRACK_RATE = 48_000
 FRAME_SAMPLES = TRACK_RATE // 50  # 20 ms
@@ -279,19 +280,6 @@ def _error(state: ServerState, code: ErrorCode, message: str, status: int | None
     return JSONResponse({"error": error_payload(code, message)}, status or HTTP_STATUS.get(code, 503))
 
 
-async def _read_sdp(request: Request) -> str | None:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_SDP_BYTES:
-            return None
-        chunks.append(chunk)
-    try:
-        return b"".join(chunks).decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
 _calls: dict[str, tuple[asyncio.Task, PeerSocket]] = {}  # live calls by call id (holds their tasks)
 
 
@@ -307,12 +295,12 @@ async def serve_call(request: Request, state: ServerState) -> Response:
         return _error(state, ErrorCode.UNAUTHORIZED, "missing, wrong, expired or used credential")
     if state.draining:
         return _error(state, ErrorCode.SERVER_DRAINING, "server is shutting down")
-    if headers.get("content-type", "").split(";")[0].strip().lower() != SDP_TYPE:
-        return _error(state, ErrorCode.INVALID_REQUEST, f"the body must be an SDP offer ({SDP_TYPE})", 400)
-    sdp = await _read_sdp(request)
-    if not sdp or not sdp.strip():
-        return _error(state, ErrorCode.INVALID_REQUEST, f"the body must be an SDP offer of at most "
-                      f"{MAX_SDP_BYTES} bytes of UTF-8", 400)
+    try:
+        sdp, session = await read_offer(request)
+    except OfferError as exc:
+        return _error(state, ErrorCode.INVALID_REQUEST, str(exc), 400)
+    if session is not None:  # on top of a client secret's config, as a session.update at once would be
+        grant = Grant(grant.subprotocol, {**(grant.session or {}), **session})
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: the answer has host candidates
     peer = PeerSocket(pc, {k: v for k, v in request.query_params.items() if k in ("debug", "task_events")})
     try:

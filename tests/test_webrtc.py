@@ -183,6 +183,28 @@ async def test_bad_offer_is_400_and_a_websocket_session_keeps_going(server, spee
         assert not any(e["type"] == "error" for e in events)
 
 
+async def test_the_multipart_offer_form_carries_a_session_config(server):
+    """OpenAI's GA form: `sdp` and `session` fields; the session starts with that config, and a config
+    the server refuses is a 400 before any session exists."""
+    call = Call(None)
+    try:
+        sdp = await call.offer()
+        async with httpx.AsyncClient() as client:
+            form = {"sdp": (None, sdp), "session": (None, '{"seed": "x"}')}
+            bad = await client.post(calls_url(server), files=form)
+            assert bad.status_code == 400 and "session" in bad.json()["error"]["message"], bad.text
+            assert not server.app.state.server.connections
+            config = json.dumps({"type": "realtime", "instructions": "Be brief."})
+            form = {"sdp": (None, sdp), "session": (None, config)}
+            reply = await client.post(calls_url(server), files=form)
+        assert reply.status_code == 201, reply.text
+        await call.pc.setRemoteDescription(RTCSessionDescription(reply.text, "answer"))
+        created = await call.wait_for("session.created", 10)
+        assert created["session"]["instructions"] == "Be brief."
+    finally:
+        await call.close()
+
+
 async def test_call_needs_the_credential(engine):
     settings = ServerSettings(max_sessions=MAX_SLOTS, api_keys=["sk-test"])
     with ServerThread(settings, engine) as srv:
