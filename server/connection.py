@@ -120,6 +120,8 @@ async def serve_websocket(ws: WebSocket, state: ServerState) -> None:
         )
     if not state.tick.engine_up:
         resumed.undo()
+        if resumed.session is not None and state.resume is not None:  # claimed, but it cannot go on now
+            state.resume.end_parked(resumed.session)
         message = "the engine is restarting; reconnect in a moment"
         return await _refuse(ws, state, ErrorCode.ENGINE_RESTARTING, message)
     beta = "realtime=v1" in headers.get("openai-beta", "")
