@@ -165,8 +165,8 @@ def _eval_flags(parser: argparse.ArgumentParser) -> None:
                         help="whose voices speak the questions (default: the --split's own); "
                              "--split heldout --voices train measures held-out phrasings alone")
     parser.add_argument("--synth", nargs="+", choices=("espeak", "festival"), default=["espeak", "festival"],
-                        help="synthesisers speaking the user's side, each the same conversations, reported "
-                             "one by one and together; festival's held-out voice (ked) is one no "
+                        help="synthesisers speaking the user's side, each the same scenarios and seed, "
+                             "reported one by one and together; festival's held-out voice (ked) is one no "
                              "curriculum trains on")
     parser.add_argument("--batch", type=int, default=16, help="conversations run side by side")
     parser.add_argument("--wait-bias", type=float, default=0.0,

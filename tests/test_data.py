@@ -27,8 +27,8 @@ from microturn.training.curricula import (
     Curriculum,
 )
 from microturn.training.data import DuplexGenerator
-from microturn.training.voices import HELD_OUT_VARIANTS, user_voices
 from microturn.training.espeak import speak
+from microturn.training.voices import HELD_OUT_VARIANTS, user_voices
 
 SPEECH_MEAN_CODE = 3.0  # dMel frame mean code: digital silence is 1, espeak speech 5 and up
 SP = ByteTokenizer().special
