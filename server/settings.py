@@ -161,9 +161,9 @@ class ServerSettings(BaseSettings):
     )
 
     # --- replicas and session resumption (server/resumption.py) ---
-    replica_name: str = Field(
-        "", description="this replica's name, in session.created and the x-microturn-replica response "
-        "header; empty = the host name (a pod's name under Kubernetes)",
+    replica_name: str | None = Field(
+        None, description="this replica's name, in session.created and the x-microturn-replica response "
+        "header; none = the host name (a pod's name under Kubernetes)",
     )
     resume_keys: CommaList = Field(
         default_factory=list, description="comma-separated secrets sealing resumption handles, the same on "
