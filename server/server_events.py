@@ -140,6 +140,18 @@ class OutputAudioBufferCleared(ServerEvent):
     response_id: str
 
 
+# WebRTC only, as OpenAI sends them: the call's outgoing audio began to carry a response's voice, and
+# all of it has gone out (a barge-in sends `cleared` instead)
+class OutputAudioBufferStarted(ServerEvent):
+    type: str = "output_audio_buffer.started"
+    response_id: str
+
+
+class OutputAudioBufferStopped(ServerEvent):
+    type: str = "output_audio_buffer.stopped"
+    response_id: str
+
+
 # --- conversation ---
 class ConversationItemAdded(ServerEvent):
     type: str = "conversation.item.added"

@@ -31,6 +31,7 @@ import fractions
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import av
@@ -44,6 +45,7 @@ from starlette.websockets import WebSocketState
 from ..model.resample import StreamResampler
 from ..model.slots import SAMPLE_RATE
 from . import protocol as p
+from . import server_events as ev
 from .auth import Grant
 from .connection import Connection, ServerState
 from .errors import HTTP_STATUS, ErrorCode, ProtocolError, error_payload
@@ -58,6 +60,7 @@ ICE_CONNECT_TIMEOUT_S = 15.0  # offer answered -> ICE and DTLS connected, or the
 TRACK_RATE = 48_000
 FRAME_SAMPLES = TRACK_RATE // 50  # 20 ms
 INPUT_RATE = p.PCM_RATE_24K
+AUDIBLE_PEAK = 64  # a 48 kHz PCM16 block whose peak is above this (about -54 dBFS) carries voice
 PLAYOUT_LEAD_MS = 60  # silence put ahead of audio that resumes after an underrun: absorbs tick jitter
 MAX_PLAYOUT_MS = 1000  # audio buffered for the track past this is dropped (oldest first): latency bound
 MAX_CHANNEL_BUFFER = 4 << 20  # data channel bytes the peer has not taken; past it the client is slow
@@ -66,7 +69,8 @@ MAX_INBOX_MESSAGES = 1000  # client messages waiting for the receive loop (20 s 
 
 class OutputTrack(MediaStreamTrack):
     """The model's voice: 16 kHz micro-turns in, 20 ms 48 kHz mono frames out, paced in real time with
-    continuous pts (silence when nothing is queued). A new epoch (barge-in) drops what is queued."""
+    continuous pts (silence when nothing is queued). A new epoch (barge-in) drops what is queued.
+    `on_frame` runs after each frame is taken; `audible_queued` says whether voice is still to go out."""
 
     kind = "audio"
 
@@ -78,6 +82,14 @@ class OutputTrack(MediaStreamTrack):
         self._epoch = 0
         self._start: float | None = None
         self._pts = 0
+        self._pushed = 0  # samples queued since the call began
+        self._taken = 0  # samples gone out since the call began
+        self._audible_until = 0  # the `_pushed` count at the end of the last block with voice in it
+        self.on_frame: Callable[[], None] | None = None
+
+    @property
+    def audible_queued(self) -> bool:
+        return self._taken < self._audible_until
 
     def push(self, pcm16: bytes, epoch: int) -> None:
         if epoch != self._epoch:
@@ -88,11 +100,17 @@ class OutputTrack(MediaStreamTrack):
             block = np.concatenate([np.zeros(TRACK_RATE * PLAYOUT_LEAD_MS // 1000, np.int16), block])
         self._queue.append(block)
         self._queued += len(block)
+        self._pushed += len(block)
+        if block.size and int(np.abs(block).max()) > AUDIBLE_PEAK:
+            self._audible_until = self._pushed
         while self._queued > TRACK_RATE * MAX_PLAYOUT_MS // 1000 and len(self._queue) > 1:
-            self._queued -= len(self._queue.popleft())
+            dropped = len(self._queue.popleft())
+            self._queued -= dropped
+            self._taken += dropped
 
     def flush(self, epoch: int) -> None:
         self._epoch = epoch
+        self._taken += self._queued
         self._queue.clear()
         self._queued = 0
 
@@ -109,6 +127,7 @@ class OutputTrack(MediaStreamTrack):
             else:
                 self._queue[0] = head[n:]
         self._queued -= filled
+        self._taken += filled
         return out
 
     async def recv(self) -> av.AudioFrame:
@@ -122,6 +141,8 @@ class OutputTrack(MediaStreamTrack):
             if wait > 0:
                 await asyncio.sleep(wait)
         frame = av.AudioFrame.from_ndarray(self._take().reshape(1, -1), format="s16", layout="mono")
+        if self.on_frame is not None:
+            self.on_frame()
         frame.sample_rate = TRACK_RATE
         frame.pts = self._pts
         frame.time_base = fractions.Fraction(1, TRACK_RATE)
@@ -137,6 +158,8 @@ class PeerSocket:
         self.scope: dict = {}  # no abort extension: a data channel send never blocks
         self.application_state = WebSocketState.CONNECTED
         self.track = OutputTrack()
+        self.track.on_frame = self._playback_events
+        self._playing: tuple[str, int] | None = None  # (response id, epoch) whose voice is going out
         self.connection: WebRTCConnection | None = None
         self._inbox: asyncio.Queue[dict] = asyncio.Queue()
         self._channel: Any = None
@@ -182,6 +205,22 @@ class PeerSocket:
             self._reader.cancel()
         await self.pc.close()
         self._inbox.put_nowait({"type": "websocket.disconnect"})
+
+    def _playback_events(self) -> None:
+        """output_audio_buffer.started / .stopped, as OpenAI's WebRTC calls send them."""
+        if self.connection is None or self.application_state != WebSocketState.CONNECTED:
+            return
+        session = self.connection.session
+        active = session.responses.active
+        if self._playing is None:
+            if active is not None and self.track.audible_queued:
+                self._playing = (active.id, session.epoch)
+                session.send(ev.OutputAudioBufferStarted(response_id=active.id))
+        elif self._playing[1] != session.epoch:
+            self._playing = None  # cut off: the session sent output_audio_buffer.cleared
+        elif not self.track.audible_queued and (active is None or active.id != self._playing[0]):
+            session.send(ev.OutputAudioBufferStopped(response_id=self._playing[0]))
+            self._playing = None
 
     # --- aiortc callbacks ---
     def _on_channel(self, channel: Any) -> None:

@@ -21,7 +21,9 @@ import pytest
 import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from helpers.realserver import ServerThread, collect, stream_binary, warm_engine
+from helpers.realserver import ServerThread, collect, demo_engine, demo_settings, stream_binary, warm_engine
+from openai.types.realtime import RealtimeServerEvent
+from pydantic import TypeAdapter
 
 from microturn.model.resample import resample
 from microturn.server import webrtc
@@ -164,6 +166,31 @@ async def test_call_carries_events_and_audio_both_ways(server, speech):
     assert not server.app.state.server.connections, "the hung-up call still holds its session"
 
 
+async def test_a_reply_is_framed_by_output_audio_buffer_started_and_stopped():
+    """As OpenAI's WebRTC calls do: `started` once a response's voice goes out on the track, `stopped`
+    once all of it has, after the response is done; both validate against the `openai` models."""
+    with ServerThread(demo_settings(1), demo_engine(1)) as srv:
+        call = Call(None)
+        try:
+            assert (await call.connect(calls_url(srv))).status_code == 201
+            await call.wait_for("session.created", 10)
+            text = [{"type": "input_text", "text": "hello there"}]
+            item = {"type": "message", "role": "user", "content": text}
+            call.channel.send(json.dumps({"type": "conversation.item.create", "item": item}))
+            stopped = await call.wait_for("output_audio_buffer.stopped", 20)
+        finally:
+            await call.close()
+    kinds = [e["type"] for e in call.events]
+    started = next(e for e in call.events if e["type"] == "output_audio_buffer.started")
+    done = next(e for e in call.events if e["type"] == "response.done")
+    assert started["response_id"] == stopped["response_id"] == done["response"]["id"]
+    assert kinds.index("response.created") < kinds.index("output_audio_buffer.started")
+    assert kinds.index("response.done") < kinds.index("output_audio_buffer.stopped")
+    adapter = TypeAdapter(RealtimeServerEvent)
+    for event in (started, stopped):
+        adapter.validate_python(event, strict=True)
+
+
 async def test_bad_offer_is_400_and_a_websocket_session_keeps_going(server, speech):
     async with websockets.connect(server.ws_url + "?audio=binary") as ws:
         await collect(ws, 5, until=lambda e: e["type"] == "session.created")
@@ -236,7 +263,9 @@ async def test_hangup_ends_the_call_and_frees_its_session(server):
             while state.connections and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert not state.connections
-            again = await client.post(hangup)
+            # the call's task ends a moment after its place is given back (its leave is queued first)
+            while (again := await client.post(hangup)).status_code == 200 and time.monotonic() < deadline + 5:
+                await asyncio.sleep(0.05)
             assert again.status_code == 404 and again.json()["error"]["code"] == "invalid_request"
     finally:
         await call.close()
