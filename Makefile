@@ -5,7 +5,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PRESET ?= tiny
 
-.PHONY: install system-deps serve test fuzz lint bench bench-engine train-demo eval-demo clean
+.PHONY: install system-deps serve test fuzz lint bench bench-engine bench-drain train-demo eval-demo clean
 
 # Debian packages the tests need, as CHECK:PACKAGE, CHECK a command or a path (espeak-ng and festival
 # with its English voices speak the test and training speech; chromium and firefox-esr run the demo
@@ -54,6 +54,10 @@ bench: bench-engine
 
 bench-engine: install
 	$(VENV)/bin/microturn bench engine --preset $(PRESET) --seconds 5
+
+# Two replicas behind a real HAProxy, one drained with SIGTERM: sessions moved, go_away -> resumed audio
+bench-drain: install system-deps
+	$(PY) -m microturn.benchmarks.drain --sessions 6
 
 # The shipped demo checkpoint, seven stages on a CPU at batch 8 x 32 micro-turns, each stored in bf16
 # and continued by the next with a fresh optimiser. Stage 1 trains from scratch in fp32 on the base

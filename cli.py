@@ -142,7 +142,9 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                         help="what conversations are made of (training/curricula.py): base is the first "
                              "stage of the demo recipe; refine (its second stage) adds sums, pauses, digit "
                              "strings; numbers asks for digit strings as numbers; sums is numbers with more "
-                             "sums; greetings is sums with greetings holding number-sounding words")
+                             "sums; greetings is sums with greetings holding number-sounding words; hear is "
+                             "greetings with half the user speech from festival voices, room and mic "
+                             "augmentation and out-of-domain turns answered with the fallback sentence")
     parser.add_argument("--heard-weight", type=float, default=0.0,
                         help="weight of the CTC loss transcribing the user's speech on the audio-in "
                              "positions (training/heard.py); 0 = off")

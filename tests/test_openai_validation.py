@@ -31,7 +31,7 @@ from microturn.training.espeak import speak
 
 ADAPTER: TypeAdapter = TypeAdapter(RealtimeServerEvent)
 MICROTURN_ONLY = {"task.created", "task.delta", "task.done", "task.error", "task.cancelled",
-                  "session.go_away", "debug.text_in"}
+                  "session.go_away", "session.resumption_update", "debug.text_in"}
 WEATHER = {"type": "function", "name": "get_weather", "description": "the weather forecast for a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 pytestmark = pytest.mark.timeout(240)
