@@ -36,9 +36,10 @@ from . import protocol as p
 from . import server_events as ev
 from .auth import Authenticator
 from .background_service import BackgroundService
-from .connection import REPLICA_HEADER, ServerState, serve_websocket
+from .connection import ServerState
 from .engine_api import EngineAPI
 from .errors import HTTP_STATUS, ErrorCode, error_payload
+from .handshake import REPLICA_HEADER, serve_websocket
 from .metrics import Metrics
 from .resumption import Resumption
 from .session import Session

@@ -1,9 +1,8 @@
-"""One realtime WebSocket from handshake to close: checks, admission, event dispatch, sending.
+"""One admitted realtime connection to its close: event dispatch, sending, lifetime limits.
 
-`serve_websocket` refuses bad handshakes (Origin, credential, draining) with an HTTP
-status before any model work, admits or refuses (`server_busy`, close 1013), then runs
-a `Connection`: a receive loop dispatching client events into the `Session`, a send
-loop draining the session's outbox, and the lifetime limits. The receive loop only
+server/handshake.py checks and admits a WebSocket, then runs a `Connection`: a receive
+loop dispatching client events into the `Session`, a send loop draining the session's
+outbox, and the lifetime limits. The receive loop only
 parses, checks and hands each event to the session (config through
 server/session_config.py, task events to the session's background). Client mistakes are
 answered with `error` events and the session lives on. `ServerState` is what every
@@ -22,27 +21,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import WebSocket
-from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..model.engine_process import EngineDied
 from . import protocol as p
 from . import server_events as ev
-from .auth import QUERY_SECRET_PARAM, SECRET_PREFIX, Authenticator, Grant
+from .auth import Authenticator, Grant
 from .background_service import BackgroundService, SessionBackground
-from .errors import HTTP_STATUS, ErrorCode, ProtocolError, close_code, error_payload
+from .errors import ErrorCode, ProtocolError, close_code, error_payload
 from .media_input import base64_decoded_min, check_input_ahead, decode_image
 from .metrics import Metrics
-from .resume_record import HandleRotation, Resumed, redeem, restore, restore_background
+from .resume_record import HandleRotation, restore, restore_background
 from .resumption import (
-    RESUMABLE_QUERY_PARAM,
-    RESUME_QUERY_PARAM,
     ResumeError,
     ResumeRecord,
     Resumption,
-    binding,
-    presented_credential,
-    principal,
 )
 from .session import Session
 from .session_config import apply_session_config, output_modality
@@ -52,24 +45,11 @@ from .transport import abort as abort_transport
 
 log = logging.getLogger(__name__)
 
-REPLICA_HEADER = b"x-microturn-replica"  # names the replica on every response (HTTP and handshake)
 CLEAN_CLOSES = (1000, 1001)  # a client that closed like this ended its session; anything else may resume
 CLOSE_CODE_WAIT_S = 0.5  # after the sender saw the peer go: how long the receiver may take to read why
 CLOSE_SEND_TIMEOUT_S = 1.0  # how long a closing error event may take to go out; past it the socket is cut
 DATA_URL_MARK = ";base64,"
 ROOT_ITEM = "root"  # previous_item_id that places an item first (OpenAI's and LiveKit's spelling)
-
-
-def check_metadata(metadata: dict[str, str] | None, event_id: str | None) -> None:
-    """OpenAI's bounds on a response's metadata: 16 pairs, keys to 64 and values to 512 characters."""
-    if metadata is None:
-        return
-    if len(metadata) > p.MAX_METADATA_KEYS or any(
-        len(k) > p.MAX_METADATA_KEY_CHARS or len(v) > p.MAX_METADATA_VALUE_CHARS for k, v in metadata.items()
-    ):
-        message = (f"metadata: at most {p.MAX_METADATA_KEYS} pairs, keys to {p.MAX_METADATA_KEY_CHARS} and "
-                   f"values to {p.MAX_METADATA_VALUE_CHARS} characters")
-        raise ProtocolError(ErrorCode.INVALID_EVENT, message, event_id, "response.metadata")
 
 
 @dataclass
@@ -86,58 +66,7 @@ class ServerState:
     resume: Resumption | None = None  # handles, replay cache and parked sessions (set by the app)
 
 
-async def serve_websocket(ws: WebSocket, state: ServerState) -> None:
-    headers = ws.headers
-    # the address the connection arrived on, not the Host header: a DNS-rebinding page sets that
-    server = ws.scope.get("server")
-    local_addr = (str(server[0]), int(server[1])) if server and server[1] is not None else None
-    if not state.auth.origin_allowed(headers.get("origin"), local_addr):
-        return await _deny(ws, state, ErrorCode.FORBIDDEN_ORIGIN, "Origin not allowed")
-    subprotocols = list(ws.scope.get("subprotocols", []))
-    grant = state.auth.authorize(headers.get("authorization"), ws.query_params.get(QUERY_SECRET_PARAM),
-                                 subprotocols)
-    if grant is None:
-        return await _deny(ws, state, ErrorCode.UNAUTHORIZED, "missing, wrong, expired or used credential")
-    if state.draining:
-        return await _deny(ws, state, ErrorCode.SERVER_DRAINING, "server is shutting down")
-    replica = [(REPLICA_HEADER, state.settings.replica.encode())]
-    await ws.accept(subprotocol=grant.subprotocol, headers=replica)
-    credential = presented_credential(headers.get("authorization"), ws.query_params.get(QUERY_SECRET_PARAM),
-                                      subprotocols)
-    bind = binding(principal(credential, state.auth.enabled, SECRET_PREFIX))
-    handle = ws.query_params.get(RESUME_QUERY_PARAM)
-    resumed = Resumed()
-    if handle is not None and state.resume is not None:
-        try:  # every check before any model work, and the handle is spent only once they all passed
-            resumed = await redeem(state.resume, handle, bind, state.connections)
-        except ResumeError as exc:
-            return await _refuse(ws, state, exc.code, exc.message)
-    held = len(state.connections) + (len(state.resume.parked) if state.resume is not None else 0)
-    if resumed.session is None and (not state.ready or state.tick is None or held >= state.capacity):
-        resumed.undo()
-        return await _refuse(
-            ws, state, ErrorCode.SERVER_BUSY, f"all {state.capacity} session slots are taken"
-        )
-    if not state.tick.engine_up:
-        resumed.undo()
-        if resumed.session is not None and state.resume is not None:  # claimed, but it cannot go on now
-            state.resume.end_parked(resumed.session)
-        message = "the engine is restarting; reconnect in a moment"
-        return await _refuse(ws, state, ErrorCode.ENGINE_RESTARTING, message)
-    beta = "realtime=v1" in headers.get("openai-beta", "")
-    asked = handle is not None or ws.query_params.get(RESUMABLE_QUERY_PARAM) == "1"
-    resumable = state.resume is not None and (state.settings.resume_events or asked)
-    conn = Connection(ws, state, beta, session=resumed.session, bind=bind, resumable=resumable)
-    await conn.run(grant, resumed.record if resumed.session is None else None, resumed.undo)
-
-
-async def _deny(ws: WebSocket, state: ServerState, code: ErrorCode, message: str) -> None:
-    state.metrics.errors.labels(code.value).inc()
-    body = {"type": "error", "error": error_payload(code, message)}
-    await ws.send_denial_response(JSONResponse(body, status_code=HTTP_STATUS[code]))
-
-
-async def _refuse(ws: WebSocket, state: ServerState, code: ErrorCode, message: str) -> None:
+async def refuse(ws: WebSocket, state: ServerState, code: ErrorCode, message: str) -> None:
     state.metrics.errors.labels(code.value).inc()
     await ws.send_text(ev.dump_event(ev.ErrorEvent(error=error_payload(code, message))))
     await ws.close(close_code(code) or 1011, code.value)
@@ -249,14 +178,14 @@ class Connection:
             try:
                 restore(session, record, engine.config.prefix_len, lambda t: len(engine.tokenizer.encode(t)))
             except ResumeError as exc:
-                await _refuse(self.ws, state, exc.code, exc.message)
+                await refuse(self.ws, state, exc.code, exc.message)
                 return False
         elif grant.session:
             try:
                 await self._configure(p.SessionConfig.model_validate(grant.session), None)
             except ProtocolError as exc:  # e.g. transcription asked of a model that does not hear
                 message = f"the client secret's session config is refused: {exc.message}"
-                await _refuse(self.ws, state, ErrorCode.INVALID_REQUEST, message)
+                await refuse(self.ws, state, ErrorCode.INVALID_REQUEST, message)
                 return False
         if self.ws.query_params.get("audio") == "binary":
             session.output_transport = "binary"
@@ -264,10 +193,10 @@ class Connection:
             await state.tick.join(session)
         except EngineDied:
             message = "the engine stopped; reconnect in a moment"
-            await _refuse(self.ws, state, ErrorCode.ENGINE_RESTARTING, message)
+            await refuse(self.ws, state, ErrorCode.ENGINE_RESTARTING, message)
             return False
         except RuntimeError:  # EngineFull: slots held by sessions still leaving
-            await _refuse(self.ws, state, ErrorCode.SERVER_BUSY, "no free engine slot")
+            await refuse(self.ws, state, ErrorCode.SERVER_BUSY, "no free engine slot")
             return False
         if self.ws.query_params.get("debug") == "1":
             session.debug = True
@@ -496,7 +425,7 @@ class Connection:
         if params.max_output_tokens is not None and params.max_output_tokens != "inf":
             message = "response.max_output_tokens: set it with session.update"
             raise ProtocolError(ErrorCode.UNSUPPORTED, message, eid, "response.max_output_tokens")
-        check_metadata(params.metadata, eid)
+        p.check_metadata(params.metadata, eid)
         if params.instructions:
             self._check_text(params.instructions, eid, "response.instructions")
         session.responses.request(params.metadata, eid)

@@ -350,3 +350,15 @@ def unencodable_text(data: Any) -> str | None:
         elif isinstance(value, list):
             stack.extend((f"{path}.{i}", item) for i, item in enumerate(value))
     return None
+
+
+def check_metadata(metadata: dict[str, str] | None, event_id: str | None) -> None:
+    """OpenAI's bounds on a response's metadata: 16 pairs, keys to 64 and values to 512 characters."""
+    if metadata is None:
+        return
+    if len(metadata) > MAX_METADATA_KEYS or any(
+        len(k) > MAX_METADATA_KEY_CHARS or len(v) > MAX_METADATA_VALUE_CHARS for k, v in metadata.items()
+    ):
+        message = (f"metadata: at most {MAX_METADATA_KEYS} pairs, keys to {MAX_METADATA_KEY_CHARS} and "
+                   f"values to {MAX_METADATA_VALUE_CHARS} characters")
+        raise ProtocolError(ErrorCode.INVALID_EVENT, message, event_id, "response.metadata")

@@ -32,6 +32,8 @@ from microturn.training.espeak import speak
 ADAPTER: TypeAdapter = TypeAdapter(RealtimeServerEvent)
 MICROTURN_ONLY = {"task.created", "task.delta", "task.done", "task.error", "task.cancelled",
                   "session.go_away", "session.resumption_update", "debug.text_in"}
+# Sent only on a WebRTC call, where the server plays the audio; test_webrtc.py validates them strictly.
+WEBRTC_ONLY = {"output_audio_buffer.started", "output_audio_buffer.stopped"}
 WEATHER = {"type": "function", "name": "get_weather", "description": "the weather forecast for a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 pytestmark = pytest.mark.timeout(240)
@@ -41,7 +43,7 @@ def openai_event_types() -> set[str]:
     """The OpenAI event types server/server_events.py defines (each class's default `type`)."""
     types = {cls.model_fields["type"].default for cls in vars(ev).values()
              if isinstance(cls, type) and issubclass(cls, ev.ServerEvent)}
-    return {t for t in types if isinstance(t, str) and t not in MICROTURN_ONLY}
+    return {t for t in types if isinstance(t, str) and t not in MICROTURN_ONLY | WEBRTC_ONLY}
 
 
 class Recorder:
