@@ -152,7 +152,8 @@ def test_eval_scores_the_reference_streams_perfectly() -> None:
         for ep in conv.episodes:
             score(ep, Recording(conv.text_out, codes), judge, obs)
     assert obs["pause"] and not any(obs["pause"])
-    for key in ("takeover", "stop", "delegation", "task_text", "vision", "text", "speech"):
+    for key in ("takeover", "fallback", "fallback_takeover", "stop", "delegation", "task_text", "vision",
+                "text", "speech"):
         assert obs[key] and all(obs[key]), key
     by_intent = {k for k in obs if k.startswith("text ")}
     assert {"text arith spoken", "text time typed"} <= by_intent, by_intent

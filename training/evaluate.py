@@ -120,10 +120,15 @@ class Recording:
         return self.codes[first:last]
 
     def span(self, start_turn: int, end_turn: int) -> list[int]:
-        """Text-out ids from the first non-PAD id at or after `start_turn` to the next EPAD (excl.)."""
+        """Text-out ids from the first non-PAD id in turns [start_turn, end_turn) to the next EPAD
+        (excl.). The text must start in that window but may run on past it: a long answer (the
+        fallback sentence is ~13 micro-turns of text) is read whole."""
         sp = ByteTokenizer().special
-        ids = [i for row in self.text_out[start_turn:end_turn] for i in row]
-        ids = ids[next((k for k, i in enumerate(ids) if i != sp.PAD), len(ids)) :]
+        ids = [i for row in self.text_out[start_turn:] for i in row]
+        first = next((k for k, i in enumerate(ids) if i != sp.PAD), len(ids))
+        if first >= (end_turn - start_turn) * len(self.text_out[0] if self.text_out else ()):
+            return []
+        ids = ids[first:]
         return ids[: ids.index(sp.EPAD)] if sp.EPAD in ids else ids
 
 
