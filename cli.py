@@ -144,7 +144,8 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                              "strings; numbers asks for digit strings as numbers; sums is numbers with more "
                              "sums; greetings is sums with greetings holding number-sounding words; hear is "
                              "greetings with half the user speech from festival voices, room and mic "
-                             "augmentation and out-of-domain turns answered with the fallback sentence")
+                             "augmentation and out-of-domain turns answered with the fallback sentence; "
+                             "hear-wide (an experiment) is hear with 70%% festival and wider voice warps")
     parser.add_argument("--heard-weight", type=float, default=0.0,
                         help="weight of the CTC loss transcribing the user's speech on the audio-in "
                              "positions (training/heard.py); 0 = off")

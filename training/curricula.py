@@ -106,5 +106,12 @@ HEAR = dataclasses.replace(
     synthesisers=(("espeak", 0.5), ("festival", 0.5)),
     augment=Augmentation(pitch_rate=0.2, tempo_rate=0.2, vtlp_rate=0.3, room_rate=0.5, band_rate=0.5,
                          gain_rate=0.3))
+# Hear with more speakers made of the two festival training voices: 70% of utterances from festival,
+# twice the vocal-tract warps and wider (+/-18%: kal's formants over the span of adult male speakers),
+# twice the pitch shifts. An experiment on the held-out-speaker gap of `hear` (docs/demo-model.md).
+HEAR_WIDE = dataclasses.replace(
+    HEAR, synthesisers=(("espeak", 0.3), ("festival", 0.7)),
+    augment=dataclasses.replace(HEAR.augment, pitch_rate=0.4, vtlp_rate=0.6,
+                                vtlp_warps=(0.82, 0.88, 0.94, 1.06, 1.12, 1.18)))
 CURRICULA = {"base": Curriculum(), "refine": REFINE, "numbers": NUMBERS, "sums": SUMS, "greetings": GREETINGS,
-             "hear": HEAR}
+             "hear": HEAR, "hear-wide": HEAR_WIDE}
