@@ -126,7 +126,7 @@ class Recording:
         sp = ByteTokenizer().special
         ids = [i for row in self.text_out[start_turn:] for i in row]
         first = next((k for k, i in enumerate(ids) if i != sp.PAD), len(ids))
-        if first >= (end_turn - start_turn) * len(self.text_out[0] if self.text_out else ()):
+        if first >= sum(len(row) for row in self.text_out[start_turn:end_turn]):
             return []
         ids = ids[first:]
         return ids[: ids.index(sp.EPAD)] if sp.EPAD in ids else ids
