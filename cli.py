@@ -145,7 +145,9 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                              "sums; greetings is sums with greetings holding number-sounding words; hear is "
                              "greetings with half the user speech from festival voices, room and mic "
                              "augmentation and out-of-domain turns answered with the fallback sentence; "
-                             "hear-wide (an experiment) is hear with 70%% festival and wider voice warps")
+                             "hear-wide (an experiment) is hear with 70%% festival and wider voice warps; "
+                             "hear-speakers is hear with 55%% festival and 60%% of utterances turned into "
+                             "other speakers (formants, pitch and intonation range moved apart)")
     parser.add_argument("--heard-weight", type=float, default=0.0,
                         help="weight of the CTC loss transcribing the user's speech on the audio-in "
                              "positions (training/heard.py); 0 = off")

@@ -16,8 +16,8 @@ from microturn.model.checkpoint import save_checkpoint
 from microturn.model.config import ModelConfig, tiny
 from microturn.model.tokenizer import ByteTokenizer
 from microturn.model.transformer import build_model
-from microturn.training.augment import Augmentation
-from microturn.training.curricula import CURRICULA, FESTIVAL_HELD_OUT, HEAR, Curriculum
+from microturn.training.augment import NO_SHIFT, Augmentation, change_speaker, voice_draw
+from microturn.training.curricula import CURRICULA, FESTIVAL_HELD_OUT, HEAR, HEAR_SPEAKERS, Curriculum
 from microturn.training.data import DuplexGenerator
 from microturn.training.evaluate import METRIC_KEYS
 from microturn.training.fallback import FALLBACK_ANSWER, IN_DOMAIN_WORDS, utterances, wording, words
@@ -85,6 +85,43 @@ def test_augmentation_is_recorded_reproducible_and_moves_no_other_draw() -> None
         assert [u[2] for u in x.user_said] == [u[2] for u in z.user_said]
         changed += not np.allclose(x.user_audio, z.user_audio, atol=1e-3)
     assert changed >= 3
+
+
+def _centroid(wave: np.ndarray) -> float:
+    return float(np.median(librosa.feature.spectral_centroid(y=wave, sr=RATE)))
+
+
+def test_another_speaker_moves_formants_pitch_and_range_apart_and_keeps_the_words(festival: Festival) -> None:
+    plain = festival.speak("what is five plus two", "kal_diphone", rate=RATE)
+    longer_tract = change_speaker(plain, formants=0.87, pitch=1.0, pitch_range=1.0, rate=RATE)
+    shorter_tract = change_speaker(plain, formants=1.15, pitch=1.0, pitch_range=1.0, rate=RATE)
+    assert _centroid(longer_tract) < _centroid(plain) < _centroid(shorter_tract)
+    assert 0.93 < _f0(shorter_tract) / _f0(plain) < 1.07  # formants moved, pitch kept
+    higher = change_speaker(plain, formants=1.0, pitch=1.3, pitch_range=1.0, rate=RATE)
+    assert 1.18 < _f0(higher) / _f0(plain) < 1.42
+    for wave in (longer_tract, shorter_tract, higher):
+        assert wave.dtype == np.float32 and abs(len(wave) - len(plain)) <= RATE // 100  # the tempo stays
+    flat = change_speaker(plain, formants=1.0, pitch=1.0, pitch_range=0.3, rate=RATE)
+    lively = change_speaker(plain, formants=1.0, pitch=1.0, pitch_range=1.8, rate=RATE)
+    spread = [np.ptp(np.log(librosa.yin(w, fmin=60, fmax=400, sr=RATE))) for w in (flat, lively)]
+    assert spread[0] < spread[1]
+
+
+def test_speaker_draws_come_only_with_that_augmentation() -> None:
+    assert HEAR_SPEAKERS.augment.speaker_rate > 0 and HEAR_SPEAKERS.augment.voice
+    assert "hear-speakers" in CURRICULA and HEAR.augment.speaker_rate == 0
+    # without it, each utterance makes the three (hit, index) draws it made before speakers existed
+    rng, replay = np.random.default_rng(5), np.random.default_rng(5)
+    shifts = [voice_draw(HEAR.augment, rng) for _ in range(40)]
+    grids = (HEAR.augment.pitch_semitones, HEAR.augment.tempo_factors, HEAR.augment.vtlp_warps)
+    for _ in range(40):
+        for grid in grids:
+            replay.random(), replay.integers(len(grid))
+    assert rng.random() == replay.random() and all(s[3:] == NO_SHIFT[3:] for s in shifts)
+    speakers = [voice_draw(HEAR_SPEAKERS.augment, np.random.default_rng(i))[3:] for i in range(200)]
+    moved = sum(s != NO_SHIFT[3:] for s in speakers) / len(speakers)
+    assert 0.45 < moved < 0.75  # speaker_rate 0.6
+    assert len({s[0] for s in speakers}) == len(HEAR_SPEAKERS.augment.speaker_formants) + 1
 
 
 def test_fallback_utterances_share_no_wording_with_the_evaluation_and_none_is_in_domain() -> None:

@@ -2,7 +2,7 @@
 
 Contract: an `Augmentation` (part of a `Curriculum`, training/curricula.py) says which augmentations
 apply to the user's side of a training conversation and at what rates. `voice_draw(aug, rng)` draws
-one utterance's (pitch, tempo, warp) from a grid, so that augmented renders can be cached like plain
+one utterance's (pitch, tempo, warp, speaker) from a grid, so that augmented renders can be cached like plain
 ones, and `apply_voice` makes them; `Channel.draw(aug, rng, rooms)` draws one conversation's room,
 microphone band and gain, and `Channel.apply(speech, noise)` mixes the user's track through them.
 Every draw comes from the caller's generator, a fixed number of draws per call whatever the rates,
@@ -14,6 +14,11 @@ so a run is reproducible from its seed and turning one augmentation on does not 
 - vtlp: vocal-tract-length perturbation. No well-kept library offers it (nlpaug's VtlpAug was last
   released in 2022), so it is done by resampling, the speed perturbation of Ko et al. (2015): the
   waveform is read at `warp` times its rate, which scales formants, pitch and tempo together;
+- speaker: another speaker made of the voice, by Praat's Change Gender (parselmouth): PSOLA moves
+  the formants by a ratio (a shorter or longer vocal tract) while the pitch median moves by its own
+  ratio and the intonation range by its own factor, and the tempo stays. Where vtlp scales all three
+  together, this makes speakers whose pitch and vocal tract do not go together, as people's don't;
+  its draws are made only by curricula that use it, so the others' draws are as they were;
 - room: reverberation by a shoebox room's impulse response (pyroomacoustics image-source method, a
   bank of `rooms` rooms drawn once per generator), aligned at its direct path;
 - band: a cheap laptop microphone (band-pass 150-300 Hz to 5-7 kHz plus a presence peak), a phone
@@ -29,14 +34,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import parselmouth
 import pedalboard
 import pyroomacoustics as pra
+from parselmouth.praat import call
 from scipy.signal import butter, fftconvolve, sosfilt
 
 from ..model.resample import resample
 
 BANDS = ("laptop", "phone", "wideband")
 MAX_IMAGE_ORDER = 60  # image-source order cap: long rooms' full order costs seconds per impulse response
+PITCH_FLOOR_HZ, PITCH_CEILING_HZ = 60.0, 500.0  # Change Gender's pitch analysis range (men to children)
 ROOM_SIZE_M = ((3.0, 9.0), (2.5, 7.0), (2.4, 3.6))  # shoebox length, width, height ranges
 WALL_MARGIN_M = 0.5  # talker and microphone keep this far from every wall
 
@@ -55,6 +63,11 @@ class Augmentation:
     tempo_factors: tuple[float, ...] = (0.85, 0.92, 1.08, 1.18)  # speed-ups drawn from (> 1 is faster)
     vtlp_rate: float = 0.0  # utterances warped (formants, pitch, tempo by one factor)
     vtlp_warps: tuple[float, ...] = (0.9, 0.95, 1.05, 1.1)  # the warps drawn from
+    speaker_rate: float = 0.0  # utterances spoken as another speaker (Change Gender)
+    # formant shift ratios drawn from: about the span of adult vocal tracts around one speaker's
+    speaker_formants: tuple[float, ...] = (0.85, 0.89, 0.93, 0.97, 1.03, 1.07, 1.11, 1.16)
+    speaker_pitch: tuple[float, ...] = (0.7, 0.8, 0.9, 1.12, 1.25, 1.45)  # pitch median ratios drawn from
+    speaker_range: tuple[float, ...] = (0.6, 0.8, 1.0, 1.3, 1.6)  # intonation range factors drawn from
     room_rate: float = 0.0  # conversations in a reverberant room
     room_rt60_s: tuple[float, float] = (0.15, 0.8)  # reverberation time range of the room bank
     rooms: int = 12  # rooms in the bank (each costs up to ~0.25 s to compute, once per generator)
@@ -70,7 +83,7 @@ class Augmentation:
 
     @property
     def voice(self) -> bool:
-        return bool(self.pitch_rate or self.tempo_rate or self.vtlp_rate)
+        return bool(self.pitch_rate or self.tempo_rate or self.vtlp_rate or self.speaker_rate)
 
     @property
     def channel(self) -> bool:
@@ -82,14 +95,41 @@ def _pick(rng: np.random.Generator, rate: float, grid: tuple[float, ...], neutra
     return float(grid[index]) if hit < rate else neutral
 
 
-def voice_draw(aug: Augmentation, rng: np.random.Generator) -> tuple[float, float, float]:
-    """(semitones, tempo, warp) of one utterance; (0, 1, 1) is none."""
-    return (_pick(rng, aug.pitch_rate, aug.pitch_semitones, 0.0),
-            _pick(rng, aug.tempo_rate, aug.tempo_factors, 1.0),
-            _pick(rng, aug.vtlp_rate, aug.vtlp_warps, 1.0))
+Shift = tuple[float, float, float, float, float, float]  # (semitones, tempo, warp, formants, pitch, range)
+NO_SHIFT: Shift = (0.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
 
-def apply_voice(wave: np.ndarray, semitones: float, tempo: float, warp: float, rate: int) -> np.ndarray:
+def voice_draw(aug: Augmentation, rng: np.random.Generator) -> Shift:
+    """One utterance's shift; NO_SHIFT is none. The speaker draws are made only when the curriculum
+    has that augmentation, so curricula from before it draw exactly what they drew."""
+    shift = (_pick(rng, aug.pitch_rate, aug.pitch_semitones, 0.0),
+             _pick(rng, aug.tempo_rate, aug.tempo_factors, 1.0),
+             _pick(rng, aug.vtlp_rate, aug.vtlp_warps, 1.0))
+    if not aug.speaker_rate:
+        return (*shift, 1.0, 1.0, 1.0)
+    hit = rng.random() < aug.speaker_rate
+    picks = [float(grid[int(rng.integers(len(grid)))])
+             for grid in (aug.speaker_formants, aug.speaker_pitch, aug.speaker_range)]
+    return (*shift, *(picks if hit else (1.0, 1.0, 1.0)))
+
+
+def change_speaker(wave: np.ndarray, formants: float, pitch: float, pitch_range: float,
+                   rate: int) -> np.ndarray:
+    """The utterance as said by a speaker whose formants are `formants` times, pitch median `pitch`
+    times and intonation range `pitch_range` times the voice's (Praat's Change Gender)."""
+    sound = parselmouth.Sound(wave.astype(np.float64), rate)
+    median = call(sound.to_pitch(pitch_floor=PITCH_FLOOR_HZ, pitch_ceiling=PITCH_CEILING_HZ),
+                  "Get quantile", 0, 0, 0.5, "Hertz")
+    new_median = median * pitch if np.isfinite(median) else 0.0  # 0: Praat keeps the pitch
+    out = call(sound, "Change gender", PITCH_FLOOR_HZ, PITCH_CEILING_HZ, formants, new_median, pitch_range,
+               1.0)
+    return np.asarray(out.values[0], np.float32)
+
+
+def apply_voice(wave: np.ndarray, shift: Shift, rate: int) -> np.ndarray:
+    semitones, tempo, warp, formants, pitch, pitch_range = shift
+    if (formants, pitch, pitch_range) != (1.0, 1.0, 1.0):
+        wave = change_speaker(wave, formants, pitch, pitch_range, rate)
     if warp != 1.0:
         wave = resample(wave, rate * warp, rate)
     if semitones or tempo != 1.0:

@@ -43,7 +43,7 @@ from ..model.layout import Turns, patch_indices
 from ..model.patches import image_patches
 from ..model.slots import SAMPLE_RATE, TURN_SAMPLES, SlotInput
 from ..model.tokenizer import ByteTokenizer
-from .augment import Channel, room_bank, voice_draw
+from .augment import NO_SHIFT, Channel, room_bank, voice_draw
 from .curricula import CHAT_INTENTS, PHRASINGS, SCENARIOS, Curriculum
 from .fallback import FALLBACK_ANSWER, utterances
 from .heard import NUMBER_WORDS, Heard, heard_targets
@@ -51,7 +51,6 @@ from .voices import FESTIVAL_SEMITONES as SEMITONES
 from .voices import FESTIVAL_STRETCHES as STRETCHES
 from .voices import (
     MODEL_VOICE,
-    NO_SHIFT,
     PITCHES,
     SPEEDS,
     SYNTHESISERS,

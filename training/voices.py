@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model.slots import SAMPLE_RATE
-from .augment import apply_voice
+from .augment import NO_SHIFT, Shift, apply_voice
 from .curricula import FESTIVAL_HELD_OUT, Curriculum
 from .espeak import speak
 from .festival import FESTIVAL_VOICES, Festival
@@ -35,7 +35,6 @@ PITCHES = (15, 30, 45, 60, 75, 90)  # espeak-ng pitch
 FESTIVAL_STRETCHES = (0.8, 0.9, 1.0, 1.1, 1.25, 1.4)  # festival duration stretch (> 1 is slower)
 FESTIVAL_SEMITONES = (-3.0, -1.5, 0.0, 1.5, 3.0)  # festival pitch over each voice's own
 MODEL_VOICE = ("en-us", 165, 45)  # (espeak-ng voice, words per minute, pitch): the model's one voice
-NO_SHIFT = (0.0, 1.0, 1.0)  # (semitones, tempo, warp) of an utterance not augmented
 
 
 @dataclass(frozen=True)
@@ -71,11 +70,11 @@ class Renders:
         self._cache: dict[tuple, np.ndarray] = {}
         self._festival: Festival | None = None  # started on the first festival render
 
-    def get(self, text: str, voice: Voice, shift: tuple[float, float, float] = NO_SHIFT) -> np.ndarray:
+    def get(self, text: str, voice: Voice, shift: Shift = NO_SHIFT) -> np.ndarray:
         key = (text, voice, shift)
         if key not in self._cache:
             if shift != NO_SHIFT:
-                self._cache[key] = _trim(apply_voice(self.get(text, voice), *shift, rate=SAMPLE_RATE))
+                self._cache[key] = _trim(apply_voice(self.get(text, voice), shift, rate=SAMPLE_RATE))
             elif voice.synth == "espeak":
                 self._cache[key] = _trim(speak(text, voice=voice.name, speed=int(voice.speed),
                                                pitch=int(voice.pitch), rate=SAMPLE_RATE))
