@@ -26,8 +26,10 @@ IN_DOMAIN_WORDS = frozenset(
     "colour color colours red green blue yellow orange purple white black time clock hour minute say "
     "repeat word words hello hi hey morning evening".split())
 
-_TRAIN_OPENERS = ("", "so, ", "okay, ", "um, ", "quick question, ", "listen, ", "by the way, ", "well, ")
-_TRAIN_CLOSERS = ("", " please", " if you can", " right now", " for me", " thanks")
+# openers and closers of the training wordings; a curriculum's `carrier_share` gives in-domain questions
+# them too, so that they say nothing about whether a question is out of the domain
+TRAIN_OPENERS = ("", "so, ", "okay, ", "um, ", "quick question, ", "listen, ", "by the way, ", "well, ")
+TRAIN_CLOSERS = ("", " please", " if you can", " right now", " for me", " thanks")
 _TRAIN_REQUESTS = (
     # weather
     *(f"will it rain {w}" for w in ("tomorrow", "tonight", "this weekend", "later")),
@@ -67,7 +69,7 @@ def _grammar(openers: tuple[str, ...], requests: tuple[str, ...], closers: tuple
 def utterances(split: str) -> list[str]:
     """Every out-of-domain utterance of "train" or "heldout", in a fixed order."""
     if split == "train":
-        return _grammar(_TRAIN_OPENERS, _TRAIN_REQUESTS, _TRAIN_CLOSERS)
+        return _grammar(TRAIN_OPENERS, _TRAIN_REQUESTS, TRAIN_CLOSERS)
     if split == "heldout":
         return _grammar(_HELD_OUT_OPENERS, _HELD_OUT_REQUESTS, ("",))
     raise ValueError(f"unknown split {split!r}")
