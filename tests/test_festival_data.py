@@ -17,10 +17,26 @@ from microturn.model.config import ModelConfig, tiny
 from microturn.model.tokenizer import ByteTokenizer
 from microturn.model.transformer import build_model
 from microturn.training.augment import NO_SHIFT, Augmentation, change_speaker, voice_draw
-from microturn.training.curricula import CURRICULA, FESTIVAL_HELD_OUT, HEAR, HEAR_SPEAKERS, Curriculum
+from microturn.training.curricula import (
+    CURRICULA,
+    FESTIVAL_HELD_OUT,
+    HEAR,
+    HEAR_COLOURS,
+    HEAR_SPEAKERS,
+    PHRASINGS,
+    Curriculum,
+)
 from microturn.training.data import DuplexGenerator
 from microturn.training.evaluate import METRIC_KEYS
-from microturn.training.fallback import FALLBACK_ANSWER, IN_DOMAIN_WORDS, utterances, wording, words
+from microturn.training.fallback import (
+    FALLBACK_ANSWER,
+    IN_DOMAIN_WORDS,
+    TRAIN_CLOSERS,
+    TRAIN_OPENERS,
+    utterances,
+    wording,
+    words,
+)
 from microturn.training.festival import FESTIVAL_VOICES, Festival
 from microturn.training.voices import Voice
 
@@ -122,6 +138,21 @@ def test_speaker_draws_come_only_with_that_augmentation() -> None:
     moved = sum(s != NO_SHIFT[3:] for s in speakers) / len(speakers)
     assert 0.45 < moved < 0.75  # speaker_rate 0.6
     assert len({s[0] for s in speakers}) == len(HEAR_SPEAKERS.augment.speaker_formants) + 1
+
+
+def test_in_domain_questions_can_share_the_out_of_domain_openers_and_closers() -> None:
+    plain = DuplexGenerator(tiny(), "train", seed=3, curriculum=HEAR_SPEAKERS)
+    carried = DuplexGenerator(tiny(), "train", seed=3, curriculum=HEAR_COLOURS)
+    openers, closers = [o for o in TRAIN_OPENERS if o], [c for c in TRAIN_CLOSERS if c]
+    for intent in ("arith", "colour", "time"):
+        qs = [carried.question(intent, np.random.default_rng(i)) for i in range(60)]
+        wrapped = [q for q in qs if q.text.startswith(tuple(openers)) or q.text.endswith(tuple(closers))]
+        assert 0.15 < len(wrapped) / len(qs) < 0.5  # carrier_share 0.33, some draws are the empty pair
+    colour = {q.text for q in (carried.question("colour", np.random.default_rng(i)) for i in range(200))}
+    held_out = PHRASINGS["colour"][1][0]
+    assert held_out not in colour and any(t.startswith("could you tell me") for t in colour)
+    plain_arith = [plain.question("arith", np.random.default_rng(i)) for i in range(60)]
+    assert not any(q.text.startswith(tuple(openers)) for q in plain_arith)
 
 
 def test_fallback_utterances_share_no_wording_with_the_evaluation_and_none_is_in_domain() -> None:
