@@ -106,11 +106,11 @@ def voice_draw(aug: Augmentation, rng: np.random.Generator) -> Shift:
              _pick(rng, aug.tempo_rate, aug.tempo_factors, 1.0),
              _pick(rng, aug.vtlp_rate, aug.vtlp_warps, 1.0))
     if not aug.speaker_rate:
-        return (*shift, 1.0, 1.0, 1.0)
+        return (*shift, *NO_SHIFT[3:])
     hit = rng.random() < aug.speaker_rate
-    picks = [float(grid[int(rng.integers(len(grid)))])
-             for grid in (aug.speaker_formants, aug.speaker_pitch, aug.speaker_range)]
-    return (*shift, *(picks if hit else (1.0, 1.0, 1.0)))
+    picks = tuple(float(grid[int(rng.integers(len(grid)))])
+                  for grid in (aug.speaker_formants, aug.speaker_pitch, aug.speaker_range))
+    return (*shift, *(picks if hit else NO_SHIFT[3:]))
 
 
 def change_speaker(wave: np.ndarray, formants: float, pitch: float, pitch_range: float,
@@ -128,7 +128,7 @@ def change_speaker(wave: np.ndarray, formants: float, pitch: float, pitch_range:
 
 def apply_voice(wave: np.ndarray, shift: Shift, rate: int) -> np.ndarray:
     semitones, tempo, warp, formants, pitch, pitch_range = shift
-    if (formants, pitch, pitch_range) != (1.0, 1.0, 1.0):
+    if shift[3:] != NO_SHIFT[3:]:
         wave = change_speaker(wave, formants, pitch, pitch_range, rate)
     if warp != 1.0:
         wave = resample(wave, rate * warp, rate)
