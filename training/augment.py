@@ -18,7 +18,9 @@ so a run is reproducible from its seed and turning one augmentation on does not 
   the formants by a ratio (a shorter or longer vocal tract) while the pitch median moves by its own
   ratio and the intonation range by its own factor, and the tempo stays. Where vtlp scales all three
   together, this makes speakers whose pitch and vocal tract do not go together, as people's don't;
-  its draws are made only by curricula that use it, so the others' draws are as they were;
+  its draws are made only by curricula that use it, so the others' draws are as they were. Praat's
+  PSOLA draws random numbers of its own, so Praat's generator is seeded before each conversion: the
+  same utterance and ratios give the same samples, in every run and every data worker;
 - room: reverberation by a shoebox room's impulse response (pyroomacoustics image-source method, a
   bank of `rooms` rooms drawn once per generator), aligned at its direct path;
 - band: a cheap laptop microphone (band-pass 150-300 Hz to 5-7 kHz plus a presence peak), a phone
@@ -37,7 +39,7 @@ import numpy as np
 import parselmouth
 import pedalboard
 import pyroomacoustics as pra
-from parselmouth.praat import call
+from parselmouth.praat import call, run
 from scipy.signal import butter, fftconvolve, sosfilt
 
 from ..model.resample import resample
@@ -45,6 +47,7 @@ from ..model.resample import resample
 BANDS = ("laptop", "phone", "wideband")
 MAX_IMAGE_ORDER = 60  # image-source order cap: long rooms' full order costs seconds per impulse response
 PITCH_FLOOR_HZ, PITCH_CEILING_HZ = 60.0, 500.0  # Change Gender's pitch analysis range (men to children)
+PRAAT_SEED = 0  # Praat's own generator, reseeded before each Change Gender so a conversion is a pure function
 ROOM_SIZE_M = ((3.0, 9.0), (2.5, 7.0), (2.4, 3.6))  # shoebox length, width, height ranges
 WALL_MARGIN_M = 0.5  # talker and microphone keep this far from every wall
 
@@ -121,6 +124,7 @@ def change_speaker(wave: np.ndarray, formants: float, pitch: float, pitch_range:
     median = call(sound.to_pitch(pitch_floor=PITCH_FLOOR_HZ, pitch_ceiling=PITCH_CEILING_HZ),
                   "Get quantile", 0, 0, 0.5, "Hertz")
     new_median = median * pitch if np.isfinite(median) else 0.0  # 0: Praat keeps the pitch
+    run(f"random_initializeWithSeedUnsafelyButPredictably ({PRAAT_SEED})")
     out = call(sound, "Change gender", PITCH_FLOOR_HZ, PITCH_CEILING_HZ, formants, new_median, pitch_range,
                1.0)
     return np.asarray(out.values[0], np.float32)
