@@ -8,11 +8,20 @@ PRESET ?= tiny
 .PHONY: install system-deps serve test fuzz lint bench bench-engine bench-drain train-demo eval-demo clean
 
 # Debian packages the tests need, as CHECK:PACKAGE, CHECK a command or a path (espeak-ng and festival
-# with its English voices speak the test and training speech; chromium and firefox-esr run the demo
-# page's browser tests; haproxy balances the scale-out test's replicas)
+# with its English voices, and its Czech, Finnish and Italian ones reading English, speak the test and
+# training speech; chromium and firefox-esr run the demo page's browser tests; haproxy balances the
+# scale-out test's replicas)
 FESTIVAL_VOICES := /usr/share/festival/voices/english/kal_diphone:festvox-kallpc16k \
 	/usr/share/festival/voices/english/ked_diphone:festvox-kdlpc16k \
-	/usr/share/festival/voices/us/cmu_us_slt_arctic_hts:festvox-us-slt-hts
+	/usr/share/festival/voices/us/cmu_us_slt_arctic_hts:festvox-us-slt-hts \
+	/usr/share/festival/voices/czech/czech_dita:festvox-czech-dita \
+	/usr/share/festival/voices/czech/czech_machac:festvox-czech-machac \
+	/usr/share/festival/voices/czech/czech_krb:festvox-czech-krb \
+	/usr/share/festival/voices/czech/czech_ph:festvox-czech-ph \
+	/usr/share/festival/voices/finnish/suo_fi_lj_diphone:festvox-suopuhe-lj \
+	/usr/share/festival/voices/finnish/hy_fi_mv_diphone:festvox-suopuhe-mv \
+	/usr/share/festival/voices/italian/lp_diphone:festvox-italp16k \
+	/usr/share/festival/voices/italian/pc_diphone:festvox-itapc16k
 SYSTEM_DEPS := espeak-ng:espeak-ng festival:festival $(FESTIVAL_VOICES) chromium:chromium \
 	firefox-esr:firefox-esr /usr/sbin/haproxy:haproxy
 

@@ -149,7 +149,10 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                              "hear-speakers is hear with 55%% festival and 60%% of utterances turned into "
                              "other speakers (formants, pitch and intonation range moved apart); "
                              "hear-colours is hear-speakers whose in-domain questions share the "
-                             "out-of-domain ones' openers and closers, with more colour questions")
+                             "out-of-domain ones' openers and closers, with more colour questions; "
+                             "hear-people is hear-colours with 60%% festival, a third of it kal and slt "
+                             "and the rest eight Czech, Finnish and Italian speakers saying the English "
+                             "respelled (an accent)")
     parser.add_argument("--heard-weight", type=float, default=0.0,
                         help="weight of the CTC loss transcribing the user's speech on the audio-in "
                              "positions (training/heard.py); 0 = off")

@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .augment import Augmentation
+from .festival import ACCENTED_VOICES
 
 # "fallback": an out-of-domain utterance (training/fallback.py), answered with FALLBACK_ANSWER
 SCENARIOS = ("answer", "pause", "interrupt", "task", "vision", "typed", "fallback")
@@ -60,6 +61,7 @@ class Curriculum:
     carrier_share: float = 0.0  # in-domain questions given an out-of-domain opener and closer (fallback.py)
     synthesisers: tuple[tuple[str, float], ...] = (("espeak", 1.0),)  # (synthesiser, share of utterances)
     festival_voices: tuple[str, ...] = FESTIVAL_TRAIN_VOICES  # festival voices it trains on
+    festival_weights: tuple[float, ...] | None = None  # share of each festival voice; None: uniform
     augment: Augmentation = field(default_factory=Augmentation)  # user-side augmentations and rates
 
     def __post_init__(self) -> None:
@@ -69,6 +71,9 @@ class Curriculum:
             raise ValueError(f"{FESTIVAL_HELD_OUT} is held out: no curriculum trains on it")
         if abs(sum(share for _, share in self.synthesisers) - 1.0) > 1e-9:
             raise ValueError("synthesiser shares must sum to 1")
+        if self.festival_weights is not None and (len(self.festival_weights) != len(self.festival_voices)
+                                                  or abs(sum(self.festival_weights) - 1.0) > 1e-9):
+            raise ValueError("festival_weights needs one share per festival voice, summing to 1")
 
 
 # The refinement stage: more sums (the weakest skill), more mid-sentence pauses, digit strings to
@@ -131,6 +136,14 @@ HEAR_COLOURS = dataclasses.replace(
     extra_phrasings=(*HEAR_SPEAKERS.extra_phrasings, ("colour", (
         "could you tell me what colour this is", "tell me which colour you see", "so what colour is it",
         "can you see what colour I am holding"))))
+# Hear-colours with other real people (issue 26: the held-out speaker is heard as if template-matched):
+# festival's Czech, Finnish and Italian voices (eight recorded speakers: women, men, a boy) read the
+# English respelled in their own spelling (training/accents.py), so they speak English with an accent.
+# Festival speaks 60% of utterances; kal and slt keep a third of those, the accented voices share the rest.
+HEAR_PEOPLE = dataclasses.replace(
+    HEAR_COLOURS, synthesisers=(("espeak", 0.4), ("festival", 0.6)),
+    festival_voices=(*FESTIVAL_TRAIN_VOICES, *ACCENTED_VOICES),
+    festival_weights=(0.2, 0.15, *[0.65 / len(ACCENTED_VOICES)] * len(ACCENTED_VOICES)))
 CURRICULA = {"base": Curriculum(), "refine": REFINE, "numbers": NUMBERS, "sums": SUMS, "greetings": GREETINGS,
              "hear": HEAR, "hear-wide": HEAR_WIDE,
-             "hear-speakers": HEAR_SPEAKERS, "hear-colours": HEAR_COLOURS}
+             "hear-speakers": HEAR_SPEAKERS, "hear-colours": HEAR_COLOURS, "hear-people": HEAR_PEOPLE}

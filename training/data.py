@@ -235,6 +235,7 @@ class DuplexGenerator:
         self.dmel = DMel()
         self.voices = user_voices(voices)  # espeak-ng (base, variant) pairs
         self.festival_voices = festival_voices(voices, self.curriculum)
+        self.festival_weights = self.curriculum.festival_weights if voices == "train" else None
         self.synthesisers = ((synth, 1.0),) if synth else self.curriculum.synthesisers
         self.renders = Renders()
         self._rooms: list[np.ndarray] | None = None  # the room bank, drawn on first use
@@ -258,7 +259,9 @@ class DuplexGenerator:
         if synth == "espeak":
             base, variant = self.voices[rng.integers(len(self.voices))]
             return Voice(synth, base + variant, int(rng.choice(SPEEDS)), int(rng.choice(PITCHES)))
-        name = self.festival_voices[rng.integers(len(self.festival_voices))]
+        weights = self.festival_weights
+        pick = rng.choice(len(weights), p=weights) if weights else rng.integers(len(self.festival_voices))
+        name = self.festival_voices[pick]
         return Voice(synth, name, float(rng.choice(STRETCHES)), float(rng.choice(SEMITONES)))
 
     # --- content ---

@@ -20,7 +20,7 @@ from ..model.slots import SAMPLE_RATE
 from .augment import NO_SHIFT, Shift, apply_voice
 from .curricula import FESTIVAL_HELD_OUT, Curriculum
 from .espeak import speak
-from .festival import FESTIVAL_VOICES, Festival
+from .festival import ACCENTED_VOICES, FESTIVAL_VOICES, Festival
 
 SYNTHESISERS = ("espeak", "festival")
 # user voices = base x variant; held-out: one base and two variants never seen in training. British
@@ -79,7 +79,7 @@ class Renders:
                 self._cache[key] = _trim(speak(text, voice=voice.name, speed=int(voice.speed),
                                                pitch=int(voice.pitch), rate=SAMPLE_RATE))
             else:
-                if voice.name not in FESTIVAL_VOICES:
+                if voice.name not in FESTIVAL_VOICES and voice.name not in ACCENTED_VOICES:
                     raise ValueError(f"unknown festival voice {voice.name!r}")
                 self._festival = self._festival or Festival()
                 self._cache[key] = _trim(self._festival.speak(text, voice.name, voice.speed, voice.pitch,
