@@ -133,6 +133,13 @@ def test_another_speaker_moves_formants_pitch_and_range_apart_and_keeps_the_word
     assert np.array_equal(lively, change_speaker(plain, formants=1.0, pitch=1.0, pitch_range=1.8, rate=RATE))
 
 
+def test_an_utterance_praat_cannot_convert_comes_back_unchanged() -> None:
+    hiss = (np.random.default_rng(0).standard_normal(RATE // 2) * 0.05).astype(np.float32)  # no voiced frame
+    click = np.zeros(RATE // 200, np.float32)  # too short for a pitch analysis
+    for wave in (hiss, click):
+        assert np.array_equal(change_speaker(wave, formants=1.1, pitch=1.2, pitch_range=1.0, rate=RATE), wave)
+
+
 def test_speaker_draws_come_only_with_that_augmentation() -> None:
     assert HEAR_SPEAKERS.augment.speaker_rate > 0 and HEAR_SPEAKERS.augment.voice
     assert "hear-speakers" in CURRICULA and HEAR.augment.speaker_rate == 0

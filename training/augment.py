@@ -119,14 +119,20 @@ def voice_draw(aug: Augmentation, rng: np.random.Generator) -> Shift:
 def change_speaker(wave: np.ndarray, formants: float, pitch: float, pitch_range: float,
                    rate: int) -> np.ndarray:
     """The utterance as said by a speaker whose formants are `formants` times, pitch median `pitch`
-    times and intonation range `pitch_range` times the voice's (Praat's Change Gender)."""
+    times and intonation range `pitch_range` times the voice's (Praat's Change Gender). An utterance
+    Praat cannot convert (no voiced frame: a whisper, a lone "s") comes back unchanged: one missed
+    augmentation must not end a training run."""
     sound = parselmouth.Sound(wave.astype(np.float64), rate)
-    median = call(sound.to_pitch(pitch_floor=PITCH_FLOOR_HZ, pitch_ceiling=PITCH_CEILING_HZ),
-                  "Get quantile", 0, 0, 0.5, "Hertz")
-    new_median = median * pitch if np.isfinite(median) else 0.0  # 0: Praat keeps the pitch
-    run(f"random_initializeWithSeedUnsafelyButPredictably ({PRAAT_SEED})")
-    out = call(sound, "Change gender", PITCH_FLOOR_HZ, PITCH_CEILING_HZ, formants, new_median, pitch_range,
-               1.0)
+    try:
+        median = call(sound.to_pitch(pitch_floor=PITCH_FLOOR_HZ, pitch_ceiling=PITCH_CEILING_HZ),
+                      "Get quantile", 0, 0, 0.5, "Hertz")
+        if not np.isfinite(median):
+            return wave.astype(np.float32)
+        run(f"random_initializeWithSeedUnsafelyButPredictably ({PRAAT_SEED})")
+        out = call(sound, "Change gender", PITCH_FLOOR_HZ, PITCH_CEILING_HZ, formants, median * pitch,
+                   pitch_range, 1.0)
+    except parselmouth.PraatError:  # too short to analyse, or no pitch to move
+        return wave.astype(np.float32)
     return np.asarray(out.values[0], np.float32)
 
 
