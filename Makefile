@@ -5,7 +5,8 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PRESET ?= tiny
 
-.PHONY: install system-deps serve test fuzz lint bench bench-engine bench-drain train-demo eval-demo clean
+.PHONY: install system-deps serve test fuzz lint bench bench-engine bench-drain bench-renders train-demo eval-demo \
+	clean
 
 # Debian packages the tests need, as CHECK:PACKAGE, CHECK a command or a path (espeak-ng and festival
 # with its English voices, and its Czech, Finnish and Italian ones reading English, speak the test and
@@ -63,6 +64,11 @@ bench: bench-engine
 
 bench-engine: install
 	$(VENV)/bin/microturn bench engine --preset $(PRESET) --seconds 5
+
+# What training's user speech costs per synthesiser (espeak-ng, festival English and accented, Change
+# Gender) and per batch of the hear-people curriculum
+bench-renders: install system-deps
+	$(PY) -m microturn.benchmarks.renders --utterances 40 --batches 6
 
 # Two replicas behind a real HAProxy, one drained with SIGTERM: sessions moved, go_away -> resumed audio
 bench-drain: install system-deps

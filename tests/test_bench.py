@@ -113,3 +113,20 @@ def test_bench_server_reports_both_capacities_and_their_ratio() -> None:
     if server:
         assert result["tick_ms_p50"] == levels[server]["server_tick_ms_p50"]
         assert result["first_audio_ms_p95"] == levels[server]["first_audio_ms_p95"]
+
+
+def test_bench_renders_reports_every_speech_source_as_its_table_does() -> None:
+    done = subprocess.run([sys.executable, "-m", "microturn.benchmarks.renders", "--utterances", "3",
+                           "--batches", "2", "--curriculum", "hear-people"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert set(report["sources"]) == {"espeak-ng", "festival english", "festival accented", "change gender"}
+    for name, row in report["sources"].items():
+        assert 0 < row["ms_p50"] <= row["ms_p90"] and row["realtime_factor"] > 0
+        assert any(line.startswith(name) and f"{row['ms_p50']}" in line for line in lines[:-1]), name
+    assert report["batch_s_first"] > 0 and report["batch_s_p50_after_first"] > 0
+    bad = subprocess.run([sys.executable, "-m", "microturn.benchmarks.renders", "--utterances", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "at least 1" in bad.stderr
