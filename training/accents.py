@@ -20,7 +20,8 @@ import shutil
 import subprocess
 from functools import lru_cache
 
-ESPEAK_BINARY = "espeak-ng"
+from .espeak import ESPEAK_BINARY, EspeakMissingError
+
 IPA_TIMEOUT_S = 30.0  # one clause; espeak-ng answers in milliseconds
 LANGUAGES = ("czech", "finnish", "italian")
 FRONT_VOWEL_LETTERS = "eiéí"  # Italian c and g read soft before these
@@ -63,10 +64,6 @@ SPELLINGS: dict[str, dict[str, str | tuple[str, str]]] = {
     },
 }
 _SYMBOLS = {lang: sorted(table, key=len, reverse=True) for lang, table in SPELLINGS.items()}
-
-
-class EspeakMissingError(RuntimeError):
-    """Raised when espeak-ng, which gives the English phonemes, cannot be found."""
 
 
 @lru_cache(maxsize=4096)
