@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .augment import Augmentation
 from .festival import ACCENTED_VOICES
+from .masking import CodeMasks
 
 # "fallback": an out-of-domain utterance (training/fallback.py), answered with FALLBACK_ANSWER
 SCENARIOS = ("answer", "pause", "interrupt", "task", "vision", "typed", "fallback")
@@ -63,6 +64,7 @@ class Curriculum:
     festival_voices: tuple[str, ...] = FESTIVAL_TRAIN_VOICES  # festival voices it trains on
     festival_weights: tuple[float, ...] | None = None  # share of each festival voice; None: uniform
     augment: Augmentation = field(default_factory=Augmentation)  # user-side augmentations and rates
+    masks: CodeMasks = field(default_factory=CodeMasks)  # SpecAugment masks on the user's dMel codes
 
     def __post_init__(self) -> None:
         if len(self.scenario_weights) != len(SCENARIOS):
@@ -144,6 +146,11 @@ HEAR_PEOPLE = dataclasses.replace(
     HEAR_COLOURS, synthesisers=(("espeak", 0.4), ("festival", 0.6)),
     festival_voices=(*FESTIVAL_TRAIN_VOICES, *ACCENTED_VOICES),
     festival_weights=(0.2, 0.15, *[0.65 / len(ACCENTED_VOICES)] * len(ACCENTED_VOICES)))
+# Hear-colours whose user speech is heard through SpecAugment masks (training/masking.py) in 0.8 of
+# the conversations: two bands of up to 16 mel channels and two spans of up to 3 frames per utterance
+# hold the utterance's mean, so a word must be heard from more than the cues one speaker gives it.
+HEAR_MASKED = dataclasses.replace(HEAR_COLOURS, masks=CodeMasks(rate=0.8))
 CURRICULA = {"base": Curriculum(), "refine": REFINE, "numbers": NUMBERS, "sums": SUMS, "greetings": GREETINGS,
              "hear": HEAR, "hear-wide": HEAR_WIDE,
-             "hear-speakers": HEAR_SPEAKERS, "hear-colours": HEAR_COLOURS, "hear-people": HEAR_PEOPLE}
+             "hear-speakers": HEAR_SPEAKERS, "hear-colours": HEAR_COLOURS, "hear-people": HEAR_PEOPLE,
+             "hear-masked": HEAR_MASKED}

@@ -47,6 +47,7 @@ from .augment import NO_SHIFT, Channel, room_bank, voice_draw
 from .curricula import CHAT_INTENTS, PHRASINGS, SCENARIOS, Curriculum
 from .fallback import FALLBACK_ANSWER, TRAIN_CLOSERS, TRAIN_OPENERS, utterances
 from .heard import NUMBER_WORDS, Heard, heard_targets
+from .masking import mask_user_codes
 from .voices import FESTIVAL_SEMITONES as SEMITONES
 from .voices import FESTIVAL_STRETCHES as STRETCHES
 from .voices import (
@@ -66,6 +67,7 @@ BARGE_IN_REACT_MS = 100  # the model stops in the first turn holding this much o
 INSTRUCTIONS = ("", "You are a helpful voice assistant.", "Answer briefly and kindly.")
 BROWN_DRIFT_SAMPLES = 800  # brown noise minus its 50 ms moving average: no DC wander
 AUGMENT_STREAM = 26  # the augmentations' own random stream per conversation (issue 26 added them)
+MASK_STREAM = 27  # the code masks' own random stream per batch, so other draws stay as they were
 PAUSE_SAMPLES = (2 * TURN_SAMPLES, 5 * TURN_SAMPLES)  # mid-sentence pause length
 GAP_TURNS = (1, 4)  # silence between episodes, turns (inclusive)
 RESULT_DELAY_TURNS = (1, 8)  # background latency after the task marker, turns (inclusive)
@@ -478,10 +480,20 @@ class DuplexGenerator:
                       audio_out=audio_out)
         return prefix.expand(len(convs), -1).clone(), turns
 
+    def _masked(self, turns: Turns, convs: list[Conversation], rng: np.random.Generator) -> Turns:
+        """The batch with SpecAugment masks on each user utterance's codes (training/masking.py)."""
+        hop, shape = self.dmel.cfg.hop, turns.audio_in.shape
+        spans = [[(start // hop, -(-end // hop)) for start, end, _ in c.user_said] for c in convs]
+        codes = turns.audio_in.view(shape[0], -1, shape[-1])  # (B, frames, C)
+        codes = mask_user_codes(codes, spans, self.curriculum.masks, rng)
+        return dataclasses.replace(turns, audio_in=codes.view(shape))
+
     def batch(self, step: int, size: int) -> tuple[torch.Tensor, Turns, Heard]:
         """Training batch `step`: conversations step*size .. step*size+size-1, one instruction string,
         with what the user said in them (training/heard.py)."""
         convs = [self.conversation(step * size + i) for i in range(size)]
         instructions = INSTRUCTIONS[np.random.default_rng([self.seed, step]).integers(len(INSTRUCTIONS))]
         prefix, turns = self.turns_of([dataclasses.replace(c, instructions=instructions) for c in convs])
+        if self.curriculum.masks.rate:
+            turns = self._masked(turns, convs, np.random.default_rng([self.seed, step, MASK_STREAM]))
         return prefix, turns, heard_targets([c.user_said for c in convs], self.cfg)
