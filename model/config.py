@@ -35,6 +35,7 @@ class ModelConfig:
     dmel_bins: int = 16  # discrete levels per channel
     frames_per_audio_token: int = 4  # k: dMel frames per audio token (4 x 12.5 ms = 50 ms)
     d_channel_embed: int = 8  # per-channel embedding width before the audio projection
+    ear_channels: int = 0  # channels of the user-audio conv front-end (model/ear.py); 0 = none
     # --- video (encoder-free patches of the latest camera frame) ---
     video_patches: int = 4  # patches per micro-turn (0 = audio only)
     image_size: int = 32  # the frame is resized to image_size x image_size

@@ -57,7 +57,7 @@ def embed_inputs(
     parts = [model.embed_text(ctrl[:, None])]
     if patches.shape[1]:
         parts.append(model.embed_video(patches, patch_idx))
-    parts.append(model.embed_audio(audio_in))
+    parts.append(model.embed_heard(audio_in))
     parts.append(model.embed_text(text_in) + model.source_embed(source))
     x = torch.cat(parts, dim=1)
     return x + model.slot_embed[: x.shape[1]]

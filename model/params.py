@@ -20,6 +20,8 @@ C = dmel_channels, B = dmel_bins, E = n_experts):
   (E, d, 2*d_expert: gate and up fused) and w2 (E, d_expert, d); n_shared_experts shared SwiGLU
   experts d -> d_shared -> d (w13 fused, w2, no biases)
 - final RMSNorm weight (d)
+- ear (ear_channels = Ec > 0, model/ear.py): three Conv2d with biases over (k, C), 1 -> Ec -> Ec -> Ec,
+  kernel KERNEL, then Linear(Ec*k*C', d, bias=False), C' the mel positions left by the strides
 
 Active parameters per token are all of the above except the routed experts a
 token is not sent to (E - top_k of them per layer). Embedding tables are
@@ -34,6 +36,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .config import ModelConfig
+from .ear import KERNEL, MEL_STRIDES, ear_mel_out
 
 BF16_BYTES = 2  # bytes per element of the KV cache by default
 
@@ -71,7 +74,16 @@ def param_breakdown(config: ModelConfig) -> dict[str, int]:
         "routers": layers * d * config.n_experts,
         "routed_experts": layers * config.n_experts * 3 * d * config.d_expert,
         "shared_experts": layers * config.n_shared_experts * 3 * d * config.d_shared,
+        "ear": ear_params(config),
     }
+
+
+def ear_params(config: ModelConfig) -> int:
+    E, taps = config.ear_channels, KERNEL[0] * KERNEL[1]
+    if not E:
+        return 0
+    convs = (taps + 1) * E + (len(MEL_STRIDES) - 1) * (E * taps + 1) * E
+    return convs + E * config.frames_per_audio_token * ear_mel_out(config.dmel_channels) * config.d_model
 
 
 def total_params(config: ModelConfig) -> int:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .ear import Ear
 from .kv_cache import KVCache
 from .moe import MoE, RouterLosses
 
@@ -123,6 +124,7 @@ class InteractionModel(nn.Module):
         self.text_embed = nn.Embedding(cfg.text_vocab, D)
         self.audio_embed = nn.Embedding(C * L, cfg.d_channel_embed)
         self.audio_proj = nn.Linear(cfg.frames_per_audio_token * C * cfg.d_channel_embed, D, bias=False)
+        self.ear = Ear(cfg) if cfg.ear_channels else None
         self.video_proj = nn.Linear(cfg.patch_dim, D)
         grid = cfg.image_size // cfg.patch_size
         self.video_pos = nn.Parameter(torch.randn(grid * grid, D) * 0.02)
@@ -150,6 +152,11 @@ class InteractionModel(nn.Module):
         """codes (B, T, k, C) in [0, L) -> (B, T, D)"""
         e = self.audio_embed(codes + self.channel_offset)  # (B, T, k, C, e)
         return self.audio_proj(e.flatten(2))
+
+    def embed_heard(self, codes: torch.Tensor) -> torch.Tensor:
+        """The user's audio-in codes (B, T, k, C) -> (B, T, D): the audio embedding plus the ear's."""
+        e = self.embed_audio(codes)
+        return e if self.ear is None else e + self.ear(codes)
 
     def embed_video(self, patches: torch.Tensor, patch_idx: torch.Tensor) -> torch.Tensor:
         """patches (B, V, 3*p*p) in [0, 1], patch_idx (B, V) grid index -> (B, V, D)"""

@@ -66,8 +66,11 @@ def _offline(engine: Engine, instructions: str, turns: Turns) -> tuple[torch.Ten
     return text[0], audio[0]
 
 
-def test_streaming_equals_offline(speech_16k: np.ndarray) -> None:
-    engine = _engine()
+@pytest.mark.parametrize("ear", [0, 8], ids=["plain", "with-ear"])
+def test_streaming_equals_offline(speech_16k: np.ndarray, ear: int) -> None:
+    engine = _engine(dataclasses.replace(tiny(), ear_channels=ear))
+    if ear:  # a grown ear starts at zero: give it weights so that it counts
+        torch.nn.init.normal_(engine.model.ear.proj.weight, std=0.02)
     engine.trace = []
     slot = engine.join(INSTR, SamplingParams(seed=3))
     rng = np.random.default_rng(0)

@@ -25,6 +25,7 @@ This module does not know how conversations are made or how the engine serves th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -183,9 +184,24 @@ def _model_and_config(args: argparse.Namespace) -> tuple[InteractionModel, Model
     source = resume_dir or (Path(args.checkpoint) if args.checkpoint else None)
     if source is not None:
         model, cfg = load_checkpoint(source, lambda c: InteractionModel(c))
+        if args.ear_channels and not args.resume and cfg.ear_channels != args.ear_channels:
+            return grow_ear(model, cfg, args.ear_channels, args.seed)
         return model, cfg
     cfg = preset(args.preset)
     return build_model(cfg, seed=args.seed), cfg
+
+
+def grow_ear(model: InteractionModel, cfg: ModelConfig, channels: int,
+             seed: int) -> tuple[InteractionModel, ModelConfig]:
+    """`model` with a new ear of `channels` (model/ear.py): every other weight is copied, and the
+    ear's output starts at zero, so the grown model computes what `model` did."""
+    if cfg.ear_channels:
+        raise SystemExit(f"the checkpoint already has an ear of {cfg.ear_channels} channels")
+    grown_cfg = dataclasses.replace(cfg, ear_channels=channels)
+    grown = build_model(grown_cfg, seed=seed)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("ear.") for k in missing), (missing, unexpected)
+    return grown, grown_cfg
 
 
 def main(args: argparse.Namespace) -> int:
@@ -216,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
         read_config(out)  # fail early on a damaged checkpoint
     recipe = {k: getattr(args, k) for k in ("preset", "steps", "batch", "turns", "lr", "warmup", "seed",
                                              "weight_decay", "clip", "curriculum", "heard_weight",
-                                             "optimizer")}
+                                             "ear_channels", "optimizer")}
     recipe["precision"] = precision  # what ran, not what was asked (auto)
     if args.checkpoint and not args.resume:
         recipe["from"] = str(args.checkpoint)
