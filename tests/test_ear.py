@@ -16,7 +16,7 @@ from microturn.model.config import ModelConfig
 from microturn.model.layout import sequence_logits
 from microturn.model.transformer import InteractionModel, build_model
 from microturn.training.data import DuplexGenerator
-from microturn.training.train import compute_losses, grow_ear, make_optimizers
+from microturn.training.train import EAR_LR_SCALE, compute_losses, grow_ear, make_optimizers
 
 
 def test_the_ear_is_counted(micro_config: ModelConfig) -> None:
@@ -53,7 +53,10 @@ def test_a_grown_model_computes_what_it_grew_from_until_it_trains(micro_config: 
     for a, b in zip(before[:2], after[:2], strict=True):
         assert torch.equal(a, b)
     grown.train()
-    opt, = make_optimizers(grown, lr=1e-2, weight_decay=0.0)
+    opt, = make_optimizers(grown, lr=1e-3, weight_decay=0.0)
+    ear = {id(p) for p in grown.ear.parameters()}
+    rates = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert all(rates[id(p)] == (1e-3 * EAR_LR_SCALE if id(p) in ear else 1e-3) for p in grown.parameters())
     convs = [c.weight.detach().clone() for c in grown.ear.convs]
     for _ in range(2):  # the first step moves the zero projection, the second the convolutions behind it
         opt.zero_grad()

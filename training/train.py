@@ -56,6 +56,9 @@ STATE_FILE = "train_state.pt"
 PLOT_FILE = "loss.png"
 MIN_LR_RATIO = 0.1  # cosine decays to this fraction of the peak learning rate
 ADAM_BETAS = (0.9, 0.95)
+# A grown ear (model/ear.py) starts at zero beside an audio embedding of norm ~60; at a fine-tuning
+# rate of 1.5e-4 its output was a twentieth of that after 700 steps, too little to hear with.
+EAR_LR_SCALE = 10.0
 CONTENT_TEXT_WEIGHT = 5.0  # text-out loss weight of answer bytes and task markers vs PAD/EPAD filler
 DECISION_TEXT_WEIGHT = 3.0  # least weight of each turn's first text-out slot: where speaking starts or stops
 _SPECIAL = ByteTokenizer().special
@@ -117,16 +120,23 @@ def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
 
 def make_optimizers(model: torch.nn.Module, lr: float, weight_decay: float,
                     kind: str = "adamw") -> list[torch.optim.Optimizer]:
-    """AdamW decaying matrices only (norms, biases and 1-D parameters are left alone); with
-    `kind="muon"`, hidden matrices go to a Muon ahead of it at the same learning rate."""
+    """AdamW decaying matrices only (norms, biases and 1-D parameters are left alone), the ear's at
+    EAR_LR_SCALE times the rate; with `kind="muon"`, hidden matrices go to a Muon ahead of it at the
+    same learning rate."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [p for n, p in named if kind == "muon" and _is_hidden_matrix(n, p)]
     taken = {id(p) for p in muon}
-    rest = [p for _, p in named if id(p) not in taken]
-    adamw = torch.optim.AdamW([
+    ear = [p for n, p in named if n.startswith("ear.")]
+    rest = [p for _, p in named if id(p) not in taken and not any(p is e for e in ear)]
+    groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-    ], lr=lr, betas=ADAM_BETAS)
+    ]
+    if ear:
+        groups += [{"params": [p for p in ear if p.dim() >= 2], "weight_decay": weight_decay,
+                    "lr": lr * EAR_LR_SCALE},
+                   {"params": [p for p in ear if p.dim() < 2], "weight_decay": 0.0, "lr": lr * EAR_LR_SCALE}]
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS)
     return ([Muon(muon, lr=lr, weight_decay=weight_decay)] if muon else []) + [adamw]
 
 
