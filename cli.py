@@ -154,8 +154,9 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
                              "and the rest eight Czech, Finnish and Italian speakers saying the English "
                              "respelled (an accent)")
     parser.add_argument("--ear-channels", type=int, default=0,
-                        help="grow the --checkpoint a convolutional ear of this many channels over the "
-                             "user's audio (model/ear.py), its output starting at zero; 0 = keep the shapes")
+                        help="a convolutional ear of this many channels over the user's audio "
+                             "(model/ear.py): part of a --preset model, or grown onto a --checkpoint with "
+                             "its output starting at zero; 0 = none / keep the checkpoint's shapes")
     parser.add_argument("--heard-weight", type=float, default=0.0,
                         help="weight of the CTC loss transcribing the user's speech on the audio-in "
                              "positions (training/heard.py); 0 = off")

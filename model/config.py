@@ -53,6 +53,8 @@ class ModelConfig:
             raise ValueError("n_heads must be a multiple of n_kv_heads")
         if self.d_model % self.n_heads:
             raise ValueError("d_model must be a multiple of n_heads")
+        if self.ear_channels < 0:
+            raise ValueError("ear_channels must be 0 (no ear) or more")
         if self.top_k > self.n_experts:
             raise ValueError("top_k must not exceed n_experts")
         grid = self.image_size // self.patch_size

@@ -12,7 +12,7 @@ import torch
 from microturn.cli import main as cli_main
 from microturn.model import params
 from microturn.model.checkpoint import read_config, save_checkpoint
-from microturn.model.config import ModelConfig
+from microturn.model.config import ModelConfig, tiny
 from microturn.model.layout import sequence_logits
 from microturn.model.transformer import InteractionModel, build_model
 from microturn.training.data import DuplexGenerator
@@ -79,3 +79,12 @@ def test_train_cli_grows_an_ear_on_a_checkpoint_and_resumes_it(tmp_path: Path,
     assert cfg == dataclasses.replace(micro_config, ear_channels=4) and extra["recipe"]["ear_channels"] == 4
     assert cli_main(["train", *flags, "--steps", "2", "--resume"]) == 0
     assert read_config(out)[1]["step"] == 2
+
+
+def test_train_cli_builds_an_ear_into_a_preset_model(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert cli_main(["train", "--out", str(out), "--batch", "1", "--turns", "8", "--warmup", "1", "--device",
+                     "cpu", "--steps", "1", "--ear-channels", "2"]) == 0
+    assert read_config(out)[0] == dataclasses.replace(tiny(), ear_channels=2)
+    with pytest.raises(ValueError, match="ear_channels"):
+        dataclasses.replace(tiny(), ear_channels=-1)

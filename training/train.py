@@ -127,15 +127,11 @@ def make_optimizers(model: torch.nn.Module, lr: float, weight_decay: float,
     muon = [p for n, p in named if kind == "muon" and _is_hidden_matrix(n, p)]
     taken = {id(p) for p in muon}
     ear = [p for n, p in named if n.startswith("ear.")]
-    rest = [p for _, p in named if id(p) not in taken and not any(p is e for e in ear)]
-    groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    if ear:
-        groups += [{"params": [p for p in ear if p.dim() >= 2], "weight_decay": weight_decay,
-                    "lr": lr * EAR_LR_SCALE},
-                   {"params": [p for p in ear if p.dim() < 2], "weight_decay": 0.0, "lr": lr * EAR_LR_SCALE}]
+    taken |= {id(p) for p in ear}
+    rest = [p for _, p in named if id(p) not in taken]
+    groups = [{"params": [p for p in params if (p.dim() >= 2) == decays], "lr": lr * scale,
+               "weight_decay": weight_decay if decays else 0.0}
+              for params, scale in ((rest, 1.0), (ear, EAR_LR_SCALE)) if params for decays in (True, False)]
     adamw = torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS)
     return ([Muon(muon, lr=lr, weight_decay=weight_decay)] if muon else []) + [adamw]
 
@@ -197,7 +193,7 @@ def _model_and_config(args: argparse.Namespace) -> tuple[InteractionModel, Model
         if args.ear_channels and not args.resume and cfg.ear_channels != args.ear_channels:
             return grow_ear(model, cfg, args.ear_channels, args.seed)
         return model, cfg
-    cfg = preset(args.preset)
+    cfg = dataclasses.replace(preset(args.preset), ear_channels=args.ear_channels)
     return build_model(cfg, seed=args.seed), cfg
 
 
