@@ -277,7 +277,7 @@ class DuplexGenerator:
         if intent == "greeting":
             return Question(intent, tpl, GREETING_ANSWER, ["it is red.", "banana.", HOLDING_PHRASE, "7."])
         if intent == "fallback":
-            said = utterances(self.split)
+            said = utterances(self.split, self.curriculum.fallback_grammar)
             return Question(intent, said[rng.integers(len(said))], FALLBACK_ANSWER,
                             [GREETING_ANSWER, HOLDING_PHRASE, "it is red.", "banana."])
         if intent == "arith":

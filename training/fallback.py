@@ -1,9 +1,13 @@
 """Out-of-domain user utterances and the model's one fixed answer to them.
 
-Contract: `utterances(split)` lists every out-of-domain utterance of a split: the training grammar's
-(opener x request x closer, over weather, stories, small talk, facts and errands: thousands) or the
-evaluation's (a smaller grammar of its own). The two share no content word and no word pair
-(`wording`), so the evaluation measures the fallback on wording never heard in training. None of
+Contract: `utterances(split, grammar)` lists every out-of-domain utterance of a split: a training
+grammar's (opener x request x closer) or the evaluation's (a smaller grammar of its own). The
+"narrow" training grammar has ~60 requests over weather, stories, small talk, facts and errands; the
+"wide" one adds thousands made of verb, object and question frames over a few hundred content words,
+so that "not one of my intents" is learnt as a class and not as a list. Training and evaluation
+share no content word and no word pair (`wording`), so the evaluation measures the fallback on
+wording never heard in training; the wide grammar also keeps no word with a held-out word's stem
+(`shares_stem`: "paint" beside "painted"). None of
 them holds a word of the model's domain (IN_DOMAIN_WORDS: numbers, sums, colours, time, repeating),
 so "none of the things I can do" is always the right reading. The model answers every one of them
 with FALLBACK_ANSWER (training/data.py's "fallback" scenario). This module knows nothing about audio.
@@ -11,8 +15,11 @@ with FALLBACK_ANSWER (training/data.py's "fallback" scenario). This module knows
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
+
+from .fallback_wide import candidate_requests
 
 # what the model says to anything it cannot do: one short sentence naming what it can
 FALLBACK_ANSWER = "sorry, I can do sums, words, colours and the time."
@@ -62,17 +69,30 @@ _HELD_OUT_REQUESTS = (
 )
 
 
+GRAMMARS = ("narrow", "wide")  # training grammars a curriculum can name (`Curriculum.fallback_grammar`)
+
+
 def _grammar(openers: tuple[str, ...], requests: tuple[str, ...], closers: tuple[str, ...]) -> list[str]:
     return [f"{o}{r}{c}" for o, r, c in itertools.product(openers, requests, closers)]
 
 
-def utterances(split: str) -> list[str]:
-    """Every out-of-domain utterance of "train" or "heldout", in a fixed order."""
-    if split == "train":
-        return _grammar(TRAIN_OPENERS, _TRAIN_REQUESTS, TRAIN_CLOSERS)
+@functools.cache
+def _utterances(split: str, grammar: str) -> tuple[str, ...]:
     if split == "heldout":
-        return _grammar(_HELD_OUT_OPENERS, _HELD_OUT_REQUESTS, ("",))
-    raise ValueError(f"unknown split {split!r}")
+        return tuple(_grammar(_HELD_OUT_OPENERS, _HELD_OUT_REQUESTS, ("",)))
+    if split != "train":
+        raise ValueError(f"unknown split {split!r}")
+    if grammar == "narrow":
+        return tuple(_grammar(TRAIN_OPENERS, _TRAIN_REQUESTS, TRAIN_CLOSERS))
+    if grammar == "wide":
+        return tuple(_grammar(TRAIN_OPENERS, (*_TRAIN_REQUESTS, *wide_requests()), TRAIN_CLOSERS))
+    raise ValueError(f"unknown out-of-domain grammar {grammar!r}; known: {GRAMMARS}")
+
+
+def utterances(split: str, grammar: str = "narrow") -> tuple[str, ...]:
+    """Every out-of-domain utterance of "train" (in the named training grammar) or "heldout" (its own
+    grammar whatever is named), in a fixed order."""
+    return _utterances(split, grammar)
 
 
 def words(text: str) -> list[str]:
@@ -83,3 +103,26 @@ def wording(text: str) -> set[str]:
     """Its content words and its word pairs: what two utterances must not share to count as new wording."""
     ws = words(text)
     return {w for w in ws if w not in FUNCTION_WORDS} | {f"{a} {b}" for a, b in itertools.pairwise(ws)}
+
+
+def shares_stem(a: str, b: str) -> bool:
+    """Whether two content words are one word's forms: one a prefix of the other (4+ letters), or the
+    same first five letters ("paint" / "painted", "grow" / "grows", "expect" / "expected")."""
+    short, long = sorted((a, b), key=len)
+    return a == b or (len(short) >= 4 and long.startswith(short)) or (len(short) >= 5 and a[:5] == b[:5])
+
+
+@functools.cache
+def wide_requests() -> tuple[str, ...]:
+    """The wide grammar's requests (fallback_wide.py's frames), less any that holds a word of the
+    domain, shares wording with the evaluation's utterances or a word's stem with theirs."""
+    held = _utterances("heldout", "narrow")
+    held_wording = set().union(*(wording(u) for u in held))
+    held_words = {w for u in held for w in words(u) if w not in FUNCTION_WORDS}
+
+    def fits(request: str) -> bool:
+        content = [w for w in words(request) if w not in FUNCTION_WORDS]
+        return not (wording(request) & held_wording or set(words(request)) & IN_DOMAIN_WORDS
+                    or any(shares_stem(w, h) for w in content for h in held_words))
+
+    return tuple(r for r in dict.fromkeys(candidate_requests()) if r not in _TRAIN_REQUESTS and fits(r))
