@@ -15,6 +15,7 @@ from microturn.training.fallback import (
     FALLBACK_ANSWER,
     FUNCTION_WORDS,
     IN_DOMAIN_WORDS,
+    carriers,
     shares_stem,
     utterances,
     wide_requests,
@@ -54,6 +55,11 @@ def test_a_wide_curriculum_draws_its_fallback_from_the_wide_grammar_and_names_on
     drawn = [gen.question("fallback", np.random.default_rng(i)) for i in range(40)]
     assert all(q.answer == FALLBACK_ANSWER for q in drawn)
     assert sum(q.text in only_wide for q in drawn) > 30  # ~97% of the wide grammar is new
+    # in-domain questions borrow the wide grammar's carriers, so that no opener means "out of the domain"
+    openers, _ = carriers("wide")
+    new_openers = tuple(o for o in openers if o not in carriers("narrow")[0])
+    carried = [gen.question("arith", np.random.default_rng(i)).text for i in range(200)]
+    assert any(t.startswith(new_openers) for t in carried)
     with pytest.raises(ValueError, match="fallback_grammar"):
         Curriculum(fallback_grammar="everything")
     with pytest.raises(ValueError, match="unknown out-of-domain grammar"):

@@ -45,7 +45,7 @@ from ..model.slots import SAMPLE_RATE, TURN_SAMPLES, SlotInput
 from ..model.tokenizer import ByteTokenizer
 from .augment import NO_SHIFT, Channel, room_bank, voice_draw
 from .curricula import CHAT_INTENTS, PHRASINGS, SCENARIOS, Curriculum
-from .fallback import FALLBACK_ANSWER, TRAIN_CLOSERS, TRAIN_OPENERS, utterances
+from .fallback import FALLBACK_ANSWER, carriers, utterances
 from .heard import NUMBER_WORDS, Heard, heard_targets
 from .masking import mask_user_codes
 from .voices import FESTIVAL_SEMITONES as SEMITONES
@@ -272,8 +272,8 @@ class DuplexGenerator:
         phrasings = PHRASINGS.get(intent, ((), ()))[self.split == "heldout"] + extra
         tpl = phrasings[rng.integers(len(phrasings))] if phrasings else ""
         if self.curriculum.carrier_share and tpl and rng.random() < self.curriculum.carrier_share:
-            tpl = (TRAIN_OPENERS[rng.integers(len(TRAIN_OPENERS))] + tpl
-                   + TRAIN_CLOSERS[rng.integers(len(TRAIN_CLOSERS))])
+            openers, closers = carriers(self.curriculum.fallback_grammar)
+            tpl = openers[rng.integers(len(openers))] + tpl + closers[rng.integers(len(closers))]
         if intent == "greeting":
             return Question(intent, tpl, GREETING_ANSWER, ["it is red.", "banana.", HOLDING_PHRASE, "7."])
         if intent == "fallback":

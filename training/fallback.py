@@ -23,10 +23,11 @@ from .fallback_wide import candidate_requests
 
 # what the model says to anything it cannot do: one short sentence naming what it can
 FALLBACK_ANSWER = "sorry, I can do sums, words, colours and the time."
-# words that never count as wording: grammar, not content
+# words that never count as wording: grammar, not content (interrogatives, forms of "be", "I'm")
 FUNCTION_WORDS = frozenset(
-    "a an the i you me my your it is are was be do does did to of in on at for and or so what who how "
-    "can could would will should have please just about with this that there any some".split())
+    "a an the i you me my your it is are was were am i'm be do does did to of in on at for and or so "
+    "what which who how can could would will should have please just about with this that there any "
+    "some".split())
 # the model's domain: an out-of-domain utterance holding one of these could be read as a question it answers
 IN_DOMAIN_WORDS = frozenset(
     "zero one two three four five six seven eight nine ten plus minus times sum sums number numbers "
@@ -37,6 +38,10 @@ IN_DOMAIN_WORDS = frozenset(
 # them too, so that they say nothing about whether a question is out of the domain
 TRAIN_OPENERS = ("", "so, ", "okay, ", "um, ", "quick question, ", "listen, ", "by the way, ", "well, ")
 TRAIN_CLOSERS = ("", " please", " if you can", " right now", " for me", " thanks")
+# the wide grammar's: more ways into a request, so that no opener says "out of the domain"
+WIDE_OPENERS = (*TRAIN_OPENERS, "actually, ", "right, ", "oh, ", "also, ", "now, ", "excuse me, ",
+                "let me ask, ", "you know what, ", "I'm just asking, ", "I'm back, ", "tell me, ", "and, ")
+WIDE_CLOSERS = (*TRAIN_CLOSERS, " thank you", " today", " now", " okay")
 _TRAIN_REQUESTS = (
     # weather
     *(f"will it rain {w}" for w in ("tomorrow", "tonight", "this weekend", "later")),
@@ -85,8 +90,13 @@ def _utterances(split: str, grammar: str) -> tuple[str, ...]:
     if grammar == "narrow":
         return tuple(_grammar(TRAIN_OPENERS, _TRAIN_REQUESTS, TRAIN_CLOSERS))
     if grammar == "wide":
-        return tuple(_grammar(TRAIN_OPENERS, (*_TRAIN_REQUESTS, *wide_requests()), TRAIN_CLOSERS))
+        return tuple(_grammar(WIDE_OPENERS, (*_TRAIN_REQUESTS, *wide_requests()), WIDE_CLOSERS))
     raise ValueError(f"unknown out-of-domain grammar {grammar!r}; known: {GRAMMARS}")
+
+
+def carriers(grammar: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(openers, closers) of a training grammar: what `Curriculum.carrier_share` lends in-domain questions."""
+    return (WIDE_OPENERS, WIDE_CLOSERS) if grammar == "wide" else (TRAIN_OPENERS, TRAIN_CLOSERS)
 
 
 def utterances(split: str, grammar: str = "narrow") -> tuple[str, ...]:

@@ -88,6 +88,10 @@ _IS_IT = ("cold outside", "going to snow", "sunny in spain", "safe to swim", "to
           "warm enough for shorts", "true that cats have nine lives", "going to be foggy", "worth it")
 _SHOULD_I = ("wear a coat", "buy a house", "learn the piano", "go to bed", "take the bus", "call her back",
              "quit my job", "get a cat", "paint the fence", "go jogging")
+_WHICH = ("planet is the biggest", "bus goes to town", "shoes should I wear", "language is the hardest",
+          "city is nicer to live in", "wine goes with fish", "way is north", "animal is the fastest",
+          "singer do you like", "book should I read next", "team do you support", "day is the party",
+          "song is playing", "dog breed is friendliest", "train goes to leeds")
 _WHATS = ("for dinner tonight", "on the telly", "your opinion of jazz", "happening in the world",
           "the traffic like", "the best way to relax", "your star sign", "the capital of peru")
 
@@ -104,5 +108,5 @@ def candidate_requests() -> list[str]:
         *(f"how {w}" for w in _HOW_ADJ), *(f"when {w}" for w in _WHEN),
         *(f"do you {w}" for w in _DO_YOU), *(f"I {w}" for w in _STATES), *(f"my {w}" for w in _MY),
         *(f"is it {w}" for w in _IS_IT), *(f"should I {w}" for w in _SHOULD_I),
-        *(f"what's {w}" for w in _WHATS),
+        *(f"what's {w}" for w in _WHATS), *(f"which {w}" for w in _WHICH),
     ]
