@@ -27,6 +27,7 @@ from microturn.training.fallback import (
 @pytest.mark.parametrize("grammar", ["narrow", "wide"])
 def test_training_grammar_shares_no_wording_with_the_evaluation(grammar: str) -> None:
     train, held = utterances("train", grammar), utterances("heldout", grammar)
+    assert len(train) > 1000 and len(held) >= 24
     assert held == utterances("heldout")  # the evaluation's grammar whatever a curriculum names
     trained = set().union(*(wording(u) for u in train))
     assert not [u for u in held if wording(u) & trained]

@@ -3,7 +3,7 @@
 Contract: `utterances(split, grammar)` lists every out-of-domain utterance of a split: a training
 grammar's (opener x request x closer) or the evaluation's (a smaller grammar of its own). The
 "narrow" training grammar has ~60 requests over weather, stories, small talk, facts and errands; the
-"wide" one adds thousands made of verb, object and question frames over a few hundred content words,
+"wide" one adds ~1700 made of verb, object and question frames over a few hundred content words,
 so that "not one of my intents" is learnt as a class and not as a list. Training and evaluation
 share no content word and no word pair (`wording`), so the evaluation measures the fallback on
 wording never heard in training; the wide grammar also keeps no word with a held-out word's stem
@@ -82,7 +82,9 @@ def _grammar(openers: tuple[str, ...], requests: tuple[str, ...], closers: tuple
 
 
 @functools.cache
-def _utterances(split: str, grammar: str) -> tuple[str, ...]:
+def utterances(split: str, grammar: str = "narrow") -> tuple[str, ...]:
+    """Every out-of-domain utterance of "train" (in the named training grammar) or "heldout" (its own
+    grammar whatever is named), in a fixed order."""
     if split == "heldout":
         return tuple(_grammar(_HELD_OUT_OPENERS, _HELD_OUT_REQUESTS, ("",)))
     if split != "train":
@@ -97,12 +99,6 @@ def _utterances(split: str, grammar: str) -> tuple[str, ...]:
 def carriers(grammar: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(openers, closers) of a training grammar: what `Curriculum.carrier_share` lends in-domain questions."""
     return (WIDE_OPENERS, WIDE_CLOSERS) if grammar == "wide" else (TRAIN_OPENERS, TRAIN_CLOSERS)
-
-
-def utterances(split: str, grammar: str = "narrow") -> tuple[str, ...]:
-    """Every out-of-domain utterance of "train" (in the named training grammar) or "heldout" (its own
-    grammar whatever is named), in a fixed order."""
-    return _utterances(split, grammar)
 
 
 def words(text: str) -> list[str]:
@@ -126,13 +122,13 @@ def shares_stem(a: str, b: str) -> bool:
 def wide_requests() -> tuple[str, ...]:
     """The wide grammar's requests (fallback_wide.py's frames), less any that holds a word of the
     domain, shares wording with the evaluation's utterances or a word's stem with theirs."""
-    held = _utterances("heldout", "narrow")
+    held = utterances("heldout")
     held_wording = set().union(*(wording(u) for u in held))
     held_words = {w for u in held for w in words(u) if w not in FUNCTION_WORDS}
 
     def fits(request: str) -> bool:
-        content = [w for w in words(request) if w not in FUNCTION_WORDS]
-        return not (wording(request) & held_wording or set(words(request)) & IN_DOMAIN_WORDS
-                    or any(shares_stem(w, h) for w in content for h in held_words))
+        ws = words(request)
+        return not (wording(request) & held_wording or set(ws) & IN_DOMAIN_WORDS
+                    or any(shares_stem(w, h) for w in ws if w not in FUNCTION_WORDS for h in held_words))
 
     return tuple(r for r in dict.fromkeys(candidate_requests()) if r not in _TRAIN_REQUESTS and fits(r))
